@@ -1,0 +1,744 @@
+#!/usr/bin/env python3
+"""UDP file client: lists the server's files and downloads names from input.txt (protocol v1).
+
+Strategy: a file is fetched as byte ranges, up to --parts at a time, each range one stop-and-wait
+transfer (protocol.ClientTransfer) over its own connected UDP socket; one single-threaded selector
+loop drives them all. Bytes go straight to a partial file in downloads/ at their offsets, beside a
+small JSON record of which bytes are verified, the file's size and the server's version token, so
+an interrupted download resumes with only the missing bytes. A file is renamed to its real name
+only when every byte is in, each accepted with a good crc and each range's SHA-256 matching the
+server's: downloads/ never holds a wrong file under a real name.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import selectors
+import shutil
+import socket
+import sys
+import time
+
+import config
+import protocol
+
+MiB = 1024 * 1024
+
+
+class Failure(Exception):
+    """A download failed for a reason to tell the user in one line."""
+
+
+# --- Small helpers ----------------------------------------------------------------------------
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+def duration(seconds):
+    seconds = int(seconds + 0.5)
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60) \
+        if seconds >= 3600 else "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+class RangeSet:
+    """Disjoint, sorted [start, end) ranges of a file: which bytes we have."""
+
+    def __init__(self, ranges=()):
+        self.ranges = []
+        for a, b in ranges:
+            self.add(a, b)
+
+    def add(self, a, b):
+        if a >= b:
+            return
+        out = []
+        for x, y in self.ranges:
+            if y < a or x > b:
+                out.append((x, y))
+            else:
+                a, b = min(a, x), max(b, y)
+        out.append((a, b))
+        out.sort()
+        self.ranges = out
+
+    def total(self):
+        return sum(b - a for a, b in self.ranges)
+
+    def missing(self, size):
+        """The gaps in [0, size)."""
+        gaps, pos = [], 0
+        for a, b in self.ranges:
+            if a > pos:
+                gaps.append((pos, min(a, size)))
+            pos = max(pos, b)
+        if pos < size:
+            gaps.append((pos, size))
+        return [(a, b) for a, b in gaps if a < b]
+
+    def covers(self, size):
+        return not self.missing(size)
+
+
+class Printer:
+    """What the person sees: lines, and on a terminal one progress line redrawn in place."""
+
+    def __init__(self, quiet=False, verbose=False, stream=None):
+        self.stream = stream or sys.stdout
+        self.quiet, self.verbose = quiet, verbose
+        self.tty = self.stream.isatty() and not quiet
+        self._progress_shown = False
+        self._last_draw = 0.0
+
+    def line(self, text, always=False):
+        if self.quiet and not always:
+            return
+        self._clear()
+        print(text, file=self.stream, flush=True)
+
+    def detail(self, text):
+        if self.verbose:
+            self.line("  " + text)
+
+    def _clear(self):
+        if self._progress_shown:
+            self.stream.write("\r\033[K")
+            self._progress_shown = False
+
+    def progress(self, name, have, size, rate, now, force=False):
+        if not self.tty or (not force and now - self._last_draw < 0.1):
+            return
+        self._last_draw = now
+        if size:
+            pct = 100.0 * have / size
+            eta = duration((size - have) / rate) if rate > 0 else "--:--"
+            text = "%s  %5.1f%%  %s / %s  %s/s  ETA %s" % (name, pct, human(have), human(size),
+                                                            human(rate), eta)
+        else:
+            text = "%s  %s  %s/s" % (name, human(have), human(rate))
+        width = shutil.get_terminal_size((80, 20)).columns - 1
+        self.stream.write("\r\033[K" + text[:width])
+        self.stream.flush()
+        self._progress_shown = True
+
+
+# --- Where a download's bytes live ------------------------------------------------------------
+
+def _temp_base(out_dir, name):
+    """Temporary names never equal a real name: they start with "." (not servable)."""
+    if len(name.encode("utf-8")) > 180:   # keep within file-name length limits
+        name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+    return os.path.join(out_dir, "." + name)
+
+
+class PartialFile:
+    """downloads/.NAME.part (the bytes, at their offsets) and .NAME.resume (the JSON record).
+
+    The record never claims more than the part file holds: the data is flushed to disk before
+    the record that mentions it is atomically replaced.
+    """
+
+    def __init__(self, out_dir, name):
+        self.out_dir, self.name = out_dir, name
+        self.final = os.path.join(out_dir, name)
+        if os.path.dirname(os.path.abspath(self.final)) != os.path.abspath(out_dir):
+            raise Failure("refusing a name that is not a plain file name")
+        base = _temp_base(out_dir, name)
+        self.part_path, self.record_path = base + ".part", base + ".resume"
+        self.size = self.version = None
+        self.done = RangeSet()
+        self.f = None
+        self.resumed = 0
+        self.finished = False
+        self._load()
+
+    def _load(self):
+        try:
+            with open(self.record_path, "r", encoding="utf-8") as f:
+                rec = json.load(f)
+            if rec.get("name") != self.name or not os.path.exists(self.part_path):
+                raise ValueError("stale record")
+            size, version = int(rec["size"]), str(rec["version"])
+            done = RangeSet((int(a), int(b)) for a, b in rec["done"])
+            if done.ranges and (done.ranges[0][0] < 0 or done.ranges[-1][1] > size):
+                raise ValueError("bad ranges")
+            if os.path.getsize(self.part_path) < (done.ranges[-1][1] if done.ranges else 0):
+                raise ValueError("part file shorter than its record")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError):
+            self.discard()
+            return
+        self.size, self.version, self.done = size, version, done
+        self.resumed = done.total()
+
+    def open(self):
+        if self.f is None:
+            mode = "r+b" if os.path.exists(self.part_path) else "w+b"
+            self.f = open(self.part_path, mode, buffering=0)
+        return self.f
+
+    if hasattr(os, "pwrite"):
+        def write(self, offset, data):
+            fd = self.open().fileno()
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+    else:  # Windows
+        def write(self, offset, data):
+            f = self.open()
+            f.seek(offset)
+            f.write(data)
+
+    def save(self, extra=()):
+        """Write the record: what is done, plus ranges of transfers still running."""
+        if self.size is None or self.finished:
+            return
+        done = RangeSet(self.done.ranges + list(extra))
+        if self.f is not None:
+            os.fsync(self.f.fileno())
+        tmp = self.record_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"name": self.name, "size": self.size, "version": self.version,
+                       "done": done.ranges}, f)
+        os.replace(tmp, self.record_path)
+
+    def reset(self, size=None, version=None):
+        """Start over (the file changed on the server)."""
+        self.close()
+        self.discard()
+        self.size, self.version, self.done = size, version, RangeSet()
+
+    def discard(self):
+        self.close()
+        for path in (self.part_path, self.record_path):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def finish(self):
+        """All bytes are in: flush, and give the file its real name in one atomic step."""
+        f = self.open()
+        f.truncate(self.size)
+        os.fsync(f.fileno())
+        self.close()
+        os.replace(self.part_path, self.final)
+        self.finished = True
+        try:
+            os.remove(self.record_path)
+        except OSError:
+            pass
+
+
+class MemoryTarget:
+    """Where the listing goes: memory, bounded by max_list_bytes."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.size = self.version = None
+        self.done = RangeSet()
+        self.resumed = 0
+
+    def write(self, offset, payload):
+        end = offset + len(payload)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = payload
+
+    def reset(self, size=None, version=None):
+        self.data = bytearray()
+        self.size, self.version, self.done = size, version, RangeSet()
+
+    def save(self, extra=()):
+        pass
+
+    def close(self):
+        pass
+
+    def finish(self):
+        pass
+
+
+# --- The transfer loop ------------------------------------------------------------------------
+
+class Part:
+    """One range in flight: a socket and its ClientTransfer."""
+
+    def __init__(self, sock, transfer):
+        self.sock, self.t = sock, transfer
+
+
+class Client:
+    """Talks to one server. fetch() drives the parts of one file (or the listing)."""
+
+    def __init__(self, host, port, settings=None, printer=None, out_dir=config.DOWNLOADS_DIR):
+        self.s = settings or config.ClientSettings()
+        self.printer = printer or Printer()
+        self.out_dir = out_dir
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+        self.family, _, _, _, self.server = infos[0]
+        self.rtt = protocol.RttEstimator(self.s.request_timeout, self.s.request_timeout_min,
+                                         self.s.request_timeout_max)
+        self.buf = bytearray(protocol.RECV_BUFSIZE)
+        self.view = memoryview(self.buf)
+        self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
+
+    def _socket(self):
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
+        except OSError:
+            pass
+        # Connected: the kernel drops datagrams from anyone but the server, and a new socket
+        # (so a new port) per transfer keeps late datagrams of old transfers out.
+        sock.connect(self.server)
+        sock.setblocking(False)
+        return sock
+
+    def _flush(self, part):
+        for datagram in part.t.datagrams_to_send():
+            try:
+                part.sock.send(datagram)
+            except OSError:
+                pass   # e.g. ICMP refused from a server that is down: the timers handle it
+
+    # -- listing
+
+    def listing(self, give_up=None):
+        target = MemoryTarget()
+        self.fetch(None, target, give_up=give_up)
+        return protocol.parse_listing(target.data)
+
+    # -- one file
+
+    def fetch(self, name, target, parts=1, size_hint=None, give_up=None, label=None):
+        """Fetch `name` (None: the listing) into `target`. Returns seconds spent moving bytes.
+        Raises Failure with a reason for the person."""
+        return _Fetch(self, name, target, parts, size_hint,
+                      self.s.give_up if give_up is None else give_up, label).run()
+
+
+class _Fetch:
+    """The state of one file's download: which ranges are missing, in flight, backed off."""
+
+    def __init__(self, client, name, target, parts, size_hint, give_up, label):
+        self.c, self.name, self.target = client, name, target
+        self.s = client.s
+        self.parts = max(1, parts if name is not None else 1)
+        self.size_hint = size_hint
+        self.give_up = give_up
+        self.label = label or (name if name is not None else "listing")
+        self.active = []
+        self.queue = []             # ranges still to request, in order
+        self.sel = selectors.DefaultSelector()
+        self.failures = 0           # consecutive attempts that ended without progress
+        self.retry_at = 0.0
+        self.restarts = 0
+        self.warned = False
+
+    # -- planning
+
+    def _plan(self):
+        """Cut what is missing (and not in flight) into ranges."""
+        size = self.target.size
+        busy = RangeSet(self.target.done.ranges + [(p.t.start, p.t.end or p.t.start + p.t.length)
+                                                   for p in self.active])
+        gaps = busy.missing(size)
+        if self.parts == 1:
+            self.queue = gaps
+            return
+        piece = min(max(size // (2 * self.parts), self.s.min_part_size), self.s.max_part_size)
+        self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
+
+    def _first_length(self):
+        """Before the size is known only one range runs; guess its length from the listing."""
+        if self.name is None:
+            return None
+        if self.parts == 1:
+            return protocol.HUGE
+        if self.size_hint:
+            return min(max(self.size_hint // (2 * self.parts), self.s.min_part_size),
+                       self.s.max_part_size)
+        return self.s.min_part_size
+
+    def _start(self, start, length, now):
+        expect = (self.target.size, self.target.version) if self.target.version else None
+        t = protocol.ClientTransfer(self.name, start, length, now, self.s, expect,
+                                    request_rto=self.c.rtt.rto if self.c.rtt.srtt else None)
+        part = Part(self.c._socket(), t)
+        self.sel.register(part.sock, selectors.EVENT_READ, part)
+        self.active.append(part)
+        self.c.stats["transfers"] += 1
+        self.c._flush(part)
+        self.c.printer.detail("%s: asking for [%d, %s)" % (
+            self.label, start, "end" if length is None or length >= protocol.HUGE
+            else start + length))
+
+    def _schedule(self, now):
+        if now < self.retry_at:
+            return
+        if self.target.size is None:
+            if not self.active:
+                self._start(0, self._first_length(), now)
+            return
+        if not self.queue and not self.active:
+            self._plan()
+        while self.queue and len(self.active) < self.parts:
+            a, b = self.queue.pop(0)
+            self._start(a, b - a, now)
+
+    # -- the loop
+
+    def run(self):
+        target, c = self.target, self.c
+        started = time.monotonic()
+        self.last_progress = started
+        last_save = started
+        if target.resumed and target.size:
+            c.printer.line("%s: resuming, %s of %s already here" % (
+                self.label, human(target.resumed), human(target.size)))
+        if target.size is not None:
+            self._check_space(target.size - target.done.total())
+            self._plan()
+        buf, view = c.buf, c.view
+        try:
+            while True:
+                now = time.monotonic()
+                if target.size is not None and target.done.covers(target.size) \
+                        and not self.active:
+                    target.finish()
+                    return now - started
+                if now - self.last_progress > self.give_up:
+                    raise Failure("server at %s not answering; gave up after %d s" % (
+                        _fmt(c.server), self.give_up))
+                self._schedule(now)
+                timeout = min([p.t.get_timer() for p in self.active]
+                              + [self.retry_at if self.retry_at > now else now + 0.5,
+                                 now + 0.25]) - now
+                for key, _ in self.sel.select(max(timeout, 0)):
+                    part = key.data
+                    try:
+                        n = part.sock.recv_into(buf)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        continue   # ICMP refused: the server is not (yet) there
+                    t = part.t
+                    payload = t.receive_datagram(view[:n], time.monotonic())
+                    c._flush(part)
+                    if payload is not None:
+                        target.write(t.pos - len(payload), payload)
+                        t.absorb(payload)
+                    elif t.size is not None and target.size is None:
+                        self._adopt(t)
+                now = time.monotonic()
+                for part in list(self.active):
+                    part.t.handle_timer(now)
+                    c._flush(part)
+                    if part.t.state == protocol.FINISHED:
+                        self._ended(part, now)
+                    elif part.t.size is not None and self._conflicts(part.t):
+                        self._restart("the file changed on the server", now)
+                        break
+                if self.active and now - last_save >= self.s.record_interval:
+                    last_save = now
+                    target.save([(p.t.start, p.t.pos) for p in self.active])
+                self._progress(now, started)
+        finally:
+            for part in self.active:
+                self._close(part)
+            if target.size is not None:
+                try:
+                    target.save()
+                except OSError:
+                    pass
+            target.close()
+            self.sel.close()
+
+    def _progress(self, now, started):
+        have = self.target.done.total() + sum(p.t.received for p in self.active)
+        if have > getattr(self, "_have", -1):
+            self._have = have
+            self.last_progress = now
+            self.failures = 0
+            if self.warned:
+                self.c.printer.line("%s: server is answering again" % self.label)
+                self.warned = False
+        rate = (have - self.target.resumed) / max(now - started, 1e-6)
+        if self.name is not None:
+            self.c.printer.progress(self.label, have, self.target.size, rate, now)
+
+    def _adopt(self, t):
+        """The first SIZE tells the file's size and version."""
+        if self.name is None and t.size > self.s.max_list_bytes:
+            raise Failure("the server announced a listing of %s; refusing" % human(t.size))
+        self._check_space(t.size)
+        self.target.size, self.target.version = t.size, t.version
+        if t.rtt_sample is not None:
+            self.c.rtt.sample(t.rtt_sample)
+        self._plan()
+
+    def _conflicts(self, t):
+        return (t.size, t.version) != (self.target.size, self.target.version)
+
+    def _check_space(self, need):
+        if self.name is None:
+            return
+        try:
+            free = shutil.disk_usage(self.c.out_dir).free
+        except OSError:
+            return
+        if need > free:
+            raise Failure("needs %s but only %s is free in %s" % (human(need), human(free),
+                                                                  self.c.out_dir))
+
+    def _close(self, part):
+        self.sel.unregister(part.sock)
+        part.sock.close()
+
+    def _ended(self, part, now):
+        t = part.t
+        self.active.remove(part)
+        self._close(part)
+        if t.size is not None and self.target.size is None:
+            self._adopt(t)
+        if t.rtt_sample is not None:
+            self.c.rtt.sample(t.rtt_sample)
+        outcome = t.outcome
+        self.c.printer.detail("%s: [%d, %s) %s%s" % (self.label, t.start, t.end, outcome,
+                                                    " " + t.error_code if t.error_code else ""))
+        if outcome == "done":
+            self.target.done.add(t.start, t.pos)
+            return
+        if outcome in ("changed", "version"):
+            return self._restart("the file changed on the server", now)
+        if outcome == "error" and t.error_code == "NOT_FOUND":
+            raise Failure("not on the server")
+        if outcome == "error" and t.error_code not in ("BAD_REQUEST", "BUSY", "INTERNAL"):
+            raise Failure("server error %s" % t.error_code)
+        if outcome == "digest":
+            self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
+                self.label, t.start, t.end))
+        elif self.name is None:
+            pass   # a listing cannot be resumed: it starts over
+        else:
+            self.target.done.add(t.start, t.pos)   # bytes accepted so far are covered by crcs
+        if self.name is None:
+            self.target.reset()
+        else:
+            self.queue.insert(0, (t.pos if outcome != "digest" else t.start,
+                                  t.end if t.end is not None else
+                                  (self.target.size if self.target.size is not None
+                                   else t.start + t.length)))
+            self.queue = [r for r in self.queue if r[0] < r[1]]
+        self.c.stats["stalls"] += 1
+        if t.received == 0 or outcome != "stalled":
+            self.failures += 1
+            delay = min(self.s.retry_initial * 2 ** (self.failures - 1), self.s.retry_max)
+            self.retry_at = now + delay
+            if outcome == "stalled" and self.failures >= 2 and not self.warned:
+                self.warned = True
+                self.c.printer.line("%s: server at %s not answering; retrying" % (
+                    self.label, _fmt(self.c.server)))
+
+    def _restart(self, why, now):
+        self.restarts += 1
+        self.c.stats["restarts"] += 1
+        if self.restarts > self.s.max_restarts:
+            raise Failure("%s %d times; giving up" % (why, self.restarts - 1))
+        self.c.printer.line("%s: %s; starting over" % (self.label, why))
+        for part in self.active:
+            self._close(part)
+        self.active = []
+        self.queue = []
+        self.target.reset()
+        self.retry_at = 0.0
+
+
+def _fmt(addr):
+    return "[%s]:%d" % addr[:2] if ":" in addr[0] else "%s:%d" % addr[:2]
+
+
+# --- What the person runs ---------------------------------------------------------------------
+
+def read_names(path):
+    """input.txt: one name per line; blank lines and # comments skipped; spaces trimmed."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    names = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#") and line not in names:
+            names.append(line)
+    return names
+
+
+class App:
+    def __init__(self, args, settings, printer):
+        self.args, self.s, self.p = args, settings, printer
+        self.client = Client(args.host, args.port, settings, printer, args.out)
+        self.sizes = {}
+        self.seen = set()
+
+    def show_listing(self, give_up):
+        entries = self.client.listing(give_up=give_up)
+        self.sizes = dict(entries)
+        if not entries:
+            self.p.line("the server has no files")
+        width = max([len(n) for n, _ in entries] + [4])
+        self.p.line("%d files on %s:" % (len(entries), _fmt(self.client.server)))
+        for name, size in entries:
+            self.p.line("  %-*s  %10s" % (width, name, human(size)))
+        return entries
+
+    def download(self, name, give_up):
+        """One name, start to end, with its result line. True if the file is here and whole."""
+        p = self.p
+        if not protocol.is_servable_name(name):
+            p.line("%s: not a valid file name; skipped" % name, always=True)
+            return False
+        final = os.path.join(self.args.out, name)
+        size = self.sizes.get(name)
+        if os.path.isfile(final) and (size is None or os.path.getsize(final) == size):
+            p.line("%s: already in %s; skipped" % (name, self.args.out))
+            return True
+        try:
+            target = PartialFile(self.args.out, name)
+            seconds = self.client.fetch(name, target, self.s.parts, size, give_up)
+        except Failure as exc:
+            p.line("%s: FAILED: %s" % (name, exc), always=True)
+            return False
+        except OSError as exc:
+            p.line("%s: FAILED: %s" % (name, exc), always=True)
+            return False
+        rate = (target.size - target.resumed) / max(seconds, 1e-6)
+        p.line("%s: %s in %.2f s, %s/s, verified (SHA-256)%s" % (
+            name, human(target.size), seconds, human(rate),
+            ", resumed" if target.resumed else ""), always=True)
+        return True
+
+    def run_names(self, names):
+        ok = True
+        for name in names:
+            if name in self.seen:
+                continue
+            self.seen.add(name)
+            ok = self.download(name, self.s.give_up) and ok
+        return ok
+
+    def watch(self):
+        """Download every new name in input.txt, checking it every poll_interval, until Ctrl-C."""
+        path = self.args.input
+        self.p.line("watching %s for names (Ctrl-C to stop)" % path)
+        failed = {}   # name -> when to try again (the server may come back)
+        stamp = None
+        while True:
+            try:
+                st = os.stat(path)
+                new_stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                new_stamp = None
+            now = time.monotonic()
+            if new_stamp != stamp or any(t <= now for t in failed.values()):
+                stamp = new_stamp
+                for name in read_names(path):
+                    if name in self.seen and not (name in failed and failed[name] <= now):
+                        continue
+                    self.seen.add(name)
+                    failed.pop(name, None)
+                    before = self.p.quiet
+                    if not self.download(name, self.s.watch_give_up):
+                        if protocol.is_servable_name(name) and self._retryable(name):
+                            failed[name] = time.monotonic() + 30.0
+                    self.p.quiet = before
+            time.sleep(self.s.poll_interval)
+
+    def _retryable(self, name):
+        return name not in self.sizes or True
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Download files from a UDP file server (protocol v1). With no names, show "
+                    "the server's files, download every name in the input file and keep "
+                    "watching it for new names until Ctrl-C.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="download these names and exit")
+    p.add_argument("--host", default=config.HOST, help="server address (default %(default)s)")
+    p.add_argument("--port", type=int, default=config.PORT,
+                   help="server port (default %(default)s)")
+    p.add_argument("--input", default=config.INPUT_FILE,
+                   help="file of names to download, one per line (default: input.txt in the "
+                        "project folder)")
+    p.add_argument("--out", default=config.DOWNLOADS_DIR,
+                   help="folder to save into (default: downloads/ in the project folder)")
+    p.add_argument("--parts", type=int, default=config.ClientSettings.parts,
+                   help="ranges of one file fetched at the same time (default %(default)s)")
+    p.add_argument("--give-up", type=float, default=config.ClientSettings.give_up,
+                   metavar="SECONDS",
+                   help="with --once or names: give up on a file after this long without "
+                        "progress (default %(default)s; watch mode waits 10 times longer)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true",
+                      help="download the names in the input file now, then exit")
+    mode.add_argument("--list", action="store_true", help="show the server's files and exit")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print only result lines and errors")
+    g.add_argument("-v", "--verbose", action="store_true", help="also print each part")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.parts < 1:
+        print("client: --parts must be at least 1", file=sys.stderr)
+        return 2
+    settings = config.ClientSettings(parts=args.parts, give_up=args.give_up,
+                                     watch_give_up=10 * args.give_up)
+    printer = Printer(quiet=args.quiet, verbose=args.verbose)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        app = App(args, settings, printer)
+        if args.names:
+            return 0 if app.run_names(args.names) else 1
+        if args.list or args.once:
+            try:
+                app.show_listing(settings.give_up)
+            except Failure as exc:
+                printer.line("cannot get the list: %s" % exc, always=True)
+                return 1
+            if args.list:
+                return 0
+            return 0 if app.run_names(read_names(args.input)) else 1
+        while True:   # watch mode: keep asking for the list until the server answers
+            try:
+                app.show_listing(settings.give_up)
+                break
+            except Failure as exc:
+                printer.line("cannot get the list: %s; retrying" % exc, always=True)
+        app.watch()
+    except KeyboardInterrupt:
+        printer.line("interrupted; partial downloads are kept and resume on the next run",
+                     always=True)
+        return 130
+    except (OSError, protocol.ProtocolError) as exc:
+        printer.line("client: %s" % exc, always=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""UDP file server: serves the files of one folder with protocol v1 (../shared/PROTOCOL.md).
+
+Strategy: one blocking loop on one socket. Each turn it receives one datagram (the socket timeout
+is the time to the nearest retransmission deadline), hands it to protocol.ServerDispatcher with the
+current time, sends what the dispatcher returns, then lets the dispatcher read ahead the next chunk
+of each transfer while the clients are busy with the last one. Files are streamed from disk: an
+active transfer holds at most two chunks. This module owns the I/O: the socket, the clock, the
+folder (Folder: which names are servable, what their size and version are) and file_list.txt.
+"""
+
+import argparse
+import errno
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+
+import config
+import protocol
+
+log = logging.getLogger("udpxfer.server")
+
+# Scatter-gather send (header and payload without concatenating them) where the OS has it.
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+
+def _identity(st):
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _version(st):
+    """Changes whenever the content may have changed: inode, modification time and size."""
+    return "%x-%x-%x" % (st.st_ino & 0xFFFFFFFFFFFF, st.st_mtime_ns, st.st_size)
+
+
+class FileSource:
+    """An open file being served; read() checks its identity so a change is never missed."""
+
+    def __init__(self, path, identity):
+        self.f = open(path, "rb", buffering=0)
+        try:
+            self.identity = identity
+            if not self.unchanged():
+                raise protocol.Changed()
+        except BaseException:
+            self.f.close()
+            raise
+        self.fd = self.f.fileno()
+
+    if hasattr(os, "pread"):
+        def read(self, offset, n):
+            return os.pread(self.fd, n, offset)
+    else:  # Windows
+        def read(self, offset, n):
+            self.f.seek(offset)
+            return self.f.read(n) or b""
+
+    def unchanged(self):
+        return _identity(os.fstat(self.f.fileno())) == self.identity
+
+    def close(self):
+        self.f.close()
+
+
+class FileEntry:
+    __slots__ = ("path", "size", "version", "identity")
+
+    def __init__(self, path, st):
+        self.path, self.size, self.version, self.identity = path, st.st_size, _version(st), \
+            _identity(st)
+
+    def open(self):
+        return FileSource(self.path, self.identity)
+
+
+class Folder:
+    """The served folder: which names are servable, and the listing (also in file_list.txt)."""
+
+    def __init__(self, root, list_path=None, settings=None):
+        self.root = os.path.realpath(root)
+        self.list_path = list_path
+        self.s = settings or config.ServerSettings()
+        self.files = {}             # name -> size: what the last scan found
+        self._listing = None
+        self._listing_bytes = None
+        self._scanned_at = None
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError("no such folder: %s" % root)
+        if list_path is not None:
+            lp = os.path.realpath(list_path)
+            if os.path.commonpath([lp, self.root]) == self.root:
+                raise ValueError("the list file must not be inside the served folder")
+
+    def lookup(self, name, follow=True):
+        """The entry for a servable name, checked on disk now; None for anything else."""
+        if not protocol.is_servable_name(name):
+            return None
+        path = os.path.join(self.root, name)
+        # A drive letter ("C:x") or anything that is not one plain component is refused here.
+        if os.path.dirname(path) != self.root or os.path.basename(path) != name:
+            return None
+        try:
+            real = os.path.realpath(path)
+            if os.path.dirname(real) != self.root and not self._inside(real):
+                return None   # a link that leads outside the folder
+            st = os.stat(real)
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return FileEntry(real, st)
+
+    def _inside(self, real):
+        try:
+            return os.path.commonpath([real, self.root]) == self.root and real != self.root
+        except ValueError:   # different drives on Windows
+            return False
+
+    def scan(self):
+        """Rescan the folder; rewrite the list file if the listing changed."""
+        found = {}
+        try:
+            names = [e.name for e in os.scandir(self.root)]
+        except OSError as exc:
+            log.error("cannot read %s: %s", self.root, exc)
+            names = []
+        for name in names:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                continue   # not valid UTF-8 on disk: never listed nor served
+            entry = self.lookup(name)
+            if entry is not None:
+                found[name] = entry.size
+        self.files = found
+        self._scanned_at = time.monotonic()
+        data = protocol.format_listing(found.items())
+        if data != self._listing_bytes:
+            self._listing_bytes = data
+            self._listing = protocol.MemoryEntry(data)
+            self._write_list(data)
+        return found
+
+    def _write_list(self, data):
+        if self.list_path is None:
+            return
+        tmp = self.list_path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.list_path)
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.list_path, exc)
+
+    def listing(self):
+        """The listing entry, rescanning first unless a scan was made very recently (a flood of
+        LIST requests must not turn into a flood of folder scans)."""
+        if (self._scanned_at is None
+                or time.monotonic() - self._scanned_at >= self.s.list_rescan_interval):
+            self.scan()
+        return self._listing
+
+    def maybe_rescan(self, now):
+        if self._scanned_at is None or now - self._scanned_at >= self.s.scan_interval:
+            self.scan()
+
+
+def _bind(host, port):
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+        try:   # "::" also serves IPv4 clients where the OS allows it
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            pass
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:   # room for many small ACKs arriving together, and for big datagrams going out
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        except OSError:
+            pass
+    sock.bind(addr)
+    return sock
+
+
+class Server:
+    """The server loop. `server_address` is read back from the socket, so port 0 works."""
+
+    def __init__(self, folder, host=config.HOST, port=config.PORT, settings=None):
+        self.folder = folder
+        self.settings = settings or config.ServerSettings()
+        self.sock = _bind(host, port)
+        self.server_address = self.sock.getsockname()
+        self.dispatcher = protocol.ServerDispatcher(folder, self.settings, log)
+        self._stop = False
+        self.send_errors = 0
+
+    def shutdown(self):
+        """Ask serve_forever() to return (from another thread); it notices within 0.5 s."""
+        self._stop = True
+
+    def _send(self, now):
+        sock = self.sock
+        for datagram, addr in self.dispatcher.datagrams_to_send():
+            try:
+                if _HAVE_SENDMSG and len(datagram) > 1:
+                    sock.sendmsg(datagram, (), 0, addr)
+                else:
+                    sock.sendto(datagram[0] if len(datagram) == 1 else b"".join(datagram), addr)
+            except OSError as exc:
+                self.send_errors += 1
+                if exc.errno == errno.EMSGSIZE:   # e.g. macOS refuses > 9216 bytes by default
+                    self.dispatcher.too_big(addr, sum(map(len, datagram)), now)
+                else:
+                    log.debug("send to %s failed: %s", addr, exc)
+
+    def serve_forever(self):
+        d = self.dispatcher
+        sock = self.sock
+        buf = bytearray(protocol.RECV_BUFSIZE)
+        view = memoryview(buf)
+        self.folder.scan()
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                d.handle_timer(now)
+                self._send(now)
+                d.read_ahead()
+                self.folder.maybe_rescan(now)
+                deadline = d.get_timer()
+                timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                sock.settimeout(max(timeout, 0.0))
+                try:
+                    n, addr = sock.recvfrom_into(buf)
+                except socket.timeout:
+                    continue
+                except ConnectionResetError:
+                    # Windows: ICMP port unreachable from a client that went away.
+                    continue
+                except OSError as exc:
+                    log.warning("receive failed: %s", exc)
+                    continue
+                now = time.monotonic()
+                d.receive_datagram(view[:n], addr, now)
+                self._send(now)
+        finally:
+            d.close()
+
+    def close(self):
+        self.dispatcher.close()
+        self.sock.close()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v1).")
+    p.add_argument("--host", default=config.HOST,
+                   help="address to listen on (default %(default)s; 0.0.0.0 or :: for other "
+                        "machines)")
+    p.add_argument("--port", type=int, default=config.PORT,
+                   help="UDP port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--dir", default=config.FILES_DIR,
+                   help="folder to serve (default: files/ in the project folder)")
+    p.add_argument("--file-list", default=config.FILE_LIST,
+                   help="where to write the listing (default: file_list.txt in the project "
+                        "folder)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="log every datagram")
+    g.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        folder = Folder(args.dir, args.file_list)
+        server = Server(folder, args.host, args.port)
+    except (OSError, ValueError) as exc:
+        print("server: %s" % exc, file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print("listening on %s:%d" % ("[%s]" % host if ":" in host else host, port), flush=True)
+    found = folder.scan()
+    log.info("serving %d files from %s", len(found), folder.root)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
