@@ -345,6 +345,11 @@ class _Fetch:
         self.retry_at = 0.0
         self.restarts = 0
         self.warned = False
+        # Requests and SIZE carry no checksum, so a bit flip can turn "a.bin" into another
+        # existing name. A file is saved only once two independent requests got the same
+        # (size, version) (a resume record counts as one), and NOT_FOUND must come twice.
+        self.confirmations = 1 if target.version is not None else 0
+        self.not_found = 0
 
     # -- planning
 
@@ -416,8 +421,11 @@ class _Fetch:
                 now = time.monotonic()
                 if target.size is not None and target.done.covers(target.size) \
                         and not self.active:
-                    target.finish()
-                    return now - started
+                    if self.confirmations >= 2 or self.name is None:
+                        target.finish()
+                        return now - started
+                    if now >= self.retry_at:   # an empty range at the end: SIZE, EOF, done
+                        self._start(target.size, 0, now)
                 if now - self.last_progress > self.give_up:
                     raise Failure("server at %s not answering; gave up after %d s" % (
                         _fmt(c.server), self.give_up))
@@ -515,6 +523,8 @@ class _Fetch:
         if t.rtt_sample is not None:
             self.c.rtt.sample(t.rtt_sample)
         outcome = t.outcome
+        if t.version is not None and not self._conflicts(t):
+            self.confirmations += 1
         self.c.printer.detail("%s: [%d, %s) %s%s" % (self.label, t.start, t.end, outcome,
                                                     " " + t.error_code if t.error_code else ""))
         if outcome == "done":
@@ -523,8 +533,11 @@ class _Fetch:
         if outcome in ("changed", "version"):
             return self._restart("the file changed on the server", now)
         if outcome == "error" and t.error_code == "NOT_FOUND":
-            raise Failure("not on the server")
-        if outcome == "error" and t.error_code not in ("BAD_REQUEST", "BUSY", "INTERNAL"):
+            self.not_found += 1
+            if self.not_found >= 2:
+                raise Failure("not on the server")
+        if outcome == "error" and t.error_code not in ("BAD_REQUEST", "BUSY", "INTERNAL",
+                                                       "NOT_FOUND"):
             raise Failure("server error %s" % t.error_code)
         if outcome == "digest":
             self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (

@@ -30,8 +30,9 @@ class ServerSettings:
     # After repeated losses of the same big datagram the server falls back to this size, which
     # fits the IPv6 minimum MTU (1280 - 40 - 8), so it crosses any path that drops fragments.
     safe_datagram_size: int = 1232
-    # Consecutive timeouts of one big DATA before shrinking to the safe size.
-    shrink_after: int = 2
+    # Consecutive timeouts of one big DATA before shrinking to the safe size (3: two in a row
+    # happen often enough on a merely lossy path).
+    shrink_after: int = 3
     # After shrinking, try a big datagram again after this many good small ones; doubled after
     # each failed probe (like PLPMTUD, RFC 8899), so a fragment-dropping path costs little.
     probe_after: int = 32

@@ -199,8 +199,13 @@ class Server:
         self.send_errors = 0
 
     def shutdown(self):
-        """Ask serve_forever() to return (from another thread); it notices within 0.5 s."""
+        """Ask serve_forever() to return (from another thread), and wake it up."""
         self._stop = True
+        try:
+            with socket.socket(self.sock.family, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", self.server_address)
+        except OSError:
+            pass   # it still notices within 0.5 s
 
     def _send(self, now):
         sock = self.sock
@@ -235,7 +240,7 @@ class Server:
                 sock.settimeout(max(timeout, 0.0))
                 try:
                     n, addr = sock.recvfrom_into(buf)
-                except socket.timeout:
+                except (socket.timeout, BlockingIOError):
                     continue
                 except ConnectionResetError:
                     # Windows: ICMP port unreachable from a client that went away.
@@ -243,6 +248,8 @@ class Server:
                 except OSError as exc:
                     log.warning("receive failed: %s", exc)
                     continue
+                if self._stop:
+                    break
                 now = time.monotonic()
                 d.receive_datagram(view[:n], addr, now)
                 self._send(now)
