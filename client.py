@@ -18,6 +18,7 @@ import selectors
 import shutil
 import socket
 import sys
+import threading
 import time
 
 import config
@@ -154,6 +155,7 @@ class PartialFile:
         self.f = None
         self.resumed = 0
         self.finished = False
+        self._saver = None   # background record writer
         self._load()
 
     def _load(self):
@@ -194,18 +196,41 @@ class PartialFile:
             f.seek(offset)
             f.write(data)
 
-    def save(self, extra=()):
-        """Write the record: what is done, plus ranges of transfers still running."""
+    def save(self, extra=(), wait=True):
+        """Write the record: what is done, plus ranges of transfers still running.
+
+        The data is fsynced before the record that claims it replaces the old one, so even a
+        power cut never leaves a record promising bytes the disk does not hold. With
+        wait=False this runs in a background thread (fsync releases the GIL), so the download
+        does not pause; a save still running is not queued behind (the next one will come).
+        """
         if self.size is None or self.finished:
             return
-        done = RangeSet(self.done.ranges + list(extra))
-        if self.f is not None:
-            os.fsync(self.f.fileno())
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"name": self.name, "size": self.size, "version": self.version,
-                       "done": done.ranges}, f)
-        os.replace(tmp, self.record_path)
+        if self._saver is not None:
+            if not wait and self._saver.is_alive():
+                return
+            self._saver.join()
+            self._saver = None
+        ranges = RangeSet(self.done.ranges + list(extra)).ranges
+        record = {"name": self.name, "size": self.size, "version": self.version, "done": ranges}
+        fd = self.f.fileno() if self.f is not None else None
+        if wait:
+            self._write_record(fd, record)
+        else:
+            self._saver = threading.Thread(target=self._write_record, args=(fd, record),
+                                           daemon=True)
+            self._saver.start()
+
+    def _write_record(self, fd, record):
+        try:
+            if fd is not None:
+                os.fsync(fd)
+            tmp = self.record_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+            os.replace(tmp, self.record_path)
+        except OSError:
+            pass   # the previous record stays valid; the next save tries again
 
     def reset(self, size=None, version=None):
         """Start over (the file changed on the server)."""
@@ -222,12 +247,18 @@ class PartialFile:
                 pass
 
     def close(self):
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
         if self.f is not None:
             self.f.close()
             self.f = None
 
     def finish(self):
         """All bytes are in: flush, and give the file its real name in one atomic step."""
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
         f = self.open()
         f.truncate(self.size)
         os.fsync(f.fileno())
@@ -259,7 +290,7 @@ class MemoryTarget:
         self.data = bytearray()
         self.size, self.version, self.done = size, version, RangeSet()
 
-    def save(self, extra=()):
+    def save(self, extra=(), wait=True):
         pass
 
     def close(self):
@@ -350,6 +381,7 @@ class _Fetch:
         # (size, version) (a resume record counts as one), and NOT_FOUND must come twice.
         self.confirmations = 1 if target.version is not None else 0
         self.not_found = 0
+        self.bad_requests = 0
 
     # -- planning
 
@@ -405,75 +437,96 @@ class _Fetch:
     # -- the loop
 
     def run(self):
+        """Drive the parts until the file is whole. The per-datagram path is kept short (receive,
+        ACK, write, digest); timers, scheduling, the record and progress run at most every
+        HOUSEKEEPING seconds, or at once when a part finishes or a first SIZE arrives."""
         target, c = self.target, self.c
-        started = time.monotonic()
-        self.last_progress = started
-        last_save = started
+        self.started = time.monotonic()
+        self.last_progress = self.started
+        self.last_save = self.started
         if target.resumed and target.size:
             c.printer.line("%s: resuming, %s of %s already here" % (
                 self.label, human(target.resumed), human(target.size)))
         if target.size is not None:
             self._check_space(target.size - target.done.total())
             self._plan()
-        buf, view = c.buf, c.view
+        buf, view, select = c.buf, c.view, self.sel.select
+        next_check = 0.0
         try:
             while True:
                 now = time.monotonic()
-                if target.size is not None and target.done.covers(target.size) \
-                        and not self.active:
-                    if self.confirmations >= 2 or self.name is None:
-                        target.finish()
-                        return now - started
-                    if now >= self.retry_at:   # an empty range at the end: SIZE, EOF, done
-                        self._start(target.size, 0, now)
-                if now - self.last_progress > self.give_up:
-                    raise Failure("server at %s not answering; gave up after %d s" % (
-                        _fmt(c.server), self.give_up))
-                self._schedule(now)
-                timeout = min([p.t.get_timer() for p in self.active]
-                              + [self.retry_at if self.retry_at > now else now + 0.5,
-                                 now + 0.25]) - now
-                for key, _ in self.sel.select(max(timeout, 0)):
+                if now >= next_check:
+                    if self._housekeeping(now):
+                        return now - self.started
+                    next_check = self._next_check(now)
+                for key, _ in select(max(next_check - now, 0)):
                     part = key.data
                     try:
                         n = part.sock.recv_into(buf)
-                    except (BlockingIOError, InterruptedError):
-                        continue
                     except OSError:
-                        continue   # ICMP refused: the server is not (yet) there
+                        continue   # spurious wake-up, or ICMP refused: the server is not there
                     t = part.t
                     payload = t.receive_datagram(view[:n], time.monotonic())
                     c._flush(part)
                     if payload is not None:
                         target.write(t.pos - len(payload), payload)
                         t.absorb(payload)
-                    elif t.size is not None and target.size is None:
-                        self._adopt(t)
-                now = time.monotonic()
-                for part in list(self.active):
-                    part.t.handle_timer(now)
-                    c._flush(part)
-                    if part.t.state == protocol.FINISHED:
-                        self._ended(part, now)
-                    elif part.t.size is not None and self._conflicts(part.t):
-                        self._restart("the file changed on the server", now)
-                        break
-                if self.active and now - last_save >= self.s.record_interval:
-                    last_save = now
-                    target.save([(p.t.start, p.t.pos) for p in self.active])
-                self._progress(now, started)
-        finally:
-            for part in self.active:
-                self._close(part)
+                    elif t.state == protocol.FINISHED or (t.size is not None
+                                                          and target.size is None):
+                        next_check = 0.0
+        finally:   # also on Ctrl-C: keep every accepted byte for the next run
             if target.size is not None:
                 try:
-                    target.save()
+                    target.save([(p.t.start, p.t.pos) for p in self.active])
                 except OSError:
                     pass
+            for part in self.active:
+                self._close(part)
             target.close()
             self.sel.close()
 
-    def _progress(self, now, started):
+    HOUSEKEEPING = 0.05
+
+    def _next_check(self, now):
+        timers = [p.t.get_timer() for p in self.active]
+        if self.retry_at > now:
+            timers.append(self.retry_at)
+        return min(timers + [now + self.HOUSEKEEPING])
+
+    def _housekeeping(self, now):
+        """Everything but moving bytes. Returns True when the file is complete and saved."""
+        target = self.target
+        for part in list(self.active):
+            if part not in self.active:
+                continue   # a restart closed it
+            t = part.t
+            if t.size is not None and target.size is None:
+                self._adopt(t)
+            t.handle_timer(now)
+            self.c._flush(part)
+            if t.state == protocol.FINISHED:
+                self._ended(part, now)
+            elif t.size is not None and self._conflicts(t):
+                self._restart("the file changed on the server", now)
+                break
+        self._progress(now)
+        if now - self.last_progress > self.give_up:
+            raise Failure("server at %s not answering; gave up after %d s" % (
+                _fmt(self.c.server), self.give_up))
+        if target.size is not None and target.done.covers(target.size) and not self.active:
+            if self.confirmations >= 2 or self.name is None:
+                target.finish()
+                return True
+            if now >= self.retry_at:   # an empty range at the end: SIZE, EOF, done
+                self._start(target.size, 0, now)
+            return False
+        self._schedule(now)
+        if self.active and now - self.last_save >= self.s.record_interval:
+            self.last_save = now
+            target.save([(p.t.start, p.t.pos) for p in self.active], wait=False)
+        return False
+
+    def _progress(self, now):
         have = self.target.done.total() + sum(p.t.received for p in self.active)
         if have > getattr(self, "_have", -1):
             self._have = have
@@ -482,7 +535,7 @@ class _Fetch:
             if self.warned:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
-        rate = (have - self.target.resumed) / max(now - started, 1e-6)
+        rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         if self.name is not None:
             self.c.printer.progress(self.label, have, self.target.size, rate, now)
 
@@ -529,9 +582,16 @@ class _Fetch:
                                                     " " + t.error_code if t.error_code else ""))
         if outcome == "done":
             self.target.done.add(t.start, t.pos)
+            self.bad_requests = 0
             return
         if outcome in ("changed", "version"):
             return self._restart("the file changed on the server", now)
+        if outcome == "error" and t.error_code == "BAD_REQUEST" and t.size is None:
+            # Our request was valid for the file we know, so either it was damaged on the way
+            # or the file shrank under it: the second time in a row, start over.
+            self.bad_requests += 1
+            if self.bad_requests >= 2:
+                return self._restart("the file changed on the server", now)
         if outcome == "error" and t.error_code == "NOT_FOUND":
             self.not_found += 1
             if self.not_found >= 2:
@@ -557,7 +617,8 @@ class _Fetch:
         self.c.stats["stalls"] += 1
         if t.received == 0 or outcome != "stalled":
             self.failures += 1
-            delay = min(self.s.retry_initial * 2 ** (self.failures - 1), self.s.retry_max)
+            delay = min(self.s.retry_initial * 2 ** min(self.failures - 1, 30),
+                        self.s.retry_max)
             self.retry_at = now + delay
             if outcome == "stalled" and self.failures >= 2 and not self.warned:
                 self.warned = True
@@ -570,6 +631,8 @@ class _Fetch:
         if self.restarts > self.s.max_restarts:
             raise Failure("%s %d times; giving up" % (why, self.restarts - 1))
         self.c.printer.line("%s: %s; starting over" % (self.label, why))
+        self.bad_requests = 0
+        self.confirmations = 0
         for part in self.active:
             self._close(part)
         self.active = []

@@ -52,12 +52,16 @@ class ServerSettings:
     max_transfers: int = 64
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
     max_pending: int = 256
-    # Everything sent to an address that never acknowledges SIZE, retransmissions included.
+    # Everything sent to an address that never acknowledges SIZE, retransmissions included:
+    # at most this many bytes, and at most amplification_factor times what it sent (a spoofed
+    # source must not turn the server into an amplifier; RFC 9000 8.1 uses 3 for QUIC).
     pending_byte_budget: int = 256
     pending_max_sends: int = 4
+    amplification_factor: int = 3
 
     # Replies to strangers (malformed datagrams, ACKs of unknown transfers, refused requests):
-    # at most one per datagram, never larger than what they answer, and this many per second.
+    # at most one per datagram, at most amplification_factor times its size, and this many
+    # per second.
     error_rate: float = 100.0
     error_burst: float = 100.0
 
@@ -94,8 +98,9 @@ class ClientSettings:
     give_up: float = 60.0
     watch_give_up: float = 600.0
 
-    # The partial file's progress record is saved at most this often (and at every end).
-    record_interval: float = 1.0
+    # The partial file's progress record is saved this often (in the background, and at every
+    # end): a client killed with -9 fetches again at most this long's worth of bytes.
+    record_interval: float = 0.5
     # input.txt is checked this often in watch mode.
     poll_interval: float = 0.5
     # A listing larger than this is refused (a hostile server must not make us hold gigabytes).

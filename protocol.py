@@ -266,8 +266,11 @@ def parse_listing(data):
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("listing is not UTF-8") from None
+    lines = text.split("\n")   # not splitlines(): a name may hold U+2028 and the like
+    if lines[-1] == "":
+        lines.pop()
     entries = []
-    for line in text.splitlines():
+    for line in lines:
         name, _, size = line.rpartition(" ")
         if not name:
             raise ProtocolError("bad listing line %r" % line[:80])
@@ -345,7 +348,7 @@ class ServerTransfer:
     of buffers: header and payload go out with scatter-gather I/O, never concatenated) to `out`.
     """
 
-    def __init__(self, addr, request, entry, start, end, now, settings, rtt, out):
+    def __init__(self, addr, request, entry, start, end, now, settings, rtt, out, bytes_in=0):
         self.addr, self.request, self.entry = addr, request, entry
         self.name = "<list>" if isinstance(request, ListRequest) else request.name
         self.start = self.pos = start
@@ -367,10 +370,16 @@ class ServerTransfer:
         self._probe_every = settings.probe_after
         self._small_streak = 0
         self._probing = False
-        self._ahead = None                       # read-ahead chunk: (offset, payload)
-        self._sent_budget = settings.pending_byte_budget
+        self._ahead = None                       # read-ahead: (offset, (header, payload))
+        # Until SIZE is acknowledged the address may be spoofed: send it at most
+        # amplification_factor times what it sent us (the first SIZE always), and never more
+        # than pending_byte_budget in all (RFC 9000 8.1 applies the same rule to QUIC).
+        size_msg = format_size(entry.size, entry.version)
+        self._unvalidated_sent = 0
+        self._allowance = min(settings.pending_byte_budget,
+                              max(len(size_msg), settings.amplification_factor * bytes_in))
         self.state = WAIT_SIZE
-        self._transmit((format_size(entry.size, entry.version),), now)
+        self._transmit((size_msg,), now)
 
     # -- sending
 
@@ -384,7 +393,7 @@ class ServerTransfer:
 
     def _emit(self, datagram):
         if self.state == WAIT_SIZE:
-            self._sent_budget -= len(datagram[0])
+            self._unvalidated_sent += len(datagram[0])
         else:
             self.bytes_sent += len(datagram[-1]) if len(datagram) > 1 else 0
         self.out.append((datagram, self.addr))
@@ -392,7 +401,7 @@ class ServerTransfer:
     def _may_resend_size(self):
         """Stay within the byte and send budget for an address that has not acknowledged."""
         return (self._tries < self.s.pending_max_sends
-                and self._sent_budget >= len(self._current[0]))
+                and self._unvalidated_sent + len(self._current[0]) <= self._allowance)
 
     def _payload_limit(self, offset):
         return self._limit - _DATA_OVERHEAD - len(str(offset))
@@ -408,21 +417,25 @@ class ServerTransfer:
             self._hashed_to = offset + n
         return payload
 
-    def _chunk(self, offset):
+    def _datagram(self, offset):
+        """The DATA datagram (header, payload) at offset, from the read-ahead if it fits."""
         n = min(self.end - offset, self._payload_limit(offset))
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == offset and len(ahead[1]) == n:
+        if ahead is not None and ahead[0] == offset and len(ahead[1][1]) == n:
+            if not self.source.unchanged():
+                raise Changed()
             return ahead[1]
-        return self._read(offset, n)
+        payload = self._read(offset, n)
+        return (format_data_header(offset, payload), payload)
 
     def _send_next(self, now):
         """Send what follows self.pos: the next DATA, or EOF once the range is acknowledged."""
         try:
             if self.pos < self.end:
-                payload = self._chunk(self.pos)
-                self._lengths = {len(payload)}
+                datagram = self._datagram(self.pos)
+                self._lengths = {len(datagram[1])}
                 self.state = WAIT_DATA
-                self._transmit((format_data_header(self.pos, payload), payload), now)
+                self._transmit(datagram, now)
                 return
             if self._hashed_to != self.end or not self.source.unchanged():
                 raise Changed()
@@ -439,10 +452,10 @@ class ServerTransfer:
         offset = self.pos + len(self._current[1])
         if offset < self.end:
             try:
-                self._ahead = (offset, self._read(offset, min(self.end - offset,
-                                                              self._payload_limit(offset))))
+                payload = self._read(offset, min(self.end - offset, self._payload_limit(offset)))
             except (Changed, OSError):
-                pass   # found again, and reported, when the chunk is really needed
+                return   # found again, and reported, when the chunk is really needed
+            self._ahead = (offset, (format_data_header(offset, payload), payload))
 
     def _fail(self, outcome, code):
         self.out.append(((format_error(code),), self.addr))   # sent once, like every ERROR
@@ -461,9 +474,13 @@ class ServerTransfer:
     def acknowledges_size(self, n):
         return self.state == WAIT_SIZE and n == self.start
 
-    def resend_size(self, now):
+    def resend_size(self, now, bytes_in):
         """The same request came again while SIZE is unacknowledged: send SIZE again."""
-        if self.state == WAIT_SIZE and self._may_resend_size():
+        if self.state != WAIT_SIZE:
+            return
+        self._allowance = min(self.s.pending_byte_budget,
+                              self._allowance + self.s.amplification_factor * bytes_in)
+        if self._may_resend_size():
             self._tries += 1
             self._emit(self._current)
 
@@ -631,12 +648,12 @@ class ServerDispatcher:
             self.log.debug("malformed datagram from %s: %s", _fmt(addr), exc)
             return self._error(addr, "BAD_REQUEST", now, len(data))
         if isinstance(msg, Ack):
-            return self._on_ack(msg.n, addr, now)
+            return self._on_ack(msg.n, addr, now, len(data))
         return self._on_request(msg, addr, now, len(data))
 
     # -- internals
 
-    def _on_ack(self, n, addr, now):
+    def _on_ack(self, n, addr, now, size_in):
         t = self.active.get(addr)
         if t is not None:
             if n is None:
@@ -651,8 +668,8 @@ class ServerDispatcher:
             return
         if self._is_recent(addr, now):
             return   # late copy of a finished transfer's ACK: ignore quietly
-        self.log.warning("ACK from %s, which has no transfer", _fmt(addr))
-        self._error(addr, "BAD_REQUEST", now, 0)
+        self.log.debug("ACK from %s, which has no transfer", _fmt(addr))
+        self._error(addr, "BAD_REQUEST", now, size_in)
 
     def _activate(self, t, now):
         del self.pending[t.addr]
@@ -670,7 +687,7 @@ class ServerDispatcher:
         t = self.active.get(addr) or self.pending.get(addr)
         if t is not None:
             if t.request == req:                     # the client retransmitted its request
-                return t.resend_size(now)
+                return t.resend_size(now, size_in)
             t.finish("replaced")                     # a different request ends the old transfer
             self._forget(t, now)
         elif self._is_recent(addr, now, req):
@@ -695,7 +712,7 @@ class ServerDispatcher:
         rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
                            *(cached or (None, None)))
         end = min(entry.size, start + length)
-        t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out)
+        t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in)
         self.pending[addr] = t
         self.log.debug("%s: %r -> SIZE %d", _fmt(addr), req, entry.size)
         self._schedule(t)
@@ -752,10 +769,10 @@ class ServerDispatcher:
         return request is None or entry[0] == request
 
     def _error(self, addr, code, now, size_in):
-        """One ERROR to an address without a transfer: never bigger than what it answers (no
-        amplification), and rate-limited."""
+        """One ERROR to an address without a transfer: at most amplification_factor times the
+        size of what it answers, and rate-limited."""
         msg = format_error(code)
-        if size_in < len(msg) or not self.errors.take(now):
+        if len(msg) > self.s.amplification_factor * size_in or not self.errors.take(now):
             self.stats["errors_suppressed"] += 1
             return
         self.stats["errors_sent"] += 1
@@ -796,7 +813,7 @@ class ClientTransfer:
         self.outcome = self.error_code = None
         self.rtt_sample = None          # request -> SIZE time, if the request was sent once
         self._hash = hashlib.sha256()
-        self._sent_at = self._last_progress = now
+        self._sent_at = self._last_heard = now
         self._request_rto = request_rto or self.s.request_timeout
         self._requests = 1
         self._next_request = now + self._request_rto
@@ -809,13 +826,13 @@ class ClientTransfer:
     def get_timer(self):
         if self.state == FINISHED:
             return None
-        idle = self._last_progress + self.s.idle_timeout
+        idle = self._last_heard + self.s.idle_timeout
         return min(idle, self._next_request) if self.state == REQUESTING else idle
 
     def handle_timer(self, now):
         if self.state == FINISHED:
             return
-        if now >= self._last_progress + self.s.idle_timeout:
+        if now >= self._last_heard + self.s.idle_timeout:
             return self._finish("stalled")
         if self.state == REQUESTING and now >= self._next_request:
             self._request_rto = min(self._request_rto * 2, self.s.request_timeout_max)
@@ -832,6 +849,8 @@ class ClientTransfer:
             msg = parse_server_message(data)
         except ProtocolError:
             return None   # corrupted or garbage: no answer (the server will retransmit)
+        if self.state == RECEIVING:
+            self._last_heard = now   # "nothing at all arrives for idle time" is a stall
         if isinstance(msg, Data):
             return self._on_data(msg, now)
         if isinstance(msg, Size):
@@ -858,7 +877,7 @@ class ClientTransfer:
         if self._requests == 1:
             self.rtt_sample = now - self._sent_at
         self.state = RECEIVING
-        self._last_progress = now
+        self._last_heard = now
         self._out.append(format_ack(self.pos))
 
     def _on_data(self, msg, now):
@@ -869,7 +888,7 @@ class ClientTransfer:
             if self.pos + n > self.end:
                 return None   # beyond the range: a broken server; not acknowledged
             self.pos += n
-            self._last_progress = now
+            self._last_heard = now
             self._out.append(format_ack(self.pos))
             return msg.payload
         if msg.offset < self.pos:

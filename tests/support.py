@@ -5,6 +5,7 @@ Everything binds port 0 on loopback and lives in temporary folders; every wait i
 
 import contextlib
 import io
+import logging
 import os
 import random
 import shutil
@@ -14,6 +15,14 @@ import threading
 import client
 import config
 import server
+
+# The server logs to "udpxfer"; tests check behaviour, not log lines, so keep the output clean
+# (set UDPXFER_TEST_LOG=DEBUG to see them).
+_level = os.environ.get("UDPXFER_TEST_LOG")
+logging.getLogger("udpxfer").addHandler(logging.NullHandler())
+logging.getLogger("udpxfer").propagate = bool(_level)
+if _level:
+    logging.basicConfig(level=_level)
 
 
 def fast_server_settings(**overrides):
