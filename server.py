@@ -209,7 +209,11 @@ class Server:
 
     def _send(self, now):
         sock = self.sock
+        debug = log.isEnabledFor(logging.DEBUG)
         for datagram, addr in self.dispatcher.datagrams_to_send():
+            if debug:
+                log.debug("-> %s %r (%d bytes)", addr, bytes(datagram[0][:40]),
+                          sum(map(len, datagram)))
             try:
                 if _HAVE_SENDMSG and len(datagram) > 1:
                     sock.sendmsg(datagram, (), 0, addr)
@@ -228,6 +232,7 @@ class Server:
         buf = bytearray(protocol.RECV_BUFSIZE)
         view = memoryview(buf)
         self.folder.scan()
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             while not self._stop:
                 now = time.monotonic()
@@ -250,6 +255,8 @@ class Server:
                     continue
                 if self._stop:
                     break
+                if debug:
+                    log.debug("<- %s %r", addr, bytes(view[:min(n, 40)]))
                 now = time.monotonic()
                 d.receive_datagram(view[:n], addr, now)
                 self._send(now)
