@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 
 import config
 import protocol
@@ -323,18 +324,41 @@ class Client:
         self.buf = bytearray(protocol.RECV_BUFSIZE)
         self.view = memoryview(self.buf)
         self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
+        self._ports = OrderedDict()   # local port -> when it was last used
+
+    # A port used this recently is not used again: the server remembers finished transfers
+    # for a few seconds (config.ServerSettings.recent_seconds) and ignores their late copies.
+    PORT_QUARANTINE = 10.0
 
     def _socket(self):
-        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        """A new connected socket on a port not used in the last PORT_QUARANTINE seconds."""
+        rejected = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
-        except OSError:
-            pass
-        # Connected: the kernel drops datagrams from anyone but the server, and a new socket
-        # (so a new port) per transfer keeps late datagrams of old transfers out.
-        sock.connect(self.server)
-        sock.setblocking(False)
-        return sock
+            for _ in range(16):
+                sock = socket.socket(self.family, socket.SOCK_DGRAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
+                except OSError:
+                    pass
+                # Connected: the kernel drops datagrams from anyone but the server, and a new
+                # port per transfer keeps late datagrams of old transfers out.
+                sock.connect(self.server)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+                now = time.monotonic()
+                if now - self._ports.get(port, -self.PORT_QUARANTINE) >= self.PORT_QUARANTINE:
+                    break
+                rejected.append(sock)   # kept open while we look, so the OS picks another
+            else:
+                rejected.pop()          # no luck: use the last one all the same
+            self._ports[port] = now
+            self._ports.move_to_end(port)
+            while len(self._ports) > 4096:
+                self._ports.popitem(last=False)
+            return sock
+        finally:
+            for r in rejected:
+                r.close()
 
     def _flush(self, part):
         for datagram in part.t.datagrams_to_send():

@@ -94,7 +94,7 @@ class Folder:
             if os.path.commonpath([lp, self.root]) == self.root:
                 raise ValueError("the list file must not be inside the served folder")
 
-    def lookup(self, name, follow=True):
+    def lookup(self, name):
         """The entry for a servable name, checked on disk now; None for anything else."""
         if not protocol.is_servable_name(name):
             return None
@@ -104,7 +104,7 @@ class Folder:
             return None
         try:
             real = os.path.realpath(path)
-            if os.path.dirname(real) != self.root and not self._inside(real):
+            if not self._inside(real):
                 return None   # a link that leads outside the folder
             st = os.stat(real)
         except (OSError, ValueError):
@@ -123,16 +123,25 @@ class Folder:
         """Rescan the folder; rewrite the list file if the listing changed."""
         found = {}
         try:
-            names = [e.name for e in os.scandir(self.root)]
+            entries = list(os.scandir(self.root))
         except OSError as exc:
             log.error("cannot read %s: %s", self.root, exc)
-            names = []
-        for name in names:
+            entries = []
+        for e in entries:
+            name = e.name
             try:
                 name.encode("utf-8")
             except UnicodeEncodeError:
                 continue   # not valid UTF-8 on disk: never listed nor served
-            entry = self.lookup(name)
+            if not protocol.is_servable_name(name):
+                continue
+            try:
+                if e.is_file(follow_symlinks=False):   # the common case: no realpath needed
+                    found[name] = e.stat(follow_symlinks=False).st_size
+                    continue
+            except OSError:
+                continue
+            entry = self.lookup(name)   # a link: served only if it stays inside the folder
             if entry is not None:
                 found[name] = entry.size
         self.files = found
