@@ -29,7 +29,12 @@ MiB = 1024 * 1024
 
 
 class Failure(Exception):
-    """A download failed for a reason to tell the user in one line."""
+    """A download failed for a reason to tell the user in one line. `retry`: whether trying
+    again later may help (watch mode does)."""
+
+    def __init__(self, message, retry=True):
+        super().__init__(message)
+        self.retry = retry
 
 
 # --- Small helpers ----------------------------------------------------------------------------
@@ -148,7 +153,7 @@ class PartialFile:
         self.out_dir, self.name = out_dir, name
         self.final = os.path.join(out_dir, name)
         if os.path.dirname(os.path.abspath(self.final)) != os.path.abspath(out_dir):
-            raise Failure("refusing a name that is not a plain file name")
+            raise Failure("refusing a name that is not a plain file name", retry=False)
         base = _temp_base(out_dir, name)
         self.part_path, self.record_path = base + ".part", base + ".resume"
         self.size = self.version = None
@@ -566,7 +571,8 @@ class _Fetch:
     def _adopt(self, t):
         """The first SIZE tells the file's size and version."""
         if self.name is None and t.size > self.s.max_list_bytes:
-            raise Failure("the server announced a listing of %s; refusing" % human(t.size))
+            raise Failure("the server announced a listing of %s; refusing" % human(t.size),
+                          retry=False)
         self._check_space(t.size)
         self.target.size, self.target.version = t.size, t.version
         if t.rtt_sample is not None:
@@ -619,7 +625,7 @@ class _Fetch:
         if outcome == "error" and t.error_code == "NOT_FOUND":
             self.not_found += 1
             if self.not_found >= 2:
-                raise Failure("not on the server")
+                raise Failure("not on the server", retry=False)
         if outcome == "error" and t.error_code not in ("BAD_REQUEST", "BUSY", "INTERNAL",
                                                        "NOT_FOUND"):
             raise Failure("server error %s" % t.error_code)
@@ -692,6 +698,7 @@ class App:
         self.client = Client(args.host, args.port, settings, printer, args.out)
         self.sizes = {}
         self.seen = set()
+        self.retry = set()
 
     def show_listing(self, give_up):
         entries = self.client.listing(give_up=give_up)
@@ -705,7 +712,8 @@ class App:
         return entries
 
     def download(self, name, give_up):
-        """One name, start to end, with its result line. True if the file is here and whole."""
+        """One name, start to end, with its result line. True if the file is here and whole;
+        a name worth trying again later goes into self.retry."""
         p = self.p
         if not protocol.is_servable_name(name):
             p.line("%s: not a valid file name; skipped" % name, always=True)
@@ -720,6 +728,8 @@ class App:
             seconds = self.client.fetch(name, target, self.s.parts, size, give_up)
         except Failure as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
+            if exc.retry:
+                self.retry.add(name)
             return False
         except OSError as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
@@ -743,7 +753,7 @@ class App:
         """Download every new name in input.txt, checking it every poll_interval, until Ctrl-C."""
         path = self.args.input
         self.p.line("watching %s for names (Ctrl-C to stop)" % path)
-        failed = {}   # name -> when to try again (the server may come back)
+        later = {}   # name -> when to try it again (the server may come back)
         stamp = None
         while True:
             try:
@@ -752,22 +762,18 @@ class App:
             except OSError:
                 new_stamp = None
             now = time.monotonic()
-            if new_stamp != stamp or any(t <= now for t in failed.values()):
+            due = [n for n, when in later.items() if when <= now]
+            if new_stamp != stamp or due:
                 stamp = new_stamp
                 for name in read_names(path):
-                    if name in self.seen and not (name in failed and failed[name] <= now):
+                    if name in self.seen and name not in due:
                         continue
                     self.seen.add(name)
-                    failed.pop(name, None)
-                    before = self.p.quiet
-                    if not self.download(name, self.s.watch_give_up):
-                        if protocol.is_servable_name(name) and self._retryable(name):
-                            failed[name] = time.monotonic() + 30.0
-                    self.p.quiet = before
+                    later.pop(name, None)
+                    self.retry.discard(name)
+                    if not self.download(name, self.s.watch_give_up) and name in self.retry:
+                        later[name] = time.monotonic() + self.s.watch_retry
             time.sleep(self.s.poll_interval)
-
-    def _retryable(self, name):
-        return name not in self.sizes or True
 
 
 def build_parser():

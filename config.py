@@ -38,26 +38,29 @@ class ServerSettings:
     probe_after: int = 32
     probe_after_max: int = 8192
 
-    # Retransmission timer, RFC 6298, with two deliberate departures: a 10 ms floor instead of
+    # Retransmission timer, RFC 6298, with two deliberate departures: a 5 ms floor instead of
     # 1 s (one datagram in flight, so a spurious retransmission costs one datagram, while a 1 s
     # floor is exactly what makes TFTP tools crawl on lossy links), and a smaller first RTO.
     rto_initial: float = 0.25
-    rto_min: float = 0.010
+    rto_min: float = 0.005
     rto_max: float = 2.0
     # Retransmissions of one datagram before the transfer is forgotten (about 15 s of silence
     # with the values above): a client that vanished frees its slot.
     max_retransmits: int = 12
 
-    # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and two chunks.
-    max_transfers: int = 64
+    # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two
+    # chunks (about 128 KiB): 128 of them stay within 20 MB, enough for 32 clients of 4 parts.
+    max_transfers: int = 128
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
     max_pending: int = 256
     # Everything sent to an address that never acknowledges SIZE, retransmissions included:
     # at most this many bytes, and at most amplification_factor times what it sent (a spoofed
     # source must not turn the server into an amplifier; RFC 9000 8.1 uses 3 for QUIC).
     pending_byte_budget: int = 256
-    pending_max_sends: int = 4
     amplification_factor: int = 3
+    # A request whose SIZE is not acknowledged is forgotten after this many timer expiries
+    # (about 3.75 s with the RTOs above), so it is also sent at most this many times by timer.
+    pending_max_sends: int = 4
 
     # Replies to strangers (malformed datagrams, ACKs of unknown transfers, refused requests):
     # at most one per datagram, at most amplification_factor times its size, and this many
@@ -103,6 +106,9 @@ class ClientSettings:
     record_interval: float = 0.5
     # input.txt is checked this often in watch mode.
     poll_interval: float = 0.5
+    # In watch mode a download that failed for a reason that may pass (the server is away) is
+    # tried again this long after; a name the server does not have is not.
+    watch_retry: float = 30.0
     # A listing larger than this is refused (a hostile server must not make us hold gigabytes).
     max_list_bytes: int = 16 * MiB
     # Restarts of one file because it changed on the server, before giving up.

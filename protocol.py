@@ -376,6 +376,7 @@ class ServerTransfer:
         # than pending_byte_budget in all (RFC 9000 8.1 applies the same rule to QUIC).
         size_msg = format_size(entry.size, entry.version)
         self._unvalidated_sent = 0
+        self._expiries = 0
         self._allowance = min(settings.pending_byte_budget,
                               max(len(size_msg), settings.amplification_factor * bytes_in))
         self.state = WAIT_SIZE
@@ -398,13 +399,16 @@ class ServerTransfer:
             self.bytes_sent += len(datagram[-1]) if len(datagram) > 1 else 0
         self.out.append((datagram, self.addr))
 
-    def _may_resend_size(self):
-        """Stay within the byte and send budget for an address that has not acknowledged."""
-        return (self._tries < self.s.pending_max_sends
-                and self._unvalidated_sent + len(self._current[0]) <= self._allowance)
+    def _may_send_size(self, limit):
+        """Stay within `limit` bytes sent to an address that has not acknowledged SIZE."""
+        return self._unvalidated_sent + len(self._current[0]) <= limit
 
     def _payload_limit(self, offset):
-        return self._limit - _DATA_OVERHEAD - len(str(offset))
+        return self._payload_limit_for(self._limit, offset)
+
+    @staticmethod
+    def _payload_limit_for(datagram_size, offset):
+        return datagram_size - _DATA_OVERHEAD - len(str(offset))
 
     def _read(self, offset, n):
         """Read n bytes at offset, checking the file is still the announced one."""
@@ -478,9 +482,11 @@ class ServerTransfer:
         """The same request came again while SIZE is unacknowledged: send SIZE again."""
         if self.state != WAIT_SIZE:
             return
+        # One SIZE per request is no amplification in datagrams, and a client whose SIZE was
+        # lost has no other way to get it: answer, within the total byte budget.
         self._allowance = min(self.s.pending_byte_budget,
                               self._allowance + self.s.amplification_factor * bytes_in)
-        if self._may_resend_size():
+        if self._may_send_size(self.s.pending_byte_budget):
             self._tries += 1
             self._emit(self._current)
 
@@ -503,7 +509,12 @@ class ServerTransfer:
         if self.state != WAIT_DATA or (n - self.pos) not in self._lengths:
             return   # duplicate, stale or bogus: never answered (RFC 1123 4.2.3.1)
         self._sample(now)
-        if self._limit < self._ceiling:          # running small: probe big again now and then
+        if self._limit < self._ceiling and n - self.pos > self._payload_limit_for(
+                self.s.safe_datagram_size, self.pos):
+            # The big copy got through after all: the timeouts were delay, not a path that
+            # drops big datagrams. Back to big ones at once.
+            self._limit, self._probing, self._small_streak = self._ceiling, False, 0
+        elif self._limit < self._ceiling:        # running small: probe big again now and then
             self._small_streak += 1
             if self._small_streak >= self._probe_every:
                 self._limit, self._probing, self._small_streak = self._ceiling, True, 0
@@ -521,9 +532,19 @@ class ServerTransfer:
     def on_timer(self, now):
         """The retransmission timer expired: send the outstanding datagram again, or give up."""
         if self.state == WAIT_SIZE:
-            if not self._may_resend_size():
+            # Retransmit only within the anti-amplification allowance; either way stay ready
+            # for the client's ACK (or its repeated request) for pending_max_sends timeouts.
+            self._expiries += 1
+            if self._expiries >= self.s.pending_max_sends:
                 return self.finish("expired")
-        elif self._tries > self.s.max_retransmits:
+            self.rtt.backoff()
+            self.deadline = now + self.rtt.rto
+            if self._may_send_size(self._allowance):
+                self._tries += 1
+                self.retransmissions += 1
+                self._emit(self._current)
+            return
+        if self._tries > self.s.max_retransmits:
             return self.finish("timeout")
         self.rtt.backoff()
         self._tries += 1
@@ -738,10 +759,13 @@ class ServerDispatcher:
             del self.active[t.addr]
         elif self.pending.get(t.addr) is t:
             del self.pending[t.addr]
-        self.recent[t.addr] = (t.request, now + self.s.recent_seconds)
-        self.recent.move_to_end(t.addr)
-        while len(self.recent) > self.s.recent_max:
-            self.recent.popitem(last=False)
+        if t.activated is not None:
+            # Late copies of a finished transfer's datagrams are ignored for a while. Not those
+            # of a request that was never acknowledged: its client may well ask again.
+            self.recent[t.addr] = (t.request, now + self.s.recent_seconds)
+            self.recent.move_to_end(t.addr)
+            while len(self.recent) > self.s.recent_max:
+                self.recent.popitem(last=False)
         if t.rtt.srtt is not None:
             self.rtts[t.addr[0]] = (t.rtt.srtt, t.rtt.rttvar)
             self.rtts.move_to_end(t.addr[0])

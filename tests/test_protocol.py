@@ -650,7 +650,10 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(times, [0.25, 0.75, 1.75])
         self.assertEqual(len(srv.sent), srv.s.pending_max_sends)
         self.assertEqual(len(srv.d.pending), 0)
-        self.assertEqual(srv.recv(b"ACK 0", now=104.0), [])   # too late: no data, ever
+        late = srv.recv(b"ACK 0", now=104.0)   # too late: no data, ever; at most an error
+        for b, _ in late:
+            self.assertIsInstance(protocol.parse_server_message(b), protocol.Error)
+        self.assertLessEqual(len(late), 1)
 
     def test_data_schedule_without_sample_then_give_up(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
@@ -860,7 +863,9 @@ class DispatcherShrink(DispatcherCase):
         srv, big, small = self.begin()
         msg = one(self, srv.recv(protocol.format_ack(big), now=5.0))
         self.assertEqual(msg.offset, big)
-        self.assertLessEqual(len(srv.sent[-1][0]), 500)   # still small afterwards
+        # the big copy arrived, so the timeouts were delay, not a path that drops big
+        # datagrams: big ones again at once
+        self.assertEqual(len(srv.sent[-1][0]), 2000)
 
     def test_ack_of_small_copy_accepted_then_probe(self):
         srv, big, small = self.begin()
@@ -952,17 +957,15 @@ class DispatcherPools(DispatcherCase):
                     while srv.d.get_timer() is not None:
                         self.assertLess(srv.d.get_timer(), 100.0, "SIZE forever")
                         srv.timer(srv.d.get_timer())
-                    forgotten_at = srv.d.recent[A][1]
-                    now = times[-1] + 0.05
-                    while now < forgotten_at:
-                        self.assertEqual(srv.recv(req, A, now), [])   # late copies: quiet
-                        now += 0.05
+                    # A request never acknowledged is not remembered as finished: its client
+                    # may ask again and must get an answer.
+                    self.assertNotIn(A, srv.d.recent)
+                    self.assertEqual(srv.d.pending, {})
                     sent = srv.sent_to(A)
                     self.assertGreaterEqual(len(sent), 1)
                     self.assertLessEqual(sum(map(len, sent)), 3 * len(req) * len(times))
                     for b in sent:
                         self.assertTrue(b.startswith(b"SIZE "), b)
-                    self.assertLessEqual(len(sent), srv.s.pending_max_sends)
                     self.assertLessEqual(sum(map(len, sent)), srv.s.pending_byte_budget)
 
     def test_never_acking_address_gets_at_most_three_times_its_bytes(self):

@@ -1,0 +1,1069 @@
+#!/usr/bin/env python3
+"""Benchmark of the UDP file-transfer tool: `python3 tests/bench.py [--quick]`, from the project.
+
+Not a unittest. It prints one row per scenario, then the targets, each marked PASS or MISS.
+
+How it measures
+- The server runs in a child process (server.Server on 127.0.0.1:0, default ServerSettings) and
+  the client in another (client.Client(...).fetch(), default ClientSettings), so the two sides
+  use the two cores as they do in real use. Children are this script run with --child-*; they talk
+  JSON lines over stdout and are told to start over stdin, so interpreter start-up is never timed.
+  The impairment proxy (tests/impair.py), when used, runs in a thread of this process.
+- seconds: the client's wall time around fetch(), from its request until the file has its real
+  name (the final fsync and rename included). MB/s uses 1 MB = 10^6 bytes.
+- sent / retx: datagrams the server's dispatcher handed to the socket, and the sum of its
+  transfers' retransmissions (ServerTransfer.retransmissions, summed when each transfer ends).
+- srvRSS / cliRSS: peak resident memory of each child in MB (10^6 bytes). On Linux VmHWM from
+  /proc/self/status, because ru_maxrss there keeps the parent's peak across fork+exec; elsewhere
+  getrusage(RUSAGE_SELF).ru_maxrss (bytes on macOS); n/a where `resource` is missing (Windows).
+- Baselines, same file, same run: shutil.copyfile, and a bare stop-and-wait floor: one child
+  sends datagrams of ServerSettings().datagram_size bytes of the file (read with readinto into
+  one preallocated buffer) and waits for a 1-byte ACK after each; the other receives with
+  recv_into, ACKs, writes. No header, checksum, digest, fsync or state machine.
+  vs floor = MB/s / floor MB/s, for the rows that run directly over loopback.
+- Runs are repeated (--repeat, default 3): the floor, 1 part, 4 parts (interleaved), one client
+  alone and 20 clients show the best run; the proxy runs, lossless and 5% loss (each lossy run
+  with its own seed), the median one. The notes list every run.
+- Every download is compared with its source by SHA-256; a mismatch stops the run (exit 1).
+Everything lives in one tempfile.mkdtemp() folder, removed at the end; children are killed on exit.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import config  # noqa: E402
+
+SCRIPT = os.path.abspath(__file__)
+MB = 1e6
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+LOOPBACK = "127.0.0.1"
+SOCK_BUF = 4 * 1024 * 1024
+
+
+class BenchError(Exception):
+    """Something went wrong that makes the numbers meaningless: stop loudly."""
+
+
+# --- Used by every process ------------------------------------------------------------------
+
+def peak_rss_mb():
+    """Peak RSS of this process in MB (10^6 bytes), or None where it cannot be known."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / MB
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / MB if sys.platform == "darwin" else r * 1024 / MB
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def wait_go():
+    line = sys.stdin.readline()
+    if line.strip() != "go":
+        raise SystemExit("child: expected 'go', got %r" % line)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    buf = bytearray(1024 * 1024)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# --- Child: server --------------------------------------------------------------------------
+
+def child_server(folder_path):
+    """server.Server on 127.0.0.1:0; counts what its dispatcher sends and its transfers'
+    retransmissions; stops on 'stop' (or EOF) on stdin and prints its stats."""
+    import logging
+
+    import server
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="server %(levelname)s %(message)s")
+    settings = config.ServerSettings()
+    folder = server.Folder(folder_path, None, settings)
+    srv = server.Server(folder, LOOPBACK, 0, settings)
+    d = srv.dispatcher
+    c = {"datagrams": 0, "bytes": 0, "retransmissions": 0, "payload_bytes": 0, "shrinks": 0,
+         "transfers": 0, "outcomes": {}}
+
+    def count(t):
+        if getattr(t, "_bench_counted", False):
+            return
+        t._bench_counted = True
+        c["transfers"] += 1
+        c["retransmissions"] += t.retransmissions
+        c["payload_bytes"] += t.bytes_sent
+        c["shrinks"] += t.shrinks
+        outcome = t.outcome or "unfinished"
+        c["outcomes"][outcome] = c["outcomes"].get(outcome, 0) + 1
+
+    to_send = d.datagrams_to_send
+
+    def datagrams_to_send():
+        out = to_send()
+        c["datagrams"] += len(out)
+        for datagram, _ in out:
+            for piece in datagram:
+                c["bytes"] += len(piece)
+        return out
+
+    forget = d._forget
+
+    def _forget(t, now):
+        forget(t, now)
+        count(t)
+
+    close = d.close
+
+    def close_all():
+        left = list(d.active.values()) + list(d.pending.values())
+        close()
+        for t in left:
+            count(t)
+
+    d.datagrams_to_send, d._forget, d.close = datagrams_to_send, _forget, close_all
+
+    def watch_stdin():
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        srv.shutdown()
+
+    emit({"port": srv.server_address[1]})
+    cpu0 = time.process_time()
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    srv.serve_forever()
+    srv.close()
+    emit({"server": c, "dispatcher": d.stats, "send_errors": srv.send_errors,
+          "rss_mb": peak_rss_mb(), "cpu": time.process_time() - cpu0})
+    return 0
+
+
+# --- Child: client(s) -----------------------------------------------------------------------
+
+def child_client(spec_text):
+    """Runs the jobs of the spec (one thread each when there are several), all started at once
+    on 'go'. A job downloads one name with client.Client.fetch, or fetches the listing."""
+    import client
+    import protocol
+
+    spec = json.loads(spec_text)
+    prepared = []
+    for job in spec["jobs"]:
+        settings = config.ClientSettings(parts=job.get("parts", 1))
+        printer = client.Printer(quiet=True, stream=sys.stderr)
+        c = client.Client(spec["host"], spec["port"], settings, printer, job.get("out_dir"))
+        target = client.PartialFile(job["out_dir"], job["name"]) if job.get("name") else None
+        if target is not None:
+            _time_calls(target, ("save", "finish"))
+        prepared.append((job, c, target))
+    results = [None] * len(prepared)
+
+    def run(i):
+        job, c, target = prepared[i]
+        t0w, t0 = time.time(), time.perf_counter()
+        try:
+            if job.get("listing"):
+                times = []
+                for pause in job["pauses"]:
+                    time.sleep(pause)
+                    a = time.perf_counter()
+                    entries = c.listing()
+                    times.append(time.perf_counter() - a)
+                data = protocol.format_listing(entries)
+                results[i] = {"ok": True, "times": times, "count": len(entries),
+                              "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                return
+            fetch_s = c.fetch(job["name"], target, job["parts"], job.get("size_hint"))
+            t1 = time.perf_counter()
+            final = os.path.join(job["out_dir"], job["name"])
+            results[i] = {"ok": True, "seconds": t1 - t0, "fetch_seconds": fetch_s,
+                          "bytes": os.path.getsize(final), "start": t0w, "end": t0w + (t1 - t0),
+                          "stats": c.stats, "spent": target.bench_spent}
+        except BaseException as exc:   # reported to the parent, which fails loudly
+            results[i] = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
+
+    emit({"ready": True})
+    wait_go()
+    cpu0 = time.process_time()
+    if len(prepared) == 1:
+        run(0)
+    else:
+        threads = [threading.Thread(target=run, args=(i,), daemon=True)
+                   for i in range(len(prepared))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    emit({"results": results, "rss_mb": peak_rss_mb(), "cpu": time.process_time() - cpu0})
+    return 0
+
+
+def _time_calls(obj, names):
+    """Wrap methods of one object to add up the seconds spent in each (obj.bench_spent)."""
+    obj.bench_spent = {}
+    for name in names:
+        def timed(*a, _f=getattr(obj, name), _name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **kw)
+            finally:
+                spent = obj.bench_spent
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t0
+                if _name == "save":
+                    spent["save_max"] = max(spent.get("save_max", 0.0),
+                                            time.perf_counter() - t0)
+        setattr(obj, name, timed)
+
+
+# --- Children: the bare stop-and-wait floor -------------------------------------------------
+
+def _floor_socket(rcvbuf):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for opt, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, SOCK_BUF)):
+        try:   # as the server does (macOS caps a datagram at SO_SNDBUF)
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
+    return sock
+
+
+def child_floor_send(path, datagram_size):
+    """Waits for one request datagram, then: readinto, send, wait for the ACK; to the end."""
+    sock = _floor_socket(SOCK_BUF)
+    sock.bind((LOOPBACK, 0))
+    emit({"port": sock.getsockname()[1]})
+    sock.settimeout(60)
+    _, addr = sock.recvfrom(64)
+    sock.connect(addr)
+    sock.settimeout(5)
+    buf = bytearray(datagram_size)
+    view = memoryview(buf)
+    ack = bytearray(64)
+    sent = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            sock.send(view[:n])
+            sent += 1
+            sock.recv_into(ack)   # socket.timeout ends the child: the parent fails loudly
+    emit({"datagrams": sent, "seconds": time.perf_counter() - t0, "rss_mb": peak_rss_mb(),
+          "cpu": time.process_time()})
+    return 0
+
+
+def child_floor_recv(path, size, port):
+    """On 'go': one request datagram, then recv_into, ACK, write; until `size` bytes."""
+    sock = _floor_socket(1024 * 1024)   # the client's receive buffer
+    sock.connect((LOOPBACK, port))
+    sock.settimeout(10)
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    got = 0
+    with open(path, "wb", buffering=0) as f:
+        emit({"ready": True})
+        wait_go()
+        t0 = time.perf_counter()
+        sock.send(b"GO")
+        while got < size:
+            n = sock.recv_into(buf)
+            sock.send(b"A")
+            chunk = view[:n]
+            while chunk:
+                chunk = chunk[f.write(chunk):]
+            got += n
+    seconds = time.perf_counter() - t0
+    emit({"seconds": seconds, "bytes": got, "rss_mb": peak_rss_mb(), "cpu": time.process_time()})
+    return 0
+
+
+# --- Parent: children -----------------------------------------------------------------------
+# queue, subprocess and tempfile are imported by main() for the parent only: every module a child
+# imports adds to the peak RSS it reports.
+queue = subprocess = tempfile = None
+
+class Child:
+    """A child process of this script; JSON lines from its stdout, read by a thread so that
+    every wait has a timeout."""
+
+    live = []
+    _n = 0
+
+    def __init__(self, tag, args, log_dir):
+        Child._n += 1
+        self.tag = tag
+        self.err_path = os.path.join(log_dir, "%03d-%s.stderr" % (Child._n, tag))
+        self._err = open(self.err_path, "wb")
+        self.p = subprocess.Popen([sys.executable, SCRIPT] + args, cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._err, universal_newlines=True, bufsize=1)
+        Child.live.append(self)
+        self.q = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in self.p.stdout:
+                self.q.put(line)
+        except (OSError, ValueError):
+            pass
+        self.q.put(None)
+
+    def recv(self, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError("%s: nothing within %.0f s%s" % (self.tag, timeout, self.tail()))
+            try:
+                line = self.q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.p.wait(5)
+                raise BenchError("%s exited with code %s%s" % (self.tag, self.p.returncode,
+                                                               self.tail()))
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue   # not ours: ignore
+
+    def send(self, text):
+        try:
+            self.p.stdin.write(text + "\n")
+            self.p.stdin.flush()
+        except OSError:
+            pass   # it died: recv() says so
+
+    def tail(self, n=1500):
+        try:
+            if not self._err.closed:
+                self._err.flush()
+            with open(self.err_path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return ("\n--- %s stderr ---\n%s" % (self.tag, text[-n:])) if text.strip() else ""
+
+    def log_lines(self):
+        if not self._err.closed:
+            self._err.flush()
+        try:
+            with open(self.err_path, "rb") as f:
+                return [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln]
+        except OSError:
+            return []
+
+    def finish(self, timeout=10):
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError("%s did not exit%s" % (self.tag, self.tail()))
+        self._close()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._close()
+
+    def _close(self):
+        for stream in (self.p.stdin, self.p.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        self._err.close()
+        if self in Child.live:
+            Child.live.remove(self)
+
+    @classmethod
+    def kill_all(cls):
+        for child in list(cls.live):
+            child.kill()
+
+
+# --- Parent: formatting ---------------------------------------------------------------------
+
+def fmt_mb(v):
+    return "n/a" if v is None else "%.1f" % v
+
+
+def fmt_ratio(v):
+    return "" if v is None else "%.2f" % v
+
+
+def human(n):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= size:
+            v = n / size
+            return ("%d %s" % (v, unit)) if v == int(v) else ("%.1f %s" % (v, unit))
+    return "%d B" % n
+
+
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):   # Windows
+        return None
+
+
+PRODUCT_FILES = ("server.py", "client.py", "protocol.py", "config.py")
+
+
+def product_fingerprint():
+    """SHA-256 of the product's source files: a change during the run mixes versions."""
+    h = hashlib.sha256()
+    for name in PRODUCT_FILES:
+        try:
+            with open(os.path.join(ROOT, name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def source_version():
+    """The git commit of the project, '+dirty' if the product files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              universal_newlines=True, timeout=5)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--"]
+                               + list(PRODUCT_FILES), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, universal_newlines=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def max_or_none(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+# --- Parent: the benchmark ------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        scale = 16 if args.quick else 1
+        self.big_size = 256 * MiB // scale
+        self.mid_size = 16 * MiB // scale
+        self.each_size = 8 * MiB // scale
+        self.clients = 20
+        self.list_count = 5000 // scale
+        self.sparse_size = 2 * GiB // scale
+        self.repeat = args.repeat if args.repeat else (1 if args.quick else 3)
+        self.datagram_size = config.ServerSettings().datagram_size
+        self.root = tempfile.mkdtemp(prefix="udpxfer-bench-")
+        self.logs = self._mkdir("logs")
+        self.files = self._mkdir("files")
+        self.rows = []
+        self.r = {}            # results by key, for the targets
+        self.hashes = {}
+        self.floor_mbps = None
+        self.warnings = []
+
+    def _mkdir(self, name):
+        path = os.path.join(self.root, name)
+        os.mkdir(path)
+        return path
+
+    def tmpdir(self, prefix):
+        return tempfile.mkdtemp(prefix=prefix, dir=self.root)
+
+    def cleanup(self):
+        Child.kill_all()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- files
+
+    def make_random(self, folder, name, size):
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, MiB)
+                f.write(os.urandom(n))
+                left -= n
+        self.hashes[path] = sha256_file(path)
+        return path
+
+    def verify(self, src, dst, what):
+        if not os.path.isfile(dst):
+            raise BenchError("%s: %s is missing" % (what, dst))
+        if os.path.getsize(dst) != os.path.getsize(src):
+            raise BenchError("%s: size %d, expected %d" % (what, os.path.getsize(dst),
+                                                           os.path.getsize(src)))
+        expected = self.hashes.get(src) or sha256_file(src)
+        self.hashes[src] = expected
+        got = sha256_file(dst)
+        if got != expected:
+            raise BenchError("%s: SHA-256 MISMATCH: %s is not %s" % (what, dst, src))
+
+    # -- children
+
+    def start_server(self, folder):
+        srv = Child("server", ["--child-server", folder], self.logs)
+        return srv, srv.recv(30)["port"]
+
+    def stop_server(self, srv):
+        srv.send("stop")
+        stats = srv.recv(30)
+        srv.finish()
+        stats["log"] = srv.log_lines()
+        return stats
+
+    def run_clients(self, port, jobs, timeout, procs=False):
+        """Start the jobs (one child, or one child per job), all at once; their results."""
+        groups = [[j] for j in jobs] if procs else [jobs]
+        children = []
+        for i, group in enumerate(groups):
+            spec = json.dumps({"host": LOOPBACK, "port": port, "jobs": group})
+            children.append(Child("client%d" % i, ["--child-client", spec], self.logs))
+        for child in children:
+            child.recv(60)   # ready
+        for child in children:
+            child.send("go")
+        results, rss, cpu = [], [], 0.0
+        for child in children:
+            msg = child.recv(timeout)
+            child.finish()
+            results += msg["results"]
+            rss.append(msg["rss_mb"])
+            cpu += msg["cpu"]
+        for job, res in zip(jobs, results):
+            if not res or not res.get("ok"):
+                raise BenchError("client job %r failed: %s" % (job, res and res.get("error")))
+        return results, max_or_none(rss), cpu
+
+    def timeout_for(self, size):
+        return 60 + size / 5e6
+
+    # -- rows
+
+    def add_row(self, key, label, nbytes, seconds, sent=None, retx=None, srv_rss=None,
+                cli_rss=None, floor=False, notes=""):
+        mbps = nbytes / seconds / MB if seconds else None
+        row = {"key": key, "label": label, "bytes": nbytes, "seconds": seconds, "mbps": mbps,
+               "sent": sent, "retx": retx, "srv_rss": srv_rss, "cli_rss": cli_rss,
+               "floor": floor, "notes": notes}
+        self.rows.append(row)
+        self.r[key] = row
+        if self.args.verbose:
+            print("  %-34s %8.3f s %9.1f MB/s  %s" % (label, seconds, mbps or 0, notes),
+                  flush=True)
+        return row
+
+    def summarize(self, key, label, runs, pick, floor=False, what=""):
+        """One row for several runs of a scenario: the best or the median one (by seconds);
+        the notes list every run's MB/s. Peak RSS is the highest of all runs."""
+        ordered = sorted(runs, key=lambda x: x["seconds"])
+        chosen = ordered[0] if pick == "best" else ordered[(len(ordered) - 1) // 2]
+        notes = list(chosen["notes"])
+        if len(runs) > 1:
+            notes.insert(0, "%s of %d%s: %s MB/s" % (
+                pick, len(runs), " " + what if what else "",
+                "/".join("%.0f" % (x["bytes"] / x["seconds"] / MB) for x in runs)))
+        row = self.add_row(key, label, chosen["bytes"], chosen["seconds"], chosen["sent"],
+                     chosen["retx"], max_or_none(x["srv_rss"] for x in runs),
+                     max_or_none(x["cli_rss"] for x in runs), floor=floor,
+                     notes=", ".join(notes))
+        row["finish"] = chosen.get("finish", 0.0)
+        return chosen
+
+    def fetch(self, folder, name, parts, impair=None, seed=1, label=None, key=None,
+              add=True):
+        """One client downloads `name` from a fresh server (through the proxy if `impair`)."""
+        src = os.path.join(folder, name)
+        size = os.path.getsize(src)
+        srv, port = self.start_server(folder)
+        proxy = None
+        out = self.tmpdir("dl-")
+        try:
+            if impair is not None:
+                from tests.impair import ImpairProxy
+                proxy = ImpairProxy((LOOPBACK, port), seed=seed, to_server=impair[0],
+                                    to_client=impair[1]).start()
+                port_used = proxy.address[1]
+            else:
+                port_used = port
+            job = {"name": name, "out_dir": out, "parts": parts, "size_hint": size}
+            results, cli_rss, cli_cpu = self.run_clients(port_used, [job],
+                                                         self.timeout_for(size))
+        except BaseException:
+            srv.kill()
+            raise
+        finally:
+            if proxy is not None:
+                proxy.close()
+        stats = self.stop_server(srv)
+        self.verify(src, os.path.join(out, name), label or name)
+        shutil.rmtree(out, ignore_errors=True)
+        res = results[0]
+        notes = []
+        if proxy is not None:
+            st_s, st_c = proxy.stats["to_server"], proxy.stats["to_client"]
+            if st_s.dropped or st_c.dropped:
+                notes.append("dropped %d/%d" % (st_s.dropped, st_c.dropped))
+            if proxy.last_error is not None:
+                notes.append("proxy error %r" % proxy.last_error)
+        notes += self.server_notes(stats)
+        spent = res.get("spent", {})
+        if spent.get("save", 0) >= 0.01:
+            notes.append("client in save() %.2f s (longest %.3f s)" % (spent["save"],
+                                                                       spent["save_max"]))
+        if spent.get("finish", 0) >= 0.01:
+            notes.append("client in finish() %.2f s" % spent["finish"])
+        if res["stats"].get("stalls") or res["stats"].get("restarts"):
+            notes.append("client stalls %d restarts %d" % (res["stats"]["stalls"],
+                                                          res["stats"]["restarts"]))
+        run = {"bytes": res["bytes"], "seconds": res["seconds"],
+               "finish": spent.get("finish", 0.0),
+               "sent": stats["server"]["datagrams"],
+               "retx": stats["server"]["retransmissions"], "srv_rss": stats["rss_mb"],
+               "cli_rss": cli_rss, "notes": notes, "srv_cpu": stats["cpu"], "cli_cpu": cli_cpu}
+        if add:
+            self.add_row(key, label, run["bytes"], run["seconds"], run["sent"], run["retx"],
+                         run["srv_rss"], run["cli_rss"], floor=impair is None,
+                         notes=", ".join(notes))
+        return run
+
+    def server_notes(self, stats):
+        notes = []
+        s, d = stats["server"], stats["dispatcher"]
+        if s["shrinks"]:
+            notes.append("shrinks %d" % s["shrinks"])
+        if d.get("busy"):
+            notes.append("BUSY %d" % d["busy"])
+        if stats["send_errors"]:
+            notes.append("send errors %d" % stats["send_errors"])
+        bad = {k: v for k, v in s["outcomes"].items() if k != "done"}
+        if bad:
+            notes.append("outcomes " + " ".join("%s=%d" % kv for kv in sorted(bad.items())))
+        if stats["log"]:
+            notes.append("%d server log lines" % len(stats["log"]))
+            self.warnings += ["server: " + ln for ln in stats["log"][:5]]
+        return notes
+
+    # -- baselines
+
+    def copy_baseline(self, src):
+        dst = os.path.join(self.root, "copy.bin")
+        t0 = time.perf_counter()
+        shutil.copyfile(src, dst)
+        seconds = time.perf_counter() - t0
+        self.verify(src, dst, "copyfile")
+        os.remove(dst)
+        return seconds
+
+    def floor_run(self, src):
+        size = os.path.getsize(src)
+        out = os.path.join(self.root, "floor.bin")
+        snd = Child("floor-send", ["--child-floor-send", src, str(self.datagram_size)],
+                    self.logs)
+        rcv = None
+        try:
+            port = snd.recv(30)["port"]
+            rcv = Child("floor-recv", ["--child-floor-recv", out, str(size), str(port)],
+                        self.logs)
+            rcv.recv(30)
+            rcv.send("go")
+            r = rcv.recv(self.timeout_for(size))
+            s = snd.recv(30)
+            rcv.finish()
+            snd.finish()
+        finally:
+            for child in (snd, rcv):
+                if child is not None:
+                    child.kill()
+        self.verify(src, out, "floor")
+        os.remove(out)
+        return {"bytes": r["bytes"], "seconds": r["seconds"], "sent": s["datagrams"], "retx": 0,
+                "srv_rss": s["rss_mb"], "cli_rss": r["rss_mb"], "notes": []}
+
+    # -- scenarios
+
+    def run(self):
+        a = self.args
+        version = source_version()
+        fingerprint = product_fingerprint()
+        print("udpxfer benchmark%s%s: Python %s on %s, %d CPUs; temp %s" % (
+            " (--quick)" if self.quick else "", " of " + version if version else "",
+            sys.version.split()[0], sys.platform, os.cpu_count() or 0, self.root), flush=True)
+        self.load_before = load_average()
+        if self.load_before is not None and self.load_before > 0.5:
+            self.warnings.append(
+                "load average %.2f at the start: other processes are using the CPUs, so the "
+                "numbers are lower (and noisier) than on an idle machine" % self.load_before)
+        t_start = time.perf_counter()
+        big = self.make_random(self.files, "big.bin", self.big_size)
+        self.make_random(self.files, "mid.bin", self.mid_size)
+        self.make_random(self.files, "each.bin", self.each_size)
+
+        # Baselines and loopback scenarios 1 and 2, interleaved, best of --repeat.
+        copy_s = min(self.copy_baseline(big) for _ in range(self.repeat))
+        self.add_row("copy", "baseline: shutil.copyfile", self.big_size, copy_s, floor=True,
+                     notes="best of %d" % self.repeat)
+        runs = {"floor": [], "p1": [], "p4": []}
+        for _ in range(self.repeat):
+            runs["floor"].append(self.floor_run(big))
+            runs["p1"].append(self.fetch(self.files, "big.bin", 1, add=False))
+            runs["p4"].append(self.fetch(self.files, "big.bin", 4, add=False))
+        for key, label in (("floor", "baseline: stop-and-wait floor"),
+                           ("p1", "1. %s loopback, 1 part" % human(self.big_size)),
+                           ("p4", "2. %s loopback, 4 parts" % human(self.big_size))):
+            best = self.summarize(key, label, runs[key], "best", floor=True)
+            if key == "floor":
+                self.floor_mbps = self.r["floor"]["mbps"]
+            else:   # CPU per datagram explains the distance to the floor
+                self.r[key]["cpu"] = "per datagram: server CPU %.0f us, client CPU %.0f us" % (
+                    best["srv_cpu"] / best["sent"] * 1e6, best["cli_cpu"] / best["sent"] * 1e6)
+
+        # 3. Loss (a different loss pattern each run), and the same through a lossless proxy.
+        # The median run of each is shown: one unlucky drop (the first SIZE) costs 0.25 s.
+        from tests.impair import Impairment
+        mid = human(self.mid_size)
+        for parts in (4, 1):
+            plural = "s" * (parts > 1)
+            clean = [self.fetch(self.files, "mid.bin", parts, add=False,
+                                impair=(Impairment(), Impairment()))
+                     for _ in range(self.repeat)]
+            self.summarize("clean%d" % parts, "3. %s proxy lossless, %d part%s" % (
+                mid, parts, plural), clean, "median")
+            lossy = [self.fetch(self.files, "mid.bin", parts, seed=a.seed + i, add=False,
+                                impair=(Impairment(drop=0.05), Impairment(drop=0.05)))
+                     for i in range(self.repeat)]
+            self.summarize("loss%d" % parts, "3. %s proxy 5%% loss, %d part%s" % (
+                mid, parts, plural), lossy, "median", what="seeds %d..%d" % (
+                a.seed, a.seed + self.repeat - 1))
+
+        # 4. 10 ms round trip (timing dominated by the delay: one run each).
+        for parts in (1, 4):
+            self.fetch(self.files, "mid.bin", parts,
+                       impair=(Impairment(delay=0.005), Impairment(delay=0.005)),
+                       label="4. %s 10 ms RTT, %d part%s" % (mid, parts, "s" * (parts > 1)),
+                       key="rtt%d" % parts)
+
+        # 5. One client alone, and 20 clients at once (best of --repeat: one alone is short).
+        ones, manys = [], []
+        for _ in range(self.repeat):
+            ones.append(self.fetch(self.files, "each.bin", 4, add=False))
+            manys.append(self.many_clients())
+        self.summarize("one", "5. %s, 1 client alone, 4 parts" % human(self.each_size), ones,
+                       "best", floor=True)
+        best = self.summarize("many", "5. %d clients x %s, 4 parts" % (
+            self.clients, human(self.each_size)), manys, "best", floor=True)
+        self.r["many"]["slow_fast"] = best["slow_fast"]
+
+        # 6. LIST.
+        self.listing()
+
+        # 7. A sparse 2 GiB file, for memory.
+        if a.skip_sparse:
+            self.warnings.append("scenario 7 skipped (--skip-sparse)")
+        else:
+            self.sparse()
+
+        if product_fingerprint() != fingerprint:
+            self.warnings.append("the product's source files changed during the run: the rows "
+                                 "may measure different versions")
+        if self.quick:
+            self.warnings.append("--quick: sizes are 1/16 of the real run, too small for the "
+                                 "targets to mean much (parts=4 of %s is a single range)"
+                                 % human(self.mid_size))
+        self.print_table()
+        self.print_targets()
+        load = load_average()
+        print("total %.0f s%s" % (time.perf_counter() - t_start, "" if load is None else
+                                  "; load average (1 min) %.2f at the start, %.2f at the end"
+                                  % (self.load_before, load)))
+
+    def many_clients(self):
+        src = os.path.join(self.files, "each.bin")
+        size = os.path.getsize(src)
+        srv, port = self.start_server(self.files)
+        outs = [self.tmpdir("dl%02d-" % i) for i in range(self.clients)]
+        try:
+            jobs = [{"name": "each.bin", "out_dir": o, "parts": 4, "size_hint": size}
+                    for o in outs]
+            results, cli_rss, _ = self.run_clients(port, jobs, self.timeout_for(
+                size * self.clients), procs=self.args.clients_procs)
+        except BaseException:
+            srv.kill()
+            raise
+        stats = self.stop_server(srv)
+        for i, o in enumerate(outs):
+            self.verify(src, os.path.join(o, "each.bin"), "client %d" % i)
+            shutil.rmtree(o, ignore_errors=True)
+        total = sum(r["bytes"] for r in results)
+        span = max(r["end"] for r in results) - min(r["start"] for r in results)
+        secs = [r["seconds"] for r in results]
+        notes = ["%s" % ("%d processes" % self.clients if self.args.clients_procs
+                         else "%d threads in 1 process" % self.clients),
+                 "each %.2f..%.2f s" % (min(secs), max(secs))]
+        stalls = sum(r["stats"]["stalls"] for r in results)
+        if stalls:
+            notes.append("client stalls %d" % stalls)
+        notes += self.server_notes(stats)
+        return {"bytes": total, "seconds": span, "sent": stats["server"]["datagrams"],
+                "retx": stats["server"]["retransmissions"], "srv_rss": stats["rss_mb"],
+                "cli_rss": cli_rss, "notes": notes, "slow_fast": max(secs) / min(secs)}
+
+    def listing(self):
+        folder = self._mkdir("listing")
+        expected = []
+        for i in range(self.list_count):
+            name = "file %05d%s.dat" % (i, "-\u00e9t\u00e9" if i % 7 == 0 else "")
+            data = b"x" * (i % 997)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+            expected.append((name, len(data)))
+        import protocol
+        want = protocol.format_listing(expected)
+        srv, port = self.start_server(folder)
+        pause = config.ServerSettings().list_rescan_interval + 0.1
+        try:
+            results, cli_rss, _ = self.run_clients(
+                port, [{"listing": True, "pauses": [0, pause, 0]}], 60)
+        except BaseException:
+            srv.kill()
+            raise
+        stats = self.stop_server(srv)
+        res = results[0]
+        if res["count"] != len(expected) or res["sha256"] != hashlib.sha256(want).hexdigest():
+            raise BenchError("LIST: got %d entries, not the %d expected (or different ones)"
+                             % (res["count"], len(expected)))
+        notes = ["%d entries; 3 runs %s s (the 2nd %.1f s later: the server rescans the folder)"
+                 % (res["count"], "/".join("%.3f" % t for t in res["times"]), pause)]
+        notes += self.server_notes(stats)
+        self.add_row("list", "6. LIST of %d files" % self.list_count, res["bytes"],
+                     max(res["times"]), stats["server"]["datagrams"],
+                     stats["server"]["retransmissions"], stats["rss_mb"], cli_rss,
+                     notes=", ".join(notes))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def sparse(self):
+        size = self.sparse_size
+        free = shutil.disk_usage(self.root).free
+        need = 2 * size + 512 * MiB   # the download is real; the source too where not sparse
+        if free < need:
+            self.warnings.append("scenario 7 skipped: %s free, %s needed" % (human(free),
+                                                                            human(need)))
+            return
+        folder = self._mkdir("sparse")
+        path = os.path.join(folder, "sparse.bin")
+        with open(path, "wb") as f:   # holes, with a few random marks so it is not all zeros
+            for off in range(0, size, max(size // 8, 1)):
+                f.seek(off)
+                f.write(os.urandom(4096))
+            f.seek(size - 4096)
+            f.write(os.urandom(4096))
+        self.hashes[path] = sha256_file(path)
+        try:
+            # Writing this much is slower than writing 256 MiB (page cache, write-back), so
+            # the floor of this very file is measured too and shown in the notes.
+            floor = self.floor_run(path)
+            self.fetch(folder, "sparse.bin", 4, key="sparse",
+                       label="7. %s sparse, 4 parts" % human(size))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        row = self.r["sparse"]
+        floor_mbps = floor["bytes"] / floor["seconds"] / MB
+        row["notes"] = ", ".join(x for x in ("floor of this file %.0f MB/s (%.2f of it)" % (
+            floor_mbps, row["mbps"] / floor_mbps), row["notes"]) if x)
+
+    # -- output
+
+    def print_table(self):
+        head = ("scenario", "bytes", "seconds", "MB/s", "sent", "retx", "srvRSS", "cliRSS",
+                "vs floor", "notes")
+        lines = []
+        for r in self.rows:
+            vs = r["mbps"] / self.floor_mbps if (r["floor"] and self.floor_mbps
+                                                 and r["mbps"]) else None
+            r["vs_floor"] = vs
+            lines.append((r["label"], str(r["bytes"]), "%.3f" % r["seconds"],
+                          "%.1f" % r["mbps"] if r["mbps"] else "",
+                          "" if r["sent"] is None else str(r["sent"]),
+                          "" if r["retx"] is None else str(r["retx"]),
+                          fmt_mb(r["srv_rss"]) if r["key"] != "copy" else "",
+                          fmt_mb(r["cli_rss"]) if r["key"] != "copy" else "",
+                          fmt_ratio(vs), r["notes"]))
+        widths = [max(len(x[i]) for x in lines + [head]) for i in range(len(head) - 1)]
+
+        def fmt(cols):
+            out = []
+            for i, (c, w) in enumerate(zip(cols, widths)):
+                out.append(c.ljust(w) if i == 0 else c.rjust(w))
+            return "  ".join(out + [cols[-1]]).rstrip()
+
+        print()
+        print(fmt(head))
+        print("-" * (sum(widths) + 2 * len(widths) + 5))
+        for x in lines:
+            print(fmt(x))
+        print("(MB = 10^6 bytes; RSS = peak resident memory of the server / client process)")
+        for w in self.warnings:
+            print("note: " + w)
+
+    def print_targets(self):
+        r = self.r
+        checks = []
+
+        def ratio(a, b):
+            return r[a]["mbps"] / r[b]["mbps"] if a in r and b in r else None
+
+        def check(name, value, op, limit, detail=""):
+            if value is None:
+                checks.append((name, "n/a", "%s %s" % (op, limit), "SKIP", detail))
+                return
+            ok = {">=": value >= limit, ">": value > limit, "<=": value <= limit,
+                  "<": value < limit}[op]
+            if not ok:
+                miss = abs(value - limit) / limit * 100
+                detail = ("%.0f%% short" % miss if op in (">=", ">") else "%.0f%% over" % miss) \
+                    + ("; " + detail if detail else "")
+            checks.append((name, "%.2f" % value, "%s %s" % (op, limit),
+                           "PASS" if ok else "MISS", detail))
+
+        def no_finish(key):
+            """The ratio without the client's finish() (final fsync and rename), which the
+            floor does not do."""
+            if key not in r or "floor" not in r or not r[key].get("finish"):
+                return ""
+            x = r[key]
+            return "; %.2f without the client's final fsync (%.2f s)" % (
+                x["bytes"] / (x["seconds"] - x["finish"]) / MB / r["floor"]["mbps"],
+                x["finish"])
+
+        floor_rt = (r["floor"]["seconds"] / r["floor"]["sent"] * 1e6) if "floor" in r else 0
+        check("1 part vs floor", ratio("p1", "floor"), ">=", 0.9,
+              "%s; floor %.0f us per round trip%s" % (r["p1"].get("cpu", ""), floor_rt,
+                                                     no_finish("p1")) if "p1" in r else "")
+        check("4 parts vs floor", ratio("p4", "floor"), ">", 1.0,
+              r["p4"].get("cpu", "") + no_finish("p4") if "p4" in r else "")
+        check("5% loss vs lossless, 4 parts", ratio("loss4", "clean4"), ">=", 0.25)
+        check("5% loss vs lossless, 1 part", ratio("loss1", "clean1"), ">=", 0.25)
+        check("10 ms RTT: 4 parts vs 1 part", ratio("rtt4", "rtt1"), ">=", 3.0)
+        check("20 clients: total vs 1 client alone", ratio("many", "one"), ">=", 0.7)
+        check("20 clients: slowest / fastest", r.get("many", {}).get("slow_fast"), "<=", 3.0)
+        single = [x for x in self.rows if x["key"] not in ("copy", "many")]
+        srv_peak = max_or_none([x["srv_rss"] for x in self.rows])
+        cli_peak = max_or_none([x["cli_rss"] for x in single])
+        check("peak RSS server, MB (all rows)", srv_peak, "<", 50)
+        check("peak RSS client, MB (1-client rows)", cli_peak, "<", 50)
+        if "many" in r:
+            check("peak RSS of the 20-client row, MB", r["many"]["cli_rss"], "<", 50,
+                  "one process per client" if self.args.clients_procs
+                  else "all 20 clients in one process")
+        if "sparse" in r:
+            check("7. sparse file: peak RSS server, MB", r["sparse"]["srv_rss"], "<", 50)
+            check("7. sparse file: peak RSS client, MB", r["sparse"]["cli_rss"], "<", 50)
+        print()
+        print("targets:")
+        w = max(len(c[0]) for c in checks)
+        for name, value, target, verdict, detail in checks:
+            print("  %-*s  %7s  (target %-6s)  %s%s" % (w, name, value, target, verdict,
+                                                      "  " + detail if detail else ""))
+        misses = sum(c[3] == "MISS" for c in checks)
+        print("%d of %d targets met%s" % (sum(c[3] == "PASS" for c in checks), len(checks),
+                                          ", %d missed" % misses if misses else ""))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Benchmark the UDP file-transfer tool.")
+    p.add_argument("--quick", action="store_true",
+                   help="sizes divided by 16, each scenario once: a smoke test of a few seconds")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="runs of the floor, 1-part and 4-part scenarios, best shown "
+                        "(default 3, 1 with --quick)")
+    p.add_argument("--clients-procs", action="store_true",
+                   help="scenario 5 with one client process each instead of 20 threads in one")
+    p.add_argument("--skip-sparse", action="store_true", help="skip scenario 7 (2 GiB)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the loss pattern")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each row as it is done")
+    p.add_argument("--child-server", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--child-client", metavar="JSON", help=argparse.SUPPRESS)
+    p.add_argument("--child-floor-send", nargs=2, metavar=("FILE", "SIZE"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--child-floor-recv", nargs=3, metavar=("FILE", "BYTES", "PORT"),
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.child_server:
+        return child_server(args.child_server)
+    if args.child_client:
+        return child_client(args.child_client)
+    if args.child_floor_send:
+        return child_floor_send(args.child_floor_send[0], int(args.child_floor_send[1]))
+    if args.child_floor_recv:
+        f = args.child_floor_recv
+        return child_floor_recv(f[0], int(f[1]), int(f[2]))
+    global queue, subprocess, tempfile
+    import queue
+    import subprocess
+    import tempfile
+    bench = Bench(args)
+    try:
+        bench.run()
+    except BenchError as exc:
+        print("\nBENCHMARK FAILED: %s" % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
