@@ -74,9 +74,12 @@ class ServerSettings:
     # Smoothed RTTs remembered per client IP, to start a new transfer with a realistic RTO.
     rtt_cache_max: int = 1024
 
-    # Folder rescans: on LIST (at most this often) and periodically to keep file_list.txt fresh.
+    # Folder rescans: on LIST (at most this often), and to keep file_list.txt fresh: when the
+    # folder's mtime changed (checked this often; a scan of thousands of files stalls the
+    # loop for tens of milliseconds), and in any case at the full interval.
     list_rescan_interval: float = 1.0
     scan_interval: float = 2.0
+    full_scan_interval: float = 30.0
 
 
 @dataclass

@@ -86,7 +86,8 @@ class Folder:
         self.files = {}             # name -> size: what the last scan found
         self._listing = None
         self._listing_bytes = None
-        self._scanned_at = None
+        self._scanned_at = self._checked_at = None
+        self._dir_mtime = None
         if not os.path.isdir(self.root):
             raise FileNotFoundError("no such folder: %s" % root)
         if list_path is not None:
@@ -123,6 +124,7 @@ class Folder:
         """Rescan the folder; rewrite the list file if the listing changed."""
         found = {}
         try:
+            self._dir_mtime = os.stat(self.root).st_mtime_ns
             entries = list(os.scandir(self.root))
         except OSError as exc:
             log.error("cannot read %s: %s", self.root, exc)
@@ -145,7 +147,7 @@ class Folder:
             if entry is not None:
                 found[name] = entry.size
         self.files = found
-        self._scanned_at = time.monotonic()
+        self._scanned_at = self._checked_at = time.monotonic()
         data = protocol.format_listing(found.items())
         if data != self._listing_bytes:
             self._listing_bytes = data
@@ -173,7 +175,19 @@ class Folder:
         return self._listing
 
     def maybe_rescan(self, now):
-        if self._scanned_at is None or now - self._scanned_at >= self.s.scan_interval:
+        """Keep file_list.txt fresh without stalling transfers: every scan_interval look at the
+        folder's own mtime (one stat; it changes when names come and go) and rescan if it
+        moved; rescan anyway every full_scan_interval (sizes of files written in place)."""
+        if self._scanned_at is None or now - self._checked_at < self.s.scan_interval:
+            if self._scanned_at is None:
+                self.scan()
+            return
+        self._checked_at = now
+        try:
+            mtime = os.stat(self.root).st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != self._dir_mtime or now - self._scanned_at >= self.s.full_scan_interval:
             self.scan()
 
 
