@@ -58,6 +58,15 @@ class FileSource:
             self.f.seek(offset)
             return self.f.read(n) or b""
 
+    if hasattr(os, "preadv"):
+        def readinto(self, offset, view):
+            """Read into a caller's buffer (a memoryview); returns the part filled."""
+            return view[:os.preadv(self.fd, [view], offset)]
+    else:  # Windows, macOS before 11
+        def readinto(self, offset, view):
+            self.f.seek(offset)
+            return view[:self.f.readinto(view) or 0]
+
     def unchanged(self):
         return _identity(os.fstat(self.f.fileno())) == self.identity
 
