@@ -417,7 +417,7 @@ class _Fetch:
     def _plan(self):
         """Cut what is missing (and not in flight) into ranges."""
         size = self.target.size
-        busy = RangeSet(self.target.done.ranges + [(p.t.start, p.t.end or p.t.start + p.t.length)
+        busy = RangeSet(self.target.done.ranges + [(p.t.start, self._end_of(p.t))
                                                    for p in self.active])
         gaps = busy.missing(size)
         if self.parts == 1:
@@ -425,6 +425,14 @@ class _Fetch:
             return
         piece = min(max(size // (2 * self.parts), self.s.min_part_size), self.s.max_part_size)
         self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
+
+    def _end_of(self, t):
+        """Where a transfer's range ends: known from its SIZE, else as asked."""
+        if t.end is not None:
+            return t.end
+        if t.length is None or self.target.size is None:
+            return self.target.size if self.target.size is not None else protocol.HUGE
+        return min(t.start + t.length, self.target.size)
 
     def _first_length(self):
         """Before the size is known only one range runs; guess its length from the listing."""
@@ -612,7 +620,7 @@ class _Fetch:
                                                     " " + t.error_code if t.error_code else ""))
         if outcome == "done":
             self.target.done.add(t.start, t.pos)
-            self.bad_requests = 0
+            self.bad_requests = self.not_found = 0
             return
         if outcome in ("changed", "version"):
             return self._restart("the file changed on the server", now)
@@ -622,13 +630,14 @@ class _Fetch:
             self.bad_requests += 1
             if self.bad_requests >= 2:
                 return self._restart("the file changed on the server", now)
+        # NOT_FOUND twice in a row is final. Any other error, known or not (a bit flip can
+        # damage the code), is retried with back-off until give_up.
         if outcome == "error" and t.error_code == "NOT_FOUND":
             self.not_found += 1
             if self.not_found >= 2:
                 raise Failure("not on the server", retry=False)
-        if outcome == "error" and t.error_code not in ("BAD_REQUEST", "BUSY", "INTERNAL",
-                                                       "NOT_FOUND"):
-            raise Failure("server error %s" % t.error_code)
+        else:
+            self.not_found = 0
         if outcome == "digest":
             self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
@@ -638,11 +647,8 @@ class _Fetch:
             self.target.done.add(t.start, t.pos)   # bytes accepted so far are covered by crcs
         if self.name is None:
             self.target.reset()
-        else:
-            self.queue.insert(0, (t.pos if outcome != "digest" else t.start,
-                                  t.end if t.end is not None else
-                                  (self.target.size if self.target.size is not None
-                                   else t.start + t.length)))
+        elif self.target.size is not None:   # else the first range is simply asked again
+            self.queue.insert(0, (t.pos if outcome != "digest" else t.start, self._end_of(t)))
             self.queue = [r for r in self.queue if r[0] < r[1]]
         self.c.stats["stalls"] += 1
         if t.received == 0 or outcome != "stalled":

@@ -53,7 +53,9 @@ class WatchModeTest(unittest.TestCase):
             proc.stdout.close()
         self.addCleanup(stop)
 
-        self.assertTrue(self.wait_for_file("first.txt"), "first name not fetched")
+        if not self.wait_for_file("first.txt"):
+            proc.kill()
+            self.fail("first name not fetched: %s" % proc.communicate(timeout=10)[0])
         self.assertEqual(self.tmp.downloaded("first.txt"), first)
         # New names added while it runs are fetched within about a second; a repeated name
         # and a name the server does not have are handled once each.
