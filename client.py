@@ -411,6 +411,7 @@ class _Fetch:
         self.confirmations = 1 if target.version is not None else 0
         self.not_found = 0
         self.bad_requests = 0
+        self._have = -1             # bytes in hand at the last progress check
 
     # -- planning
 
@@ -565,7 +566,7 @@ class _Fetch:
 
     def _progress(self, now):
         have = self.target.done.total() + sum(p.t.received for p in self.active)
-        if have > getattr(self, "_have", -1):
+        if have > self._have:
             self._have = have
             self.last_progress = now
             self.failures = 0
@@ -641,6 +642,8 @@ class _Fetch:
         if outcome == "digest":
             self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
+            # A record saved while it ran listed those bytes: replace it at once.
+            self.target.save([(p.t.start, p.t.pos) for p in self.active])
         elif self.name is None:
             pass   # a listing cannot be resumed: it starts over
         else:
