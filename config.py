@@ -56,8 +56,9 @@ class ServerSettings:
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
     max_pending: int = 256
     # Everything sent to an address that never acknowledges SIZE, retransmissions included:
-    # at most this many bytes, and at most amplification_factor times what it sent (a spoofed
-    # source must not turn the server into an amplifier; RFC 9000 8.1 uses 3 for QUIC).
+    # at most this many bytes; by timer, at most amplification_factor times what it sent or
+    # two SIZEs, whichever is more (a spoofed source must not turn the server into an
+    # amplifier; RFC 9000 8.1 uses 3 for QUIC).
     pending_byte_budget: int = 256
     amplification_factor: int = 3
     # A request whose SIZE is not acknowledged is forgotten after this many timer expiries

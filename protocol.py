@@ -373,14 +373,16 @@ class ServerTransfer:
         self._ahead = None                       # read-ahead: (offset, (header, payload))
         self._bufs = None                        # two payload buffers, see _read()
         self._cur = 1                            # which one holds the outstanding payload
-        # Until SIZE is acknowledged the address may be spoofed: send it at most
-        # amplification_factor times what it sent us (the first SIZE always), and never more
-        # than pending_byte_budget in all (RFC 9000 8.1 applies the same rule to QUIC).
+        # Until SIZE is acknowledged the address may be spoofed: by timer, send at most
+        # amplification_factor times what it sent us (RFC 9000 8.1 applies the same rule to
+        # QUIC), but always the first SIZE and one retransmission (or a client that follows
+        # PROTOCOL.md to the letter would stall when its ACK of SIZE is lost), and never more
+        # than pending_byte_budget in all.
         size_msg = format_size(entry.size, entry.version)
         self._unvalidated_sent = 0
         self._expiries = 0
         self._allowance = min(settings.pending_byte_budget,
-                              max(len(size_msg), settings.amplification_factor * bytes_in))
+                              max(2 * len(size_msg), settings.amplification_factor * bytes_in))
         self.state = WAIT_SIZE
         self._transmit((size_msg,), now)
 
@@ -856,24 +858,31 @@ class ClientTransfer:
         self._request_rto = request_rto or self.s.request_timeout
         self._requests = 1
         self._next_request = now + self._request_rto
+        self._flowing = False           # a DATA or EOF arrived after SIZE
         self._out = [self.request]
 
     def datagrams_to_send(self):
         out, self._out = self._out, []
         return out
 
+    def _asking(self):
+        """The request is retransmitted until data flows: also after SIZE, in case our ACK of
+        it was lost (a server may not be allowed to resend SIZE to an unproven address; a
+        repeated request makes it do so, and is ignored once the transfer is under way)."""
+        return self.state == REQUESTING or (self.state == RECEIVING and not self._flowing)
+
     def get_timer(self):
         if self.state == FINISHED:
             return None
         idle = self._last_heard + self.s.idle_timeout
-        return min(idle, self._next_request) if self.state == REQUESTING else idle
+        return min(idle, self._next_request) if self._asking() else idle
 
     def handle_timer(self, now):
         if self.state == FINISHED:
             return
         if now >= self._last_heard + self.s.idle_timeout:
             return self._finish("stalled")
-        if self.state == REQUESTING and now >= self._next_request:
+        if self._asking() and now >= self._next_request:
             self._request_rto = min(self._request_rto * 2, self.s.request_timeout_max)
             self._next_request = now + self._request_rto
             self._requests += 1
@@ -888,8 +897,10 @@ class ClientTransfer:
             msg = parse_server_message(data)
         except ProtocolError:
             return None   # corrupted or garbage: no answer (the server will retransmit)
-        if self.state == RECEIVING:
-            self._last_heard = now   # "nothing at all arrives for idle time" is a stall
+        if self.state == RECEIVING and not isinstance(msg, Size):
+            # "Nothing at all arrives for idle time" is a stall. Repeated SIZEs do not count:
+            # a server that answers our repeated request but never sends data is stalled.
+            self._last_heard = now
         if isinstance(msg, Data):
             return self._on_data(msg, now)
         if isinstance(msg, Size):
@@ -917,11 +928,13 @@ class ClientTransfer:
             self.rtt_sample = now - self._sent_at
         self.state = RECEIVING
         self._last_heard = now
+        self._next_request = now + self._request_rto
         self._out.append(format_ack(self.pos))
 
     def _on_data(self, msg, now):
         if self.state != RECEIVING:
             return None
+        self._flowing = True
         if msg.offset == self.pos:
             n = len(msg.payload)
             if self.pos + n > self.end:
@@ -943,6 +956,7 @@ class ClientTransfer:
             self._out.append(ACK_EOF)   # our ACK EOF was lost
         if self.state != RECEIVING:
             return
+        self._flowing = True
         # Twice: a lost ACK EOF would leave the server retransmitting EOF to a closed socket
         # until its retry limit; the server ignores the spare copy.
         self._out += (ACK_EOF, ACK_EOF)
