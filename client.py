@@ -102,6 +102,7 @@ class Printer:
         self._last_draw = 0.0
 
     def line(self, text, always=False):
+        """Print a line (unless quiet, for lines that are not results or errors)."""
         if self.quiet and not always:
             return
         self._clear()
@@ -142,6 +143,49 @@ def _temp_base(out_dir, name):
     return os.path.join(out_dir, "." + name)
 
 
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    "%s%d" % (p, i) for p in ("COM", "LPT") for i in range(1, 10)}
+
+
+def locally_safe_name(name):
+    """Whether this system stores `name` as itself. The server's rule (is_servable_name) is
+    checked first; on Windows also no device names, no characters it refuses or turns into
+    something else (a trailing dot or space vanishes, ":" opens a stream of another file)."""
+    if not protocol.is_servable_name(name):
+        return False
+    if os.name == "nt":
+        if any(c in '<>:"|?*' for c in name) or name[-1] in ". ":
+            return False
+        if name.split(".")[0].upper().rstrip(" ") in _WINDOWS_RESERVED:
+            return False
+    return True
+
+
+def _lock(path):
+    """Hold an exclusive lock for this download, or raise Failure: two clients writing one
+    partial file could rename the other's bytes into place. The OS drops it if we die."""
+    for _ in range(3):
+        f = open(path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise Failure("another client is downloading it into the same folder") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                return f
+        except OSError:
+            pass
+        f.close()   # the file was replaced meanwhile: lock the new one
+    raise Failure("cannot lock %s" % path)
+
+
 class PartialFile:
     """downloads/.NAME.part (the bytes, at their offsets) and .NAME.resume (the JSON record).
 
@@ -154,15 +198,32 @@ class PartialFile:
         self.final = os.path.join(out_dir, name)
         if os.path.dirname(os.path.abspath(self.final)) != os.path.abspath(out_dir):
             raise Failure("refusing a name that is not a plain file name", retry=False)
+        if not locally_safe_name(name):
+            raise Failure("this system cannot store that name safely", retry=False)
         base = _temp_base(out_dir, name)
         self.part_path, self.record_path = base + ".part", base + ".resume"
+        self.lock_path = base + ".lock"
         self.size = self.version = None
         self.done = RangeSet()
         self.f = None
         self.resumed = 0
         self.finished = False
         self._saver = None   # background record writer
+        self._lock = _lock(self.lock_path)
         self._load()
+
+    def release(self):
+        """Let another client take this download over. The lock file goes too: a process
+        that locked it meanwhile sees that its inode is no longer the path's (_lock)."""
+        self.close()
+        if self._lock is not None:
+            for step in (lambda: os.remove(self.lock_path), self._lock.close,
+                         lambda: os.remove(self.lock_path)):   # Windows: only once closed
+                try:
+                    step()
+                except OSError:
+                    pass
+            self._lock = None
 
     def _load(self):
         try:
@@ -200,7 +261,8 @@ class PartialFile:
         def write(self, offset, data):
             f = self.open()
             f.seek(offset)
-            f.write(data)
+            while data:
+                data = data[f.write(data):]
 
     def save(self, extra=(), wait=True):
         """Write the record: what is done, plus ranges of transfers still running.
@@ -268,6 +330,8 @@ class PartialFile:
         f = self.open()
         f.truncate(self.size)
         os.fsync(f.fileno())
+        if os.fstat(f.fileno()).st_ino != os.stat(self.part_path).st_ino:
+            raise Failure("the partial file was replaced by someone else; not saving it")
         self.close()
         os.replace(self.part_path, self.final)
         self.finished = True
@@ -309,10 +373,13 @@ class MemoryTarget:
 # --- The transfer loop ------------------------------------------------------------------------
 
 class Part:
-    """One range in flight: a socket and its ClientTransfer."""
+    """One range in flight: a socket, its ClientTransfer, and how far its bytes are written
+    (t.pos moves when a payload is accepted, a moment before the payload is on disk; records
+    must only claim written bytes, even if Ctrl-C falls in between)."""
 
     def __init__(self, sock, transfer):
         self.sock, self.t = sock, transfer
+        self.written = transfer.start
 
 
 class Client:
@@ -347,7 +414,12 @@ class Client:
                     pass
                 # Connected: the kernel drops datagrams from anyone but the server, and a new
                 # port per transfer keeps late datagrams of old transfers out.
-                sock.connect(self.server)
+                try:
+                    sock.connect(self.server)
+                except OSError as exc:   # e.g. no route to the server
+                    sock.close()
+                    raise Failure("cannot reach %s: %s" % (
+                        protocol.format_addr(self.server), exc.strerror or exc)) from None
                 sock.setblocking(False)
                 port = sock.getsockname()[1]
                 now = time.monotonic()
@@ -497,6 +569,9 @@ class _Fetch:
                     if self._housekeeping(now):
                         return now - self.started
                     next_check = self._next_check(now)
+                if not self.active:   # waiting to retry; select() of nothing fails on Windows
+                    time.sleep(max(min(next_check - now, self.HOUSEKEEPING), 0))
+                    continue
                 for key, _ in select(max(next_check - now, 0)):
                     part = key.data
                     try:
@@ -508,6 +583,7 @@ class _Fetch:
                     c._flush(part)
                     if payload is not None:
                         target.write(t.pos - len(payload), payload)
+                        part.written = t.pos
                         t.absorb(payload)
                     elif t.state == protocol.FINISHED or (t.size is not None
                                                           and target.size is None):
@@ -515,7 +591,7 @@ class _Fetch:
         finally:   # also on Ctrl-C: keep every accepted byte for the next run
             if target.size is not None:
                 try:
-                    target.save([(p.t.start, p.t.pos) for p in self.active])
+                    target.save(self._in_flight())
                 except OSError:
                     pass
             for part in self.active:
@@ -524,6 +600,10 @@ class _Fetch:
             self.sel.close()
 
     HOUSEKEEPING = 0.05
+
+    def _in_flight(self):
+        """Bytes of running parts that are written, for the record."""
+        return [(p.t.start, p.written) for p in self.active]
 
     def _next_check(self, now):
         timers = [p.t.get_timer() for p in self.active]
@@ -550,7 +630,7 @@ class _Fetch:
         self._progress(now)
         if now - self.last_progress > self.give_up:
             raise Failure("server at %s not answering; gave up after %d s" % (
-                _fmt(self.c.server), self.give_up))
+                protocol.format_addr(self.c.server), self.give_up))
         if target.size is not None and target.done.covers(target.size) and not self.active:
             if self.confirmations >= 2 or self.name is None:
                 target.finish()
@@ -561,7 +641,7 @@ class _Fetch:
         self._schedule(now)
         if self.active and now - self.last_save >= self.s.record_interval:
             self.last_save = now
-            target.save([(p.t.start, p.t.pos) for p in self.active], wait=False)
+            target.save(self._in_flight(), wait=False)
         return False
 
     def _progress(self, now):
@@ -584,8 +664,6 @@ class _Fetch:
                           retry=False)
         self._check_space(t.size)
         self.target.size, self.target.version = t.size, t.version
-        if t.rtt_sample is not None:
-            self.c.rtt.sample(t.rtt_sample)
         self._plan()
 
     def _conflicts(self, t):
@@ -620,7 +698,7 @@ class _Fetch:
         self.c.printer.detail("%s: [%d, %s) %s%s" % (self.label, t.start, t.end, outcome,
                                                     " " + t.error_code if t.error_code else ""))
         if outcome == "done":
-            self.target.done.add(t.start, t.pos)
+            self.target.done.add(t.start, part.written)
             self.bad_requests = self.not_found = 0
             return
         if outcome in ("changed", "version"):
@@ -643,15 +721,16 @@ class _Fetch:
             self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
             # A record saved while it ran listed those bytes: replace it at once.
-            self.target.save([(p.t.start, p.t.pos) for p in self.active])
+            self.target.save(self._in_flight())
         elif self.name is None:
             pass   # a listing cannot be resumed: it starts over
         else:
-            self.target.done.add(t.start, t.pos)   # bytes accepted so far are covered by crcs
+            self.target.done.add(t.start, part.written)   # accepted bytes: covered by crcs
         if self.name is None:
             self.target.reset()
         elif self.target.size is not None:   # else the first range is simply asked again
-            self.queue.insert(0, (t.pos if outcome != "digest" else t.start, self._end_of(t)))
+            self.queue.insert(0, (part.written if outcome != "digest" else t.start,
+                                  self._end_of(t)))
             self.queue = [r for r in self.queue if r[0] < r[1]]
         self.c.stats["stalls"] += 1
         if t.received == 0 or outcome != "stalled":
@@ -662,7 +741,7 @@ class _Fetch:
             if outcome == "stalled" and self.failures >= 2 and not self.warned:
                 self.warned = True
                 self.c.printer.line("%s: server at %s not answering; retrying" % (
-                    self.label, _fmt(self.c.server)))
+                    self.label, protocol.format_addr(self.c.server)))
 
     def _restart(self, why, now):
         self.restarts += 1
@@ -672,16 +751,14 @@ class _Fetch:
         self.c.printer.line("%s: %s; starting over" % (self.label, why))
         self.bad_requests = 0
         self.confirmations = 0
+        self._have = -1              # progress counts afresh for the new version
+        self.last_progress = now
         for part in self.active:
             self._close(part)
         self.active = []
         self.queue = []
         self.target.reset()
         self.retry_at = 0.0
-
-
-def _fmt(addr):
-    return "[%s]:%d" % addr[:2] if ":" in addr[0] else "%s:%d" % addr[:2]
 
 
 # --- What the person runs ---------------------------------------------------------------------
@@ -709,15 +786,14 @@ class App:
         self.seen = set()
         self.retry = set()
 
-    def show_listing(self, give_up):
+    def show_listing(self, give_up, always=False):
         entries = self.client.listing(give_up=give_up)
         self.sizes = dict(entries)
-        if not entries:
-            self.p.line("the server has no files")
         width = max([len(n) for n, _ in entries] + [4])
-        self.p.line("%d files on %s:" % (len(entries), _fmt(self.client.server)))
+        self.p.line("%d files on %s:" % (len(entries), protocol.format_addr(self.client.server)),
+                    always)
         for name, size in entries:
-            self.p.line("  %-*s  %10s" % (width, name, human(size)))
+            self.p.line("  %-*s  %10s" % (width, name, human(size)), always)
         return entries
 
     def download(self, name, give_up):
@@ -728,10 +804,16 @@ class App:
             p.line("%s: not a valid file name; skipped" % name, always=True)
             return False
         final = os.path.join(self.args.out, name)
+        if os.path.isfile(final) and name not in self.sizes:
+            try:   # a file here already: is it complete? Ask for a fresh listing once.
+                self.sizes = dict(self.client.listing(give_up=min(give_up, 10.0)))
+            except Failure:
+                pass
         size = self.sizes.get(name)
-        if os.path.isfile(final) and (size is None or os.path.getsize(final) == size):
+        if os.path.isfile(final) and os.path.getsize(final) == size:
             p.line("%s: already in %s; skipped" % (name, self.args.out))
             return True
+        target = None
         try:
             target = PartialFile(self.args.out, name)
             seconds = self.client.fetch(name, target, self.s.parts, size, give_up)
@@ -743,6 +825,9 @@ class App:
         except OSError as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
             return False
+        finally:
+            if target is not None:
+                target.release()
         rate = (target.size - target.resumed) / max(seconds, 1e-6)
         p.line("%s: %s in %.2f s, %s/s, verified (SHA-256)%s" % (
             name, human(target.size), seconds, human(rate),
@@ -817,10 +902,14 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.parts < 1:
-        print("client: --parts must be at least 1", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.names and (args.list or args.once):
+        parser.error("names cannot be combined with --list or --once")
+    if not 1 <= args.parts <= 64:
+        parser.error("--parts must be between 1 and 64")
+    if args.give_up <= 0:
+        parser.error("--give-up must be more than 0")
     settings = config.ClientSettings(parts=args.parts, give_up=args.give_up,
                                      watch_give_up=10 * args.give_up)
     printer = Printer(quiet=args.quiet, verbose=args.verbose)
@@ -831,19 +920,25 @@ def main(argv=None):
             return 0 if app.run_names(args.names) else 1
         if args.list or args.once:
             try:
-                app.show_listing(settings.give_up)
+                app.show_listing(settings.give_up, always=args.list)
             except Failure as exc:
                 printer.line("cannot get the list: %s" % exc, always=True)
                 return 1
             if args.list:
                 return 0
             return 0 if app.run_names(read_names(args.input)) else 1
+        delay = settings.retry_initial
         while True:   # watch mode: keep asking for the list until the server answers
             try:
                 app.show_listing(settings.give_up)
                 break
             except Failure as exc:
+                if not exc.retry:
+                    printer.line("cannot get the list: %s" % exc, always=True)
+                    return 1
                 printer.line("cannot get the list: %s; retrying" % exc, always=True)
+            time.sleep(delay)
+            delay = min(2 * delay, settings.retry_max)
         app.watch()
     except KeyboardInterrupt:
         printer.line("interrupted; partial downloads are kept and resume on the next run",

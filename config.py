@@ -54,7 +54,7 @@ class ServerSettings:
     # chunks (about 128 KiB): 128 of them stay within 20 MB, enough for 32 clients of 4 parts.
     max_transfers: int = 128
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
-    max_pending: int = 256
+    max_pending: int = 96            # smaller than max_transfers (PROTOCOL.md)
     # Everything sent to an address that never acknowledges SIZE, retransmissions included:
     # at most this many bytes; by timer, at most amplification_factor times what it sent or
     # two SIZEs, whichever is more (a spoofed source must not turn the server into an

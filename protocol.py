@@ -274,7 +274,8 @@ def parse_listing(data):
         name, _, size = line.rpartition(" ")
         if not name:
             raise ProtocolError("bad listing line %r" % line[:80])
-        entries.append((name, parse_number(size)))
+        if is_servable_name(name):   # never show (or fetch) what no server may serve:
+            entries.append((name, parse_number(size)))   # e.g. terminal escape codes
     return entries
 
 
@@ -463,7 +464,7 @@ class ServerTransfer:
     def read_ahead(self):
         """Idle work, done after sending and before waiting: read and checksum the next chunk,
         so the client's processing of this one overlaps with ours of the next (two cores)."""
-        if self.state != WAIT_DATA or self._ahead is not None:
+        if self.state != WAIT_DATA or self._ahead is not None or self.outcome is not None:
             return
         offset = self.pos + len(self._current[1])
         if offset < self.end:
@@ -568,6 +569,8 @@ class ServerTransfer:
         if (self.state == WAIT_DATA and self._tries > self.s.shrink_after
                 and self._limit > self.s.safe_datagram_size):
             self._shrink(self.s.safe_datagram_size)
+            if self.outcome is not None:
+                return   # the file changed under the re-read: ERROR CHANGED was sent
         self.deadline = now + self.rtt.rto
         self._emit(self._current)
 
@@ -577,7 +580,8 @@ class ServerTransfer:
             return
         self._ceiling = max(self.s.safe_datagram_size, min(self._ceiling, size // 2))
         self._shrink(self._ceiling)
-        self._emit(self._current)
+        if self.outcome is None:
+            self._emit(self._current)
 
     def _shrink(self, limit):
         """Resend the outstanding DATA with a smaller payload (some paths drop IP fragments)."""
@@ -634,6 +638,7 @@ class ServerDispatcher:
         self._timers = []             # heap of (deadline, seq, transfer); stale entries skipped
         self._seq = 0
         self._ahead = []              # transfers that just sent DATA: read their next chunk
+        self.ceiling = self.s.datagram_size   # lowered if the OS refuses big datagrams
         self.stats = {"datagrams_in": 0, "malformed": 0, "errors_sent": 0,
                       "errors_suppressed": 0, "evicted": 0, "busy": 0, "finished": 0}
 
@@ -667,6 +672,9 @@ class ServerDispatcher:
         t = self.active.get(addr)
         if t is not None:
             t.too_big(size, now)
+            # The limit is the sending host's (macOS: 9216 bytes by default): keep it for
+            # every later transfer instead of finding it again each time.
+            self.ceiling = min(self.ceiling, t._ceiling)
             self._after(t, now)
 
     def close(self):
@@ -683,7 +691,7 @@ class ServerDispatcher:
             self.stats["malformed"] += 1
             if addr in self.active or addr in self.pending:
                 return   # a bit flip must not kill a transfer: ignore, no reply
-            self.log.debug("malformed datagram from %s: %s", _fmt(addr), exc)
+            self.log.debug("malformed datagram from %s: %s", format_addr(addr), exc)
             return self._error(addr, "BAD_REQUEST", now, len(data))
         if isinstance(msg, Ack):
             return self._on_ack(msg.n, addr, now, len(data))
@@ -706,7 +714,7 @@ class ServerDispatcher:
             return
         if self._is_recent(addr, now):
             return   # late copy of a finished transfer's ACK: ignore quietly
-        self.log.debug("ACK from %s, which has no transfer", _fmt(addr))
+        self.log.debug("ACK from %s, which has no transfer", format_addr(addr))
         self._error(addr, "BAD_REQUEST", now, size_in)
 
     def _activate(self, t, now):
@@ -717,19 +725,19 @@ class ServerDispatcher:
             return t.finish("busy")
         self.active[t.addr] = t
         t.activate(now)
-        self.log.info("%s: start %s [%d, %d) of %d bytes", _fmt(t.addr), t.name, t.start, t.end,
-                      t.entry.size)
+        self.log.info("%s: start %s [%d, %d) of %d bytes", format_addr(t.addr), t.name,
+                      t.start, t.end, t.entry.size)
         self._after(t, now)
 
     def _on_request(self, req, addr, now, size_in):
-        t = self.active.get(addr) or self.pending.get(addr)
-        if t is not None:
-            if t.request == req:                     # the client retransmitted its request
-                return t.resend_size(now, size_in)
-            t.finish("replaced")                     # a different request ends the old transfer
-            self._forget(t, now)
+        old = self.active.get(addr) or self.pending.get(addr)
+        if old is not None:
+            if old.request == req:                   # the client retransmitted its request
+                return old.resend_size(now, size_in)
         elif self._is_recent(addr, now, req):
             return
+        # A different valid request ends the old transfer; one that is refused (perhaps a
+        # damaged copy) leaves it running.
         if isinstance(req, ListRequest):
             entry, start, length = self.catalog.listing(), 0, HUGE
         else:
@@ -739,6 +747,9 @@ class ServerDispatcher:
             start, length = req.offset, req.chunk_size
         if start > entry.size:
             return self._error(addr, "BAD_REQUEST", now, size_in)
+        if old is not None:
+            old.finish("replaced")
+            self._forget(old, now)
         if len(self.active) >= self.s.max_transfers:
             self.stats["busy"] += 1
             return self._error(addr, "BUSY", now, size_in)
@@ -751,8 +762,9 @@ class ServerDispatcher:
                            *(cached or (None, None)))
         end = min(entry.size, start + length)
         t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in)
+        t._limit = t._ceiling = self.ceiling
         self.pending[addr] = t
-        self.log.debug("%s: %r -> SIZE %d", _fmt(addr), req, entry.size)
+        self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
         self._schedule(t)
 
     def _after(self, t, now):
@@ -790,14 +802,14 @@ class ServerDispatcher:
                 self.rtts.popitem(last=False)
         if t.activated is None:
             self.log.debug("%s: %s ended before SIZE was acknowledged (%s)",
-                           _fmt(t.addr), t.name, t.outcome)
+                           format_addr(t.addr), t.name, t.outcome)
             return
         self.stats["finished"] += 1
         seconds = max(now - t.activated, 1e-9)
         moved = t.pos - t.start
         level = logging.INFO if t.outcome == "done" else logging.WARNING
         self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions%s",
-                     _fmt(t.addr), t.outcome, t.name, moved, seconds, moved / seconds / 1e6,
+                     format_addr(t.addr), t.outcome, t.name, moved, seconds, moved / seconds / 1e6,
                      t.retransmissions, ", %d shrinks" % t.shrinks if t.shrinks else "")
 
     def _is_recent(self, addr, now, request=None):
@@ -820,7 +832,8 @@ class ServerDispatcher:
         self._out.append(((msg,), addr))
 
 
-def _fmt(addr):
+def format_addr(addr):
+    """host:port, or [v6-host]:port, for people."""
     return "[%s]:%d" % addr[:2] if ":" in addr[0] else "%s:%d" % addr[:2]
 
 

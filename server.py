@@ -99,10 +99,8 @@ class Folder:
         self._dir_mtime = None
         if not os.path.isdir(self.root):
             raise FileNotFoundError("no such folder: %s" % root)
-        if list_path is not None:
-            lp = os.path.realpath(list_path)
-            if os.path.commonpath([lp, self.root]) == self.root:
-                raise ValueError("the list file must not be inside the served folder")
+        if list_path is not None and self._inside(os.path.realpath(list_path)):
+            raise ValueError("the list file must not be inside the served folder")
 
     def lookup(self, name):
         """The entry for a servable name, checked on disk now; None for anything else."""
@@ -263,15 +261,18 @@ class Server:
         sock = self.sock
         buf = bytearray(protocol.RECV_BUFSIZE)
         view = memoryview(buf)
-        self.folder.scan()
+        self.folder.maybe_rescan(time.monotonic())   # scans unless main() just did
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             while not self._stop:
                 now = time.monotonic()
-                d.handle_timer(now)
-                self._send(now)
-                d.read_ahead()
-                self.folder.maybe_rescan(now)
+                try:
+                    d.handle_timer(now)
+                    self._send(now)
+                    d.read_ahead()
+                    self.folder.maybe_rescan(now)
+                except Exception:   # a bug must not take down every other transfer
+                    log.exception("internal error while handling timers")
                 deadline = d.get_timer()
                 timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 sock.settimeout(max(timeout, 0.0))
@@ -290,8 +291,11 @@ class Server:
                 if debug:
                     log.debug("<- %s %r", addr, bytes(view[:min(n, 40)]))
                 now = time.monotonic()
-                d.receive_datagram(view[:n], addr, now)
-                self._send(now)
+                try:
+                    d.receive_datagram(view[:n], addr, now)
+                    self._send(now)
+                except Exception:
+                    log.exception("internal error on a datagram from %s", addr)
         finally:
             d.close()
 

@@ -106,7 +106,10 @@ def download(address, name, out_dir, parts=1, settings=None, size_hint=None):
     """Download one name into out_dir, as `client.py NAME` does. Raises client.Failure."""
     c = make_client(address, out_dir, settings)
     target = client.PartialFile(out_dir, name)
-    c.fetch(name, target, parts, size_hint)
+    try:
+        c.fetch(name, target, parts, size_hint)
+    finally:
+        target.release()
     return c
 
 

@@ -1563,5 +1563,49 @@ class Simulation(unittest.TestCase):
         self.assertEqual(r["retransmissions"], 0)
 
 
+class ReviewRegressions(unittest.TestCase):
+    """Defects found in review, each pinned by a test."""
+
+    def test_file_changing_while_a_big_datagram_is_retransmitted(self):
+        # The shrink on the shrink_after-th timeout re-reads the file; if it changed, the
+        # transfer ends with one ERROR CHANGED and the dispatcher must not crash.
+        entry = FakeEntry(FILE)
+        srv = Server({"a.bin": entry}, datagram_size=2000, safe_datagram_size=500)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", now=0.0)
+        srv.recv(b"ACK 0", now=0.01)
+        entry.same = False   # rewritten in place while the client is silent
+        now = 0.01
+        errors = []
+        for _ in range(10):
+            deadline = srv.d.get_timer()
+            if deadline is None:
+                break
+            now = deadline
+            errors += [m for m in (protocol.parse_server_message(b) for b, _ in srv.timer(now))
+                       if isinstance(m, protocol.Error)]
+        self.assertEqual([e.code for e in errors], ["CHANGED"])
+        self.assertEqual(srv.d.active, {})
+        self.assertIsNone(srv.d.get_timer())
+
+    def test_a_refused_new_request_leaves_the_running_transfer(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(b"DOWNLOAD a.bin 0 5000")
+        first = one(self, srv.recv(b"ACK 0", now=0.01))
+        self.assertIsInstance(first, protocol.Data)
+        # a damaged copy names another file: NOT_FOUND, and the transfer goes on
+        srv.recv(b"DOWNLOAD a.bim 0 5000", now=0.02)
+        self.assertIn(A, srv.d.active)
+        nxt = one(self, srv.recv(protocol.format_ack(len(first.payload)), now=0.03))
+        self.assertEqual(nxt.offset, len(first.payload))
+        # a different valid request does end it
+        srv.recv(b"DOWNLOAD a.bin 100 10", now=0.04)
+        self.assertNotIn(A, srv.d.active)
+        self.assertEqual(srv.transfer().start, 100)
+
+    def test_listing_drops_names_no_server_may_serve(self):
+        text = b"ok.txt 5\n\x1b[2Jevil 3\n../up 4\n"
+        self.assertEqual(protocol.parse_listing(text), [("ok.txt", 5)])
+
+
 if __name__ == "__main__":
     unittest.main()
