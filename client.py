@@ -664,7 +664,13 @@ class _Fetch:
                           retry=False)
         self._check_space(t.size)
         self.target.size, self.target.version = t.size, t.version
+        self._take_rtt(t)   # now, so that the other parts start with a measured timeout
         self._plan()
+
+    def _take_rtt(self, t):
+        if t.rtt_sample is not None:
+            self.c.rtt.sample(t.rtt_sample)
+            t.rtt_sample = None   # each sample counts once
 
     def _conflicts(self, t):
         return (t.size, t.version) != (self.target.size, self.target.version)
@@ -690,8 +696,7 @@ class _Fetch:
         self._close(part)
         if t.size is not None and self.target.size is None:
             self._adopt(t)
-        if t.rtt_sample is not None:
-            self.c.rtt.sample(t.rtt_sample)
+        self._take_rtt(t)
         outcome = t.outcome
         if t.version is not None and not self._conflicts(t):
             self.confirmations += 1
