@@ -349,7 +349,8 @@ class ServerTransfer:
     of buffers: header and payload go out with scatter-gather I/O, never concatenated) to `out`.
     """
 
-    def __init__(self, addr, request, entry, start, end, now, settings, rtt, out, bytes_in=0):
+    def __init__(self, addr, request, entry, start, end, now, settings, rtt, out, bytes_in=0,
+                 ceiling=None):
         self.addr, self.request, self.entry = addr, request, entry
         self.name = "<list>" if isinstance(request, ListRequest) else request.name
         self.start = self.pos = start
@@ -366,8 +367,8 @@ class ServerTransfer:
         self.shrinks = 0
         self._hash = hashlib.sha256()
         self._hashed_to = start
-        self._limit = settings.datagram_size     # current datagram size
-        self._ceiling = settings.datagram_size   # lowered for good if the OS refuses a size
+        self._ceiling = ceiling or settings.datagram_size   # lowered if the OS refuses a size
+        self._limit = self._ceiling              # current datagram size
         self._probe_every = settings.probe_after
         self._small_streak = 0
         self._probing = False
@@ -761,8 +762,8 @@ class ServerDispatcher:
         rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
                            *(cached or (None, None)))
         end = min(entry.size, start + length)
-        t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in)
-        t._limit = t._ceiling = self.ceiling
+        t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in,
+                           self.ceiling)
         self.pending[addr] = t
         self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
         self._schedule(t)
