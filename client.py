@@ -694,8 +694,6 @@ class _Fetch:
         t = part.t
         self.active.remove(part)
         self._close(part)
-        if t.size is not None and self.target.size is None:
-            self._adopt(t)
         self._take_rtt(t)
         outcome = t.outcome
         if t.version is not None and not self._conflicts(t):
@@ -890,7 +888,8 @@ def build_parser():
     p.add_argument("--out", default=config.DOWNLOADS_DIR,
                    help="folder to save into (default: downloads/ in the project folder)")
     p.add_argument("--parts", type=int, default=config.ClientSettings.parts,
-                   help="ranges of one file fetched at the same time, 1 to 64 (default %(default)s)")
+                   help="ranges of one file fetched at the same time, 1 to 64 "
+                        "(default %(default)s)")
     p.add_argument("--give-up", type=float, default=config.ClientSettings.give_up,
                    metavar="SECONDS",
                    help="with --once or names: give up on a file after this long without "

@@ -631,7 +631,7 @@ class ServerDispatcher:
         self.s = settings or ServerSettings()
         self.log = logger or log
         self.active = {}              # addr -> ServerTransfer (SIZE acknowledged)
-        self.pending = OrderedDict()  # addr -> ServerTransfer waiting for ACK of SIZE, oldest first
+        self.pending = OrderedDict()  # addr -> ServerTransfer awaiting ACK of SIZE, oldest first
         self.recent = OrderedDict()   # addr -> (request, forget_at): finished transfers
         self.rtts = OrderedDict()     # client IP -> (srtt, rttvar)
         self.errors = TokenBucket(self.s.error_rate, self.s.error_burst)
@@ -954,7 +954,6 @@ class ClientTransfer:
             if self.pos + n > self.end:
                 return None   # beyond the range: a broken server; not acknowledged
             self.pos += n
-            self._last_heard = now
             self._out.append(format_ack(self.pos))
             return msg.payload
         if msg.offset < self.pos:

@@ -185,9 +185,10 @@ class Folder:
         """Keep file_list.txt fresh without stalling transfers: every scan_interval look at the
         folder's own mtime (one stat; it changes when names come and go) and rescan if it
         moved; rescan anyway every full_scan_interval (sizes of files written in place)."""
-        if self._scanned_at is None or now - self._checked_at < self.s.scan_interval:
-            if self._scanned_at is None:
-                self.scan()
+        if self._scanned_at is None:
+            self.scan()
+            return
+        if now - self._checked_at < self.s.scan_interval:
             return
         self._checked_at = now
         try:
