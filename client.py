@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""UDP file client: lists the server's files and downloads names from input.txt (protocol v1).
+"""UDP file client: lists the server's files and downloads names from input.txt (protocol v2,
+PROTOCOL.md).
 
 Strategy: a file is fetched as byte ranges, up to --parts at a time, each range one stop-and-wait
 transfer (protocol.ClientTransfer) over its own connected UDP socket; one single-threaded selector
 loop drives them all. Bytes go straight to a partial file in downloads/ at their offsets, beside a
 small JSON record of which bytes are verified, the file's size and the server's version token, so
 an interrupted download resumes with only the missing bytes. A file is renamed to its real name
-only when every byte is in, each accepted with a good crc and each range's SHA-256 matching the
-server's: downloads/ never holds a wrong file under a real name.
+only when every byte is in, each accepted under its range's running CRC-32 and each range's
+final CRC matching the server's EOF: downloads/ never holds a wrong file under a real name.
 """
 
 import argparse
@@ -548,7 +549,7 @@ class _Fetch:
 
     def run(self):
         """Drive the parts until the file is whole. The per-datagram path is kept short (receive,
-        ACK, write, digest); timers, scheduling, the record and progress run at most every
+        ACK, write); timers, scheduling, the record and progress run at most every
         HOUSEKEEPING seconds, or at once when a part finishes or a first SIZE arrives."""
         target, c = self.target, self.c
         self.started = time.monotonic()
@@ -584,7 +585,6 @@ class _Fetch:
                     if payload is not None:
                         target.write(t.pos - len(payload), payload)
                         part.written = t.pos
-                        t.absorb(payload)
                     elif t.state == protocol.FINISHED or (t.size is not None
                                                           and target.size is None):
                         next_check = 0.0
@@ -720,8 +720,8 @@ class _Fetch:
                 raise Failure("not on the server", retry=False)
         else:
             self.not_found = 0
-        if outcome == "digest":
-            self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
+        if outcome == "mismatch":
+            self.c.printer.line("%s: CRC mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
             # A record saved while it ran listed those bytes: replace it at once.
             self.target.save(self._in_flight())
@@ -732,7 +732,7 @@ class _Fetch:
         if self.name is None:
             self.target.reset()
         elif self.target.size is not None:   # else the first range is simply asked again
-            self.queue.insert(0, (part.written if outcome != "digest" else t.start,
+            self.queue.insert(0, (part.written if outcome != "mismatch" else t.start,
                                   self._end_of(t)))
             self.queue = [r for r in self.queue if r[0] < r[1]]
         self.c.stats["stalls"] += 1
@@ -832,7 +832,7 @@ class App:
             if target is not None:
                 target.release()
         rate = (target.size - target.resumed) / max(seconds, 1e-6)
-        p.line("%s: %s in %.2f s, %s/s, verified (SHA-256)%s" % (
+        p.line("%s: %s in %.2f s, %s/s, verified (CRC-32)%s" % (
             name, human(target.size), seconds, human(rate),
             ", resumed" if target.resumed else ""), always=True)
         return True
@@ -875,7 +875,7 @@ class App:
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Download files from a UDP file server (protocol v1). With no names, show "
+        description="Download files from a UDP file server (protocol v2). With no names, show "
                     "the server's files, download every name in the input file and keep "
                     "watching it for new names until Ctrl-C.")
     p.add_argument("names", nargs="*", metavar="NAME", help="download these names and exit")

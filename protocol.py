@@ -1,27 +1,34 @@
-"""Wire protocol v1 (../shared/PROTOCOL.md) and the transfer state machines, with no I/O.
+"""Wire protocol version 2 (PROTOCOL.md) and the transfer state machines, with no I/O.
 
 Strategy: every rule of the protocol lives in this file. The state machines never touch a socket,
 a clock or a file: they take datagrams and the current time, and give back datagrams to send and
 the time they next need attention (the shape of h11 and aioquic). server.py and client.py are thin
 loops around them; tests drive them on a virtual clock.
 
-- Codec: one parse and one format function per message; parsers check every field and raise
-  ProtocolError, so a truncated datagram never parses as something valid.
+- Codec: one record type, one parse and one format function per message; parsers check every
+  field and raise ProtocolError, so a truncated datagram never parses as something valid.
+- Integrity: one running CRC-32 per transfer (PROTOCOL.md "The running CRC"): each DATA carries
+  the CRC of the range up to the end of its payload, so every byte is checked once on each side
+  and a lost, duplicated, reordered, misplaced or damaged DATA can never be accepted.
+- Address validation: SIZE carries a 64-bit random token that every ACK must echo, so nobody off
+  the path can make the server send data to an address that never received the SIZE.
 - ServerTransfer: one stop-and-wait transfer (SIZE, DATA..., EOF) with an RFC 6298 timer, Karn's
-  rule, payload shrinking on paths that drop big datagrams, and read-ahead of the next chunk.
+  rule, datagram sizes chosen for the path, and read-ahead of the next chunk.
 - ServerDispatcher: routes datagrams by client address, holds the pools and limits that keep a
-  hostile network from exhausting the server, and rate-limits replies to strangers.
+  hostile network from exhausting the server, rate-limits replies to strangers, and repairs a
+  loss early when a client's other transfers show it (PROTOCOL.md "Early retransmission").
 - ClientTransfer: the client side of one transfer: request retransmission, in-order acceptance by
-  offset, cumulative ACKs, the end-to-end SHA-256 check.
+  offset under the running CRC, cumulative ACKs, the end-to-end check on EOF.
 """
 
-import hashlib
 import heapq
 import logging
+import os
 import re
 import unicodedata
 import zlib
 from collections import OrderedDict
+from typing import NamedTuple, Optional
 
 from config import ClientSettings, ServerSettings
 
@@ -37,7 +44,6 @@ MAX_DIGITS = 40
 HUGE = 10 ** MAX_DIGITS
 
 ERROR_CODES = ("NOT_FOUND", "BAD_REQUEST", "BUSY", "CHANGED", "INTERNAL")
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 log = logging.getLogger("udpxfer")
 
@@ -54,7 +60,7 @@ class ProtocolError(Exception):
 
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 _CRC = re.compile(rb"[0-9a-f]{8}")
-_DIGEST = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(rb"[0-9a-f]{16}")
 _VERSION = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_VERSION)
 _CODE = re.compile(r"[A-Z][A-Z_]{0,30}")
 
@@ -66,66 +72,59 @@ def parse_number(text):
     return HUGE if len(text) > MAX_DIGITS else int(text)
 
 
-def _control_text(data):
-    """Decode a control message: UTF-8, one trailing \\n or \\r\\n ignored."""
+def _strip_newline(data):
+    """A control message as bytes, with one trailing \\n or \\r\\n removed."""
     data = bytes(data)
     if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
+        return data[:-2]
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def _control_text(data):
+    """Decode a control message: UTF-8, one trailing \\n or \\r\\n ignored."""
     try:
-        return data.decode("utf-8")
+        return _strip_newline(data).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("not UTF-8") from None
 
 
-class ListRequest:
-    __slots__ = ()
-
-    def __eq__(self, other):
-        return isinstance(other, ListRequest)
-
-    def __hash__(self):
-        return hash("LIST")
-
-    def __repr__(self):
-        return "LIST"
+def new_token():
+    """16 lowercase hex digits from the OS's random source: unguessable off the path."""
+    return os.urandom(8).hex().encode("ascii")
 
 
-class DownloadRequest:
-    __slots__ = ("name", "offset", "chunk_size")
-
-    def __init__(self, name, offset, chunk_size):
-        self.name, self.offset, self.chunk_size = name, offset, chunk_size
-
-    def _key(self):
-        return (self.name, self.offset, self.chunk_size)
-
-    def __eq__(self, other):
-        return isinstance(other, DownloadRequest) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __repr__(self):
-        return "DOWNLOAD %r %d %d" % self._key()
+def crc_start(start):
+    """R(start) of PROTOCOL.md "The running CRC": the CRC-32 of the ASCII decimal start."""
+    return zlib.crc32(b"%d" % start)
 
 
-class Ack:
-    __slots__ = ("n",)
+class ListRequest(NamedTuple):
+    """LIST."""
 
-    def __init__(self, n):
-        self.n = n   # next byte needed, or None for "ACK EOF"
+
+class DownloadRequest(NamedTuple):
+    name: str
+    offset: int
+    chunk_size: int
+
+
+class Ack(NamedTuple):
+    n: Optional[int]     # next byte needed, or None for "ACK EOF"
+    token: bytes         # the transfer's token, as 16 ASCII hex digits
 
 
 def parse_client_message(data):
     """LIST, DOWNLOAD or ACK, as sent to the server. Raises ProtocolError."""
+    if data[:4] == b"ACK ":   # the hot path: bytes only, no UTF-8 decoding
+        fields = _strip_newline(data)[4:].split(b" ")
+        if len(fields) != 2 or not _TOKEN.fullmatch(fields[1]):
+            raise ProtocolError("bad ACK")
+        if fields[0] == b"EOF":
+            return Ack(None, fields[1])
+        return Ack(parse_number(fields[0].decode("ascii", "replace")), fields[1])
     text = _control_text(data)
     if text == "LIST":
         return ListRequest()
-    if text.startswith("ACK "):
-        field = text[4:]
-        return Ack(None if field == "EOF" else parse_number(field))
     if text.startswith("DOWNLOAD "):
         # The name is everything between "DOWNLOAD " and the last two fields: it may hold spaces.
         parts = text[9:].rsplit(" ", 2)
@@ -143,60 +142,51 @@ def format_download(name, offset, chunk_size):
     return ("DOWNLOAD %s %d %d" % (name, offset, chunk_size)).encode("utf-8")
 
 
-def format_ack(n):
-    return b"ACK %d" % n
+def format_ack(n, token):
+    return b"ACK %d %s" % (n, token)
 
 
-ACK_EOF = b"ACK EOF"
+def format_ack_eof(token):
+    return b"ACK EOF " + token
 
 
-class Size:
-    __slots__ = ("size", "version")
-
-    def __init__(self, size, version):
-        self.size, self.version = size, version
-
-
-class Data:
-    __slots__ = ("offset", "payload")
-
-    def __init__(self, offset, payload):
-        self.offset, self.payload = offset, payload
+class Size(NamedTuple):
+    size: int
+    version: str
+    token: bytes
 
 
-class Eof:
-    __slots__ = ("digest",)
-
-    def __init__(self, digest):
-        self.digest = digest
-
-
-class Error:
-    __slots__ = ("code", "text")
-
-    def __init__(self, code, text=""):
-        self.code, self.text = code, text
+class Data(NamedTuple):
+    offset: int
+    crc: int             # R(offset + len(payload)), not yet checked: only the receiver can
+    payload: memoryview
 
 
-def format_size(size, version):
+class Eof(NamedTuple):
+    crc: int             # R(end)
+
+
+class Error(NamedTuple):
+    code: str
+    text: str = ""
+
+
+def format_size(size, version, token):
     if not _VERSION.fullmatch(version):
         raise ValueError("bad version token %r" % version)
-    return ("SIZE %d %s" % (size, version)).encode("ascii")
+    if not _TOKEN.fullmatch(token):
+        raise ValueError("bad token %r" % token)
+    return b"SIZE %d %s %s" % (size, version.encode("ascii"), token)
 
 
-def data_crc(offset_field, payload):
-    """CRC-32 of the ASCII offset field followed by the payload (so a DATA cannot be misplaced)."""
-    return zlib.crc32(payload, zlib.crc32(offset_field))
+def format_data_header(offset, crc):
+    """The header of a DATA datagram; the payload follows it (sent with scatter-gather I/O).
+    `crc` is R(offset + len(payload)) = zlib.crc32(payload, R(offset))."""
+    return b"DATA %d %08x\n" % (offset, crc)
 
 
-def format_data_header(offset, payload):
-    """The header of a DATA datagram; the payload follows it (sent with scatter-gather I/O)."""
-    field = b"%d" % offset
-    return b"DATA %s %08x\n" % (field, data_crc(field, payload))
-
-
-def format_eof(digest):
-    return ("EOF " + digest).encode("ascii")
+def format_eof(crc):
+    return b"EOF %08x" % crc
 
 
 def format_error(code, text=""):
@@ -212,7 +202,8 @@ def format_error(code, text=""):
 def parse_server_message(data):
     """SIZE, DATA, EOF or ERROR, as sent to the client. Raises ProtocolError.
 
-    A DATA's payload is a memoryview into `data` (no copy); its crc has been checked.
+    A DATA's payload is a memoryview into `data` (no copy). Its crc is checked by the receiver,
+    the only one who knows R(offset): ClientTransfer.
     """
     view = memoryview(data)
     if view[:5] == b"DATA ":
@@ -225,20 +216,19 @@ def parse_server_message(data):
         payload = view[newline + 1:]
         if not payload:
             raise ProtocolError("empty DATA")
-        if data_crc(fields[0], payload) != int(fields[1], 16):
-            raise ProtocolError("DATA crc mismatch")
-        return Data(offset, payload)
+        return Data(offset, int(fields[1], 16), payload)
     text = _control_text(view)
     word, _, rest = text.partition(" ")
     if word == "SIZE":
         fields = rest.split(" ")
-        if len(fields) != 2 or not _VERSION.fullmatch(fields[1]):
+        if (len(fields) != 3 or not _VERSION.fullmatch(fields[1])
+                or not _TOKEN.fullmatch(fields[2].encode("utf-8"))):
             raise ProtocolError("bad SIZE")
-        return Size(parse_number(fields[0]), fields[1])
+        return Size(parse_number(fields[0]), fields[1], fields[2].encode("ascii"))
     if word == "EOF":
-        if not _DIGEST.fullmatch(rest):
+        if not _CRC.fullmatch(rest.encode("utf-8")):
             raise ProtocolError("bad EOF")
-        return Eof(rest)
+        return Eof(int(rest, 16))
     if word == "ERROR":
         code, _, message = rest.partition(" ")
         if len(view) > MAX_ERROR or not _CODE.fullmatch(code):
@@ -319,7 +309,7 @@ class MemoryEntry:
     def __init__(self, data, version=None):
         self.data = memoryview(bytes(data))
         self.size = len(self.data)
-        self.version = version or hashlib.sha256(self.data).hexdigest()[:16]
+        self.version = version or "%08x-%x" % (zlib.crc32(self.data), self.size)
 
     def open(self):
         return self
@@ -338,6 +328,108 @@ class Changed(Exception):
     """The file is not the one announced in SIZE any more."""
 
 
+# IP fragments of a datagram on an Ethernet path (MTU 1500: 1480 bytes of each fragment carry
+# the UDP datagram, whose own header is 8 bytes). A larger MTU only makes this pessimistic.
+FRAGMENT_PAYLOAD = 1480
+
+
+def fragments(datagram_size):
+    return -(-(datagram_size + 8) // FRAGMENT_PAYLOAD)
+
+
+# Datagram sizes that fill their last fragment (k fragments each), up to the UDP limit.
+SIZE_LADDER = tuple(k * FRAGMENT_PAYLOAD - 8 for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)) + (
+    MAX_DATAGRAM,)
+
+
+class Path:
+    """What the server learns about one client IP, shared by all of that client's transfers.
+
+    - Round trip: an RFC 6298 estimator fed by every transfer's samples; a new transfer starts
+      with its RTO, and early retransmission uses its smoothed RTT.
+    - Datagram size: a datagram of k IP fragments arrives with probability (1-p)^k, where p is
+      the per-packet loss rate, and a lost one costs about a loss-detection delay. The path
+      estimates p from what it sends (an exponentially weighted count of lost datagrams per
+      fragment sent, starting from a prior of no loss) and uses the size from SIZE_LADDER that
+      moves the most bytes per second: size * (1-p)^k / (cost per datagram + (1-(1-p)^k) * delay).
+      With no loss that is the largest size; as losses stop, the estimate decays and the size
+      climbs back.
+    - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
+      RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
+      acknowledged at first try is evidence that every earlier one still outstanding is lost
+      once 9/8 of the round trip has passed since it was sent.
+    """
+
+    def __init__(self, settings, ceiling):
+        self.s = settings
+        self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
+        self.latest_rtt = 0.0
+        self.ceiling = ceiling                      # largest size this IP may get
+        self.size = ceiling
+        self._lost = 0.0                            # weighted lost datagrams ...
+        self._frags = float(settings.loss_prior)    # ... per weighted fragment sent
+        self._events = 0
+        self.seq = 0                                # last sequence number given out
+        self.acked = 0                              # highest acknowledged at first try
+        self.outstanding = []                       # (seq, transfer), in send order
+        self._head = 0                              # index of the first live entry
+
+    def sample(self, r):
+        self.latest_rtt = r
+        self.rtt.sample(r)
+
+    def loss_rate(self):
+        return self._lost / self._frags
+
+    def outcome(self, size, lost):
+        """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
+        k = fragments(size)
+        decay = self.s.loss_decay ** k
+        self._lost = self._lost * decay + (1.0 if lost else 0.0)
+        self._frags = self._frags * decay + k
+        self._events += 1
+        if lost or self._events % 32 == 0:
+            self._choose_size()
+
+    def spurious(self):
+        """A retransmission turned out needless (the client got both copies): not a loss."""
+        self._lost = max(0.0, self._lost - 1.0)
+
+    def _choose_size(self):
+        p = min(self.loss_rate(), 0.5)
+        delay = max(self.rtt.rto, self.s.rto_min)
+        best, best_rate = self.ceiling, -1.0
+        for size in SIZE_LADDER:
+            size = min(size, self.ceiling)
+            arrives = (1.0 - p) ** fragments(size)
+            rate = size * arrives / (self.s.datagram_cost + size * self.s.byte_cost
+                                     + (1.0 - arrives) * delay)
+            if rate > best_rate * 1.02:   # prefer the larger size unless clearly worse
+                best, best_rate = size, rate
+        self.size = best
+
+    def loss_threshold(self):
+        """How long after its sending a DATA overtaken by an acknowledged one is lost."""
+        return max(self.s.reorder_factor * max(self.rtt.srtt or 0.0, self.latest_rtt),
+                   self.s.reorder_min)
+
+    def sent(self, transfer):
+        self.seq += 1
+        self.outstanding.append((self.seq, transfer))
+        if self._head > 64 and self._head * 2 > len(self.outstanding):
+            del self.outstanding[:self._head]
+            self._head = 0
+        return self.seq
+
+    def overtaken(self):
+        """Pop the outstanding sends older than the highest acknowledged one: (seq, transfer)."""
+        out, q, acked = [], self.outstanding, self.acked
+        while self._head < len(q) and q[self._head][0] < acked:
+            out.append(q[self._head])
+            self._head += 1
+        return out
+
+
 WAIT_SIZE, WAIT_DATA, WAIT_EOF = "wait-size", "wait-data", "wait-eof"
 _DATA_OVERHEAD = len(b"DATA  00000000\n")   # header bytes besides the offset digits
 
@@ -345,12 +437,18 @@ _DATA_OVERHEAD = len(b"DATA  00000000\n")   # header bytes besides the offset di
 class ServerTransfer:
     """One transfer on the server: SIZE, then DATA chunks, then EOF, each stop-and-wait.
 
-    The caller (ServerDispatcher) feeds it ACKs and timer expiries; it appends datagrams (tuples
-    of buffers: header and payload go out with scatter-gather I/O, never concatenated) to `out`.
+    The caller (ServerDispatcher) feeds it ACKs (already checked for the token) and timer
+    expiries; it appends datagrams (tuples of buffers: header and payload go out with
+    scatter-gather I/O, never concatenated) to `out`.
+
+    The running CRC (PROTOCOL.md): `_r` is R(pos), the CRC of the range up to the acknowledged
+    offset; the outstanding DATA at pos carries crc32(payload, R(pos)), and `_crcs` maps each
+    payload length sent at pos (a shrink sends a smaller copy) to the CRC it carried, so the ACK
+    of either copy gives R of the new offset.
     """
 
     def __init__(self, addr, request, entry, start, end, now, settings, rtt, out, bytes_in=0,
-                 ceiling=None):
+                 ceiling=None, token=None, path=None):
         self.addr, self.request, self.entry = addr, request, entry
         self.name = "<list>" if isinstance(request, ListRequest) else request.name
         self.start = self.pos = start
@@ -358,29 +456,36 @@ class ServerTransfer:
         self.s = settings
         self.rtt = rtt
         self.out = out
+        self.token = token or new_token()
+        self.path = path or Path(settings, ceiling or settings.datagram_size)
         self.source = None
         self.outcome = None          # set when finished: "done", "timeout", "changed", ...
         self.started = now
         self.activated = None
         self.retransmissions = 0
+        self.early_retransmissions = 0
         self.bytes_sent = 0          # payload bytes, retransmissions included
         self.shrinks = 0
-        self._hash = hashlib.sha256()
-        self._hashed_to = start
-        self._ceiling = ceiling or settings.datagram_size   # lowered if the OS refuses a size
-        self._limit = self._ceiling              # current datagram size
+        self._r = crc_start(start)
+        self._crcs = {}
+        self._seq = 0                # the outstanding DATA's number in the path's send order
+        self._early_at = None        # when the outstanding DATA counts as lost (evidence)
+        self._rto_at = None
+        self._spurious_check = False
+        self.ceiling = ceiling or settings.datagram_size   # lowered if the OS refuses a size
+        self._black_hole = False     # big datagrams never arrive: stay at the safe size
         self._probe_every = settings.probe_after
         self._small_streak = 0
         self._probing = False
-        self._ahead = None                       # read-ahead: (offset, (header, payload))
-        self._bufs = None                        # two payload buffers, see _read()
-        self._cur = 1                            # which one holds the outstanding payload
-        # Until SIZE is acknowledged the address may be spoofed: by timer, send at most
-        # amplification_factor times what it sent us (RFC 9000 8.1 applies the same rule to
-        # QUIC), but always the first SIZE and one retransmission (or a client that follows
-        # PROTOCOL.md to the letter would stall when its ACK of SIZE is lost), and never more
-        # than pending_byte_budget in all.
-        size_msg = format_size(entry.size, entry.version)
+        self._ahead = None           # read-ahead: (offset, r, datagram, crc)
+        self._bufs = None            # two payload buffers, see _read()
+        self._cur = 1                # which one holds the outstanding payload
+        # Until SIZE is acknowledged with its token the address may be forged: by timer, send
+        # at most amplification_factor times what it sent us (RFC 9000 8.1 applies the same
+        # rule to QUIC), but always the first SIZE and one retransmission (or a client that
+        # follows PROTOCOL.md to the letter would stall when its ACK of SIZE is lost), and
+        # never more than pending_byte_budget in all.
+        size_msg = format_size(entry.size, entry.version, self.token)
         self._unvalidated_sent = 0
         self._expiries = 0
         self._allowance = min(settings.pending_byte_budget,
@@ -390,27 +495,41 @@ class ServerTransfer:
 
     # -- sending
 
+    @property
+    def tries(self):
+        """How many times the outstanding datagram has been sent."""
+        return self._tries
+
     def _transmit(self, datagram, now):
         """Send a new datagram: it becomes the one unacknowledged datagram."""
         self._current = datagram
         self._tries = 1
-        self._sent_at = now
-        self.deadline = now + self.rtt.rto
-        self._emit(datagram)
+        self._timeouts = 0
+        self._emit(datagram, now)
+        self._arm(now, self.rtt.rto)
 
-    def _emit(self, datagram):
+    def _arm(self, now, rto):
+        self._sent_at = now
+        self._rto_at = now + rto
+        self._early_at = None
+        self.deadline = self._rto_at
+
+    def _emit(self, datagram, now=None):
         if self.state == WAIT_SIZE:
             self._unvalidated_sent += len(datagram[0])
-        else:
-            self.bytes_sent += len(datagram[-1]) if len(datagram) > 1 else 0
+        elif self.state == WAIT_DATA:
+            self.bytes_sent += len(datagram[1])
+            self._seq = self.path.sent(self)
         self.out.append((datagram, self.addr))
 
     def _may_send_size(self, limit):
         """Stay within `limit` bytes sent to an address that has not acknowledged SIZE."""
         return self._unvalidated_sent + len(self._current[0]) <= limit
 
-    def _payload_limit(self, offset):
-        return self._payload_limit_for(self._limit, offset)
+    def _datagram_size(self):
+        if self._black_hole and not self._probing:
+            return self.s.safe_datagram_size
+        return min(self.path.size, self.ceiling)
 
     @staticmethod
     def _payload_limit_for(datagram_size, offset):
@@ -428,52 +547,55 @@ class ServerTransfer:
             payload = self.source.read(offset, n)
         if len(payload) != n or not self.source.unchanged():
             raise Changed()
-        if offset <= self._hashed_to < offset + n:   # hash every byte of the range once, in order
-            self._hash.update(payload[self._hashed_to - offset:] if offset < self._hashed_to
-                              else payload)
-            self._hashed_to = offset + n
         return payload
 
-    def _datagram(self, offset):
-        """The DATA datagram (header, payload) at offset, from the read-ahead if it fits."""
-        n = min(self.end - offset, self._payload_limit(offset))
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == offset and len(ahead[1][1]) == n:
-            if not self.source.unchanged():
-                raise Changed()
-            return ahead[1]
+    def _build(self, offset, r, datagram_size):
+        """Read the DATA at offset whose range CRC so far is r: ((header, payload), crc)."""
+        n = min(self.end - offset, self._payload_limit_for(datagram_size, offset))
         payload = self._read(offset, n)
-        return (format_data_header(offset, payload), payload)
+        crc = zlib.crc32(payload, r)
+        return (format_data_header(offset, crc), payload), crc
 
     def _send_next(self, now):
         """Send what follows self.pos: the next DATA, or EOF once the range is acknowledged."""
         try:
             if self.pos < self.end:
-                datagram = self._datagram(self.pos)
+                size = self._datagram_size()
+                ahead, self._ahead = self._ahead, None
+                n = min(self.end - self.pos, self._payload_limit_for(size, self.pos))
+                if (ahead is not None and ahead[0] == self.pos and ahead[1] == self._r
+                        and len(ahead[2][1]) == n):
+                    if not self.source.unchanged():
+                        raise Changed()
+                    datagram, crc = ahead[2], ahead[3]
+                else:
+                    datagram, crc = self._build(self.pos, self._r, size)
                 self._cur = 1 - self._cur          # its payload lives in the other buffer
-                self._lengths = {len(datagram[1])}
+                self._crcs = {n: crc}
                 self.state = WAIT_DATA
                 self._transmit(datagram, now)
                 return
-            if self._hashed_to != self.end or not self.source.unchanged():
+            if not self.source.unchanged():
                 raise Changed()
         except (Changed, OSError):
             return self._fail("changed", "CHANGED")
         self.state = WAIT_EOF
-        self._transmit((format_eof(self._hash.hexdigest()),), now)
+        self._transmit((format_eof(self._r),), now)
 
     def read_ahead(self):
         """Idle work, done after sending and before waiting: read and checksum the next chunk,
         so the client's processing of this one overlaps with ours of the next (two cores)."""
         if self.state != WAIT_DATA or self._ahead is not None or self.outcome is not None:
             return
-        offset = self.pos + len(self._current[1])
+        payload = self._current[1]
+        offset = self.pos + len(payload)
         if offset < self.end:
+            r = self._crcs[len(payload)]
             try:
-                payload = self._read(offset, min(self.end - offset, self._payload_limit(offset)))
+                datagram, crc = self._build(offset, r, self._datagram_size())
             except (Changed, OSError):
                 return   # found again, and reported, when the chunk is really needed
-            self._ahead = (offset, (format_data_header(offset, payload), payload))
+            self._ahead = (offset, r, datagram, crc)
 
     def _fail(self, outcome, code):
         self.out.append(((format_error(code),), self.addr))   # sent once, like every ERROR
@@ -512,7 +634,7 @@ class ServerTransfer:
         except (Changed, OSError):
             return self._fail("changed", "CHANGED")
         if hasattr(self.source, "readinto") and self.end > self.start:
-            size = min(self.end - self.start, self.s.datagram_size)
+            size = min(self.end - self.start, self.ceiling)
             self._bufs = (memoryview(bytearray(size)), memoryview(bytearray(size)))
         self.activated = now
         self._sample(now)
@@ -520,35 +642,70 @@ class ServerTransfer:
 
     def _sample(self, now):
         if self._tries == 1:                      # Karn's rule: never time a retransmitted one
-            self.rtt.sample(now - self._sent_at)
+            r = now - self._sent_at
+            self.rtt.sample(r)
+            self.path.sample(r)
 
     def on_ack(self, n, now):
         """ACK n: continue at n if it acknowledges the outstanding DATA; ignore it otherwise."""
-        if self.state != WAIT_DATA or (n - self.pos) not in self._lengths:
+        if self.state != WAIT_DATA:
+            return
+        length = n - self.pos
+        crc = self._crcs.get(length)
+        if crc is None:
+            if length == 0 and self._spurious_check:
+                # The client acknowledged the previous DATA again: it got both copies of a
+                # retransmission, which was needless (the idea of DSACK, RFC 3708).
+                self._spurious_check = False
+                self.path.spurious()
             return   # duplicate, stale or bogus: never answered (RFC 1123 4.2.3.1)
+        first_try = self._tries == 1
         self._sample(now)
-        if self._limit < self._ceiling and n - self.pos > self._payload_limit_for(
-                self.s.safe_datagram_size, self.pos):
-            # The big copy got through after all: the timeouts were delay, not a path that
-            # drops big datagrams. Back to big ones at once.
-            self._limit, self._probing, self._small_streak = self._ceiling, False, 0
-        elif self._limit < self._ceiling:        # running small: probe big again now and then
-            self._small_streak += 1
-            if self._small_streak >= self._probe_every:
-                self._limit, self._probing, self._small_streak = self._ceiling, True, 0
-        elif self._probing:
-            self._probing = False
-            self._probe_every = self.s.probe_after
+        if first_try:
+            self.path.outcome(len(self._current[1]) + len(self._current[0]), lost=False)
+            if self._seq > self.path.acked:
+                self.path.acked = self._seq
+        self._spurious_check = not first_try
+        self._adjust_size(length)
+        self._r = crc
         self.pos = n
         self._send_next(now)
+
+    def _adjust_size(self, length):
+        """After shrinking to the safe size (a path that drops big datagrams), probe big
+        datagrams again now and then, like PLPMTUD (RFC 8899)."""
+        if not self._black_hole:
+            return
+        if length > self._payload_limit_for(self.s.safe_datagram_size, self.pos):
+            # The big copy got through after all: the timeouts were delay, not a path that
+            # drops big datagrams. Back to big ones at once.
+            self._black_hole, self._probing, self._small_streak = False, False, 0
+            self._probe_every = self.s.probe_after
+        elif self._probing:
+            self._probing = False     # the probe was not needed to carry this one
+        else:
+            self._small_streak += 1
+            if self._small_streak >= self._probe_every:
+                self._probing, self._small_streak = True, 0
 
     def on_ack_eof(self, now):
         if self.state == WAIT_EOF:
             self._sample(now)
             self.finish("done")
 
+    def overtaken(self, seq, now):
+        """A DATA sent later to the same IP was acknowledged: if `seq` is still the outstanding
+        DATA, it is lost once the reordering threshold has passed since it was sent."""
+        if self.outcome is not None or self.state != WAIT_DATA or seq != self._seq:
+            return
+        self._early_at = self._sent_at + self.path.loss_threshold()
+        if self._early_at <= now:
+            self._retransmit(now, early=True)
+        else:
+            self.deadline = min(self._rto_at, self._early_at)
+
     def on_timer(self, now):
-        """The retransmission timer expired: send the outstanding datagram again, or give up."""
+        """A timer expired: an early retransmission, the retransmission timer, or giving up."""
         if self.state == WAIT_SIZE:
             # Retransmit only within the anti-amplification allowance; either way stay ready
             # for the client's ACK (or its repeated request) for pending_max_sends timeouts.
@@ -562,44 +719,56 @@ class ServerTransfer:
                 self.retransmissions += 1
                 self._emit(self._current)
             return
+        if self._early_at is not None and now < self._rto_at:
+            return self._retransmit(now, early=True)
         if self._tries > self.s.max_retransmits:
             return self.finish("timeout")
         self.rtt.backoff()
+        self._timeouts += 1
+        self._retransmit(now, early=False)
+
+    def _retransmit(self, now, early):
         self._tries += 1
         self.retransmissions += 1
-        if (self.state == WAIT_DATA and self._tries > self.s.shrink_after
-                and self._limit > self.s.safe_datagram_size):
-            self._shrink(self.s.safe_datagram_size)
-            if self.outcome is not None:
-                return   # the file changed under the re-read: ERROR CHANGED was sent
-        self.deadline = now + self.rtt.rto
+        if self.state == WAIT_DATA:
+            self.path.outcome(len(self._current[1]) + len(self._current[0]), lost=True)
+            if early:
+                self.early_retransmissions += 1
+            elif (self._timeouts >= self.s.shrink_after
+                  and len(self._current[1]) > self._payload_limit_for(
+                      self.s.safe_datagram_size, self.pos)):
+                self._shrink(self.s.safe_datagram_size)
+                if self.outcome is not None:
+                    return   # the file changed under the re-read: ERROR CHANGED was sent
         self._emit(self._current)
+        # An early retransmission keeps the backed-off timer running from now: evidence of
+        # loss is not evidence of a slower path.
+        self._arm(now, self.rtt.rto)
 
     def too_big(self, size, now):
         """The OS refused to send a datagram this big (EMSGSIZE): lower the ceiling for good."""
         if self.state != WAIT_DATA or size <= self.s.safe_datagram_size:
             return
-        self._ceiling = max(self.s.safe_datagram_size, min(self._ceiling, size // 2))
-        self._shrink(self._ceiling)
+        self.ceiling = max(self.s.safe_datagram_size, min(self.ceiling, size // 2))
+        self._shrink(self.ceiling)
         if self.outcome is None:
             self._emit(self._current)
 
-    def _shrink(self, limit):
+    def _shrink(self, datagram_size):
         """Resend the outstanding DATA with a smaller payload (some paths drop IP fragments)."""
-        if self._probing:
-            self._probe_every = min(self._probe_every * 2, self.s.probe_after_max)
-            self._probing = False
-        self._limit = limit
-        self._small_streak = 0
+        if datagram_size == self.s.safe_datagram_size:
+            if self._probing:
+                self._probe_every = min(self._probe_every * 2, self.s.probe_after_max)
+            self._black_hole, self._probing, self._small_streak = True, False, 0
         self.shrinks += 1
         self._ahead = None
         try:
-            payload = self._read(self.pos, min(self.end - self.pos, self._payload_limit(self.pos)))
+            datagram, crc = self._build(self.pos, self._r, datagram_size)
         except (Changed, OSError):
             return self._fail("changed", "CHANGED")
         self._cur = 1 - self._cur
-        self._lengths.add(len(payload))   # an ACK for either copy is good
-        self._current = (format_data_header(self.pos, payload), payload)
+        self._crcs[len(datagram[1])] = crc    # an ACK for either copy is good
+        self._current = datagram
 
 
 class TokenBucket:
@@ -626,15 +795,16 @@ class ServerDispatcher:
     get_timer(), handle_timer(now), read_ahead(), too_big(addr, size, now), close().
     """
 
-    def __init__(self, catalog, settings=None, logger=None):
+    def __init__(self, catalog, settings=None, logger=None, new_token=new_token):
         self.catalog = catalog
         self.s = settings or ServerSettings()
         self.log = logger or log
         self.active = {}              # addr -> ServerTransfer (SIZE acknowledged)
         self.pending = OrderedDict()  # addr -> ServerTransfer awaiting ACK of SIZE, oldest first
         self.recent = OrderedDict()   # addr -> (request, forget_at): finished transfers
-        self.rtts = OrderedDict()     # client IP -> (srtt, rttvar)
+        self.paths = OrderedDict()    # client IP -> Path: round trip, datagram size, send order
         self.errors = TokenBucket(self.s.error_rate, self.s.error_burst)
+        self._new_token = new_token
         self._out = []
         self._timers = []             # heap of (deadline, seq, transfer); stale entries skipped
         self._seq = 0
@@ -675,7 +845,10 @@ class ServerDispatcher:
             t.too_big(size, now)
             # The limit is the sending host's (macOS: 9216 bytes by default): keep it for
             # every later transfer instead of finding it again each time.
-            self.ceiling = min(self.ceiling, t._ceiling)
+            self.ceiling = min(self.ceiling, t.ceiling)
+            for path in self.paths.values():
+                path.ceiling = min(path.ceiling, self.ceiling)
+                path.size = min(path.size, self.ceiling)
             self._after(t, now)
 
     def close(self):
@@ -695,28 +868,41 @@ class ServerDispatcher:
             self.log.debug("malformed datagram from %s: %s", format_addr(addr), exc)
             return self._error(addr, "BAD_REQUEST", now, len(data))
         if isinstance(msg, Ack):
-            return self._on_ack(msg.n, addr, now, len(data))
+            return self._on_ack(msg, addr, now, len(data))
         return self._on_request(msg, addr, now, len(data))
 
     # -- internals
 
-    def _on_ack(self, n, addr, now, size_in):
+    def _on_ack(self, ack, addr, now, size_in):
         t = self.active.get(addr)
         if t is not None:
-            if n is None:
+            if ack.token != t.token:
+                return   # forged or damaged: ignored like a malformed datagram
+            if ack.n is None:
                 t.on_ack_eof(now)
             else:
-                t.on_ack(n, now)
+                acked = t.path.acked
+                t.on_ack(ack.n, now)
+                if t.path.acked != acked:
+                    self._detect_losses(t.path, now)
             return self._after(t, now)
         t = self.pending.get(addr)
         if t is not None:
-            if n is not None and t.acknowledges_size(n):
+            if ack.token == t.token and ack.n is not None and t.acknowledges_size(ack.n):
                 self._activate(t, now)
             return
         if self._is_recent(addr, now):
             return   # late copy of a finished transfer's ACK: ignore quietly
         self.log.debug("ACK from %s, which has no transfer", format_addr(addr))
         self._error(addr, "BAD_REQUEST", now, size_in)
+
+    def _detect_losses(self, path, now):
+        """A DATA was acknowledged: the client's older DATAs still outstanding on its other
+        transfers are lost once the reordering threshold has passed (PROTOCOL.md "Early
+        retransmission"). Each is looked at once per such evidence."""
+        for seq, other in path.overtaken():
+            other.overtaken(seq, now)
+            self._after(other, now)
 
     def _activate(self, t, now):
         del self.pending[t.addr]
@@ -758,21 +944,33 @@ class ServerDispatcher:
             _, oldest = self.pending.popitem(last=False)
             oldest.finish("evicted")
             self.stats["evicted"] += 1
-        cached = self.rtts.get(addr[0])
+        path = self._path(addr[0])
         rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
-                           *(cached or (None, None)))
+                           path.rtt.srtt, path.rtt.rttvar)
         end = min(entry.size, start + length)
         t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in,
-                           self.ceiling)
+                           self.ceiling, self._new_token(), path)
         self.pending[addr] = t
         self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
         self._schedule(t)
+
+    def _path(self, ip):
+        """The Path of a client IP; the least recently used are forgotten beyond rtt_cache_max
+        (a transfer keeps its own reference)."""
+        path = self.paths.get(ip)
+        if path is None:
+            path = self.paths[ip] = Path(self.s, self.ceiling)
+            while len(self.paths) > self.s.rtt_cache_max:
+                self.paths.popitem(last=False)
+        else:
+            self.paths.move_to_end(ip)
+        return path
 
     def _after(self, t, now):
         """Bookkeeping after the transfer handled an event."""
         if t.outcome is not None:
             return self._forget(t, now)
-        if t.state == WAIT_DATA and t._tries == 1:
+        if t.state == WAIT_DATA and t.tries == 1:
             self._ahead.append(t)
         self._schedule(t)
 
@@ -796,11 +994,6 @@ class ServerDispatcher:
             self.recent.move_to_end(t.addr)
             while len(self.recent) > self.s.recent_max:
                 self.recent.popitem(last=False)
-        if t.rtt.srtt is not None:
-            self.rtts[t.addr[0]] = (t.rtt.srtt, t.rtt.rttvar)
-            self.rtts.move_to_end(t.addr[0])
-            while len(self.rtts) > self.s.rtt_cache_max:
-                self.rtts.popitem(last=False)
         if t.activated is None:
             self.log.debug("%s: %s ended before SIZE was acknowledged (%s)",
                            format_addr(t.addr), t.name, t.outcome)
@@ -809,9 +1002,11 @@ class ServerDispatcher:
         seconds = max(now - t.activated, 1e-9)
         moved = t.pos - t.start
         level = logging.INFO if t.outcome == "done" else logging.WARNING
-        self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions%s",
-                     format_addr(t.addr), t.outcome, t.name, moved, seconds, moved / seconds / 1e6,
-                     t.retransmissions, ", %d shrinks" % t.shrinks if t.shrinks else "")
+        self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions"
+                     "%s%s", format_addr(t.addr), t.outcome, t.name, moved, seconds,
+                     moved / seconds / 1e6, t.retransmissions,
+                     " (%d early)" % t.early_retransmissions if t.early_retransmissions else "",
+                     ", %d shrinks" % t.shrinks if t.shrinks else "")
 
     def _is_recent(self, addr, now, request=None):
         entry = self.recent.get(addr)
@@ -847,10 +1042,11 @@ class ClientTransfer:
     """The client side of one transfer (one socket): a range of a file, or the listing.
 
     Use: datagrams_to_send() after creating it and after every call; receive_datagram(data, now)
-    returns the payload it accepted (or None). Send the ACK first, then write the payload and pass
-    it to absorb(): the digest and the disk write overlap with the server preparing the next one.
+    returns the payload it accepted (or None), already checked under the running CRC. Send the
+    ACK first, then write the payload: the disk write overlaps with the server preparing the next.
 
-    `outcome` once finished: "done", "digest" (EOF digest mismatch: discard this transfer's bytes),
+    `outcome` once finished: "done", "mismatch" (EOF's CRC differs from ours: discard this
+    transfer's bytes), 
     "changed" (ERROR CHANGED), "version" (SIZE differs from the expected file), "error" (ERROR
     with `error_code`), "stalled" (nothing new for idle_timeout).
     """
@@ -867,7 +1063,9 @@ class ClientTransfer:
         self.state = REQUESTING
         self.outcome = self.error_code = None
         self.rtt_sample = None          # request -> SIZE time, if the request was sent once
-        self._hash = hashlib.sha256()
+        self.token = None               # from SIZE; every ACK echoes it
+        self.duplicates = 0             # DATA that brought nothing new (retransmitted copies)
+        self._r = crc_start(offset)     # R(pos): the running CRC up to the next byte needed
         self._sent_at = self._last_heard = now
         self._request_rto = request_rto or self.s.request_timeout
         self._requests = 1
@@ -927,8 +1125,8 @@ class ClientTransfer:
 
     def _on_size(self, msg, now):
         if self.state == RECEIVING:
-            if (msg.size, msg.version) == (self.size, self.version):
-                self._out.append(format_ack(self.pos))     # our ACK of SIZE was lost
+            if msg == (self.size, self.version, self.token):
+                self._out.append(format_ack(self.pos, self.token))   # our ACK of SIZE was lost
             return
         if self.state != REQUESTING:
             return
@@ -936,45 +1134,45 @@ class ClientTransfer:
             return self._finish("version")   # not acknowledged: the server sends no data
         if self.start > msg.size:
             return self._finish("error", "BAD_REQUEST")
-        self.size, self.version = msg.size, msg.version
+        self.size, self.version, self.token = msg
         self.end = min(msg.size, self.start + self.length) if self.length is not None else msg.size
         if self._requests == 1:
             self.rtt_sample = now - self._sent_at
         self.state = RECEIVING
         self._last_heard = now
         self._next_request = now + self._request_rto
-        self._out.append(format_ack(self.pos))
+        self._out.append(format_ack(self.pos, self.token))
 
     def _on_data(self, msg, now):
         if self.state != RECEIVING:
             return None
         self._flowing = True
         if msg.offset == self.pos:
-            n = len(msg.payload)
-            if self.pos + n > self.end:
-                return None   # beyond the range: a broken server; not acknowledged
-            self.pos += n
-            self._out.append(format_ack(self.pos))
-            return msg.payload
+            payload = msg.payload
+            if self.pos + len(payload) > self.end or zlib.crc32(payload, self._r) != msg.crc:
+                return None   # damaged, misplaced or beyond the range: not acknowledged
+            self._r = msg.crc
+            self.pos += len(payload)
+            self._out.append(format_ack(self.pos, self.token))
+            return payload
         if msg.offset < self.pos:
-            self._out.append(format_ack(self.pos))   # duplicate: our ACK was lost, say it again
+            # A duplicate (perhaps of another size): our ACK was lost, say it again.
+            self.duplicates += 1
+            self._out.append(format_ack(self.pos, self.token))
         return None
 
-    def absorb(self, payload):
-        """Add an accepted payload to the digest (after its ACK has been sent)."""
-        self._hash.update(payload)
-
     def _on_eof(self, msg, now):
-        if self.state == FINISHED and self.outcome in ("done", "digest"):
-            self._out.append(ACK_EOF)   # our ACK EOF was lost
+        if self.state == FINISHED and self.outcome in ("done", "mismatch"):
+            self._out.append(format_ack_eof(self.token))   # our ACK EOF was lost
         if self.state != RECEIVING:
             return
         self._flowing = True
         # Twice: a lost ACK EOF would leave the server retransmitting EOF to a closed socket
         # until its retry limit; the server ignores the spare copy.
-        self._out += (ACK_EOF, ACK_EOF)
-        good = self.pos == self.end and msg.digest == self._hash.hexdigest()
-        self._finish("done" if good else "digest")
+        ack = format_ack_eof(self.token)
+        self._out += (ack, ack)
+        good = self.pos == self.end and msg.crc == self._r
+        self._finish("done" if good else "mismatch")
 
     @property
     def received(self):

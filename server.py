@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""UDP file server: serves the files of one folder with protocol v1 (../shared/PROTOCOL.md).
+"""UDP file server: serves the files of one folder with protocol v2 (PROTOCOL.md).
 
 Strategy: one blocking loop on one socket. Each turn it receives one datagram (the socket timeout
 is the time to the nearest retransmission deadline), hands it to protocol.ServerDispatcher with the
@@ -306,7 +306,7 @@ class Server:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v1).")
+    p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v2).")
     p.add_argument("--host", default=config.HOST,
                    help="address to listen on (default %(default)s; 0.0.0.0 or :: for other "
                         "machines)")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import unittest
+import zlib
 
 import client
 import protocol
@@ -92,24 +93,30 @@ class RawClient:
         raise AssertionError("no SIZE nor ERROR for %r" % request[:60])
 
     def transfer(self, request, start, deadline=20.0):
-        """One whole transfer: -> (Size, [(offset, payload bytes)], Eof). Raises on ERROR."""
+        """One whole transfer: -> (Size, [(offset, payload bytes)], Eof). Raises on ERROR.
+        Checks every DATA's running CRC, and that EOF carries the CRC of the whole range."""
         size = self.request(request)
         if isinstance(size, protocol.Error):
             raise AssertionError("ERROR %s %s" % (size.code, size.text))
-        pos, chunks = start, []
-        self.sock.send(protocol.format_ack(pos))
+        pos, chunks, r = start, [], protocol.crc_start(start)
+        self.sock.send(protocol.format_ack(pos, size.token))
         end_by = time.monotonic() + deadline
         while time.monotonic() < end_by:
             msg = self.recv()
             if isinstance(msg, protocol.Data):
                 if msg.offset == pos:
+                    if zlib.crc32(msg.payload, r) != msg.crc:
+                        raise AssertionError("bad running CRC at %d" % pos)
+                    r = msg.crc
                     chunks.append((msg.offset, bytes(msg.payload)))
                     pos += len(msg.payload)
-                self.sock.send(protocol.format_ack(pos))
+                self.sock.send(protocol.format_ack(pos, size.token))
             elif isinstance(msg, protocol.Size):
-                self.sock.send(protocol.format_ack(pos))
+                self.sock.send(protocol.format_ack(pos, size.token))
             elif isinstance(msg, protocol.Eof):
-                self.sock.send(protocol.ACK_EOF)
+                self.sock.send(protocol.format_ack_eof(size.token))
+                if msg.crc != r:
+                    raise AssertionError("EOF crc %08x, expected %08x" % (msg.crc, r))
                 return size, chunks, msg
             elif isinstance(msg, protocol.Error):
                 raise AssertionError("ERROR %s during transfer" % msg.code)
@@ -395,13 +402,13 @@ class ImpairedNetworkTest(EndToEndCase):
         data = self.tmp.make_file("a.bin", 100000, seed=5)
         st = self.start_server()
         settings = support.fast_client_settings(idle_timeout=2.0, give_up=8.0)
-        ack_end = b"ACK %d" % len(data)
+        ack_end = b"ACK %d " % len(data)
         cases = [
             # (what, direction, the datagram to lose, which occurrence of it)
             ("LIST, SIZE lost", "to_client", b"SIZE ", 1),
-            ("LIST, ACK of SIZE lost", "to_server", b"ACK 0", 1),
+            ("LIST, ACK of SIZE lost", "to_server", b"ACK 0 ", 1),
             ("DOWNLOAD, SIZE lost", "to_client", b"SIZE ", 1),
-            ("DOWNLOAD, ACK of SIZE lost", "to_server", b"ACK 0", 1),
+            ("DOWNLOAD, ACK of SIZE lost", "to_server", b"ACK 0 ", 1),
             # The first "ACK 100000" acknowledges the last DATA; the second one the SIZE of the
             # confirming empty range.
             ("confirmation, SIZE lost", "to_client", b"SIZE ", 2),
@@ -412,7 +419,7 @@ class ImpairedNetworkTest(EndToEndCase):
                 seen, lost = [], []
 
                 def lose_one(datagram, prefix=prefix, nth=nth, seen=seen, lost=lost):
-                    if datagram.startswith(prefix) and (prefix != ack_end or datagram == ack_end):
+                    if datagram.startswith(prefix):
                         seen.append(datagram)
                         if len(seen) == nth:
                             lost.append(datagram)
@@ -446,7 +453,7 @@ class ImpairedNetworkTest(EndToEndCase):
         acks = []
 
         def change_at_40th_ack(data):   # runs in the proxy thread, before forwarding the ACK
-            if data.startswith(b"ACK ") and data != protocol.ACK_EOF:
+            if data.startswith(b"ACK ") and not data.startswith(b"ACK EOF"):
                 acks.append(data)
                 if len(acks) == 40:
                     with open(path, "r+b") as f:
@@ -509,7 +516,7 @@ class SizesTest(EndToEndCase):
                 self.assertEqual([len(p) for _, p in chunks], lengths)
                 data = b"".join(p for _, p in chunks)
                 self.assertEqual(data, payload(size, size))
-                self.assertEqual(eof.digest, hashlib.sha256(data).hexdigest())
+                self.assertEqual(eof.crc, zlib.crc32(data, protocol.crc_start(0)))
                 self.assertLessEqual(max(len(d) for d in raw.datagrams), protocol.MAX_DATAGRAM)
                 if size >= BLOCK:
                     self.assertIn(protocol.MAX_DATAGRAM, [len(d) for d in raw.datagrams])
@@ -591,7 +598,7 @@ class PastFourGiBTest(EndToEndCase):
         self.assertEqual(size.size, self.size)
         self.assertEqual([o for o, _ in chunks], [self.OFFSET])
         self.assertEqual(b"".join(p for _, p in chunks), self.TAIL)
-        self.assertEqual(eof.digest, hashlib.sha256(self.TAIL).hexdigest())
+        self.assertEqual(eof.crc, zlib.crc32(self.TAIL, protocol.crc_start(self.OFFSET)))
         # The header really carries the 10-digit offset, and the crc covers it.
         self.assertTrue(raw.datagrams[1].startswith(b"DATA 5368709120 "), raw.datagrams[1][:40])
 
@@ -602,14 +609,14 @@ class PastFourGiBTest(EndToEndCase):
         data = b"".join(p for _, p in chunks)
         want = bytes(150000) + self.TAIL[:10]
         self.assertEqual(data, want)
-        self.assertEqual(eof.digest, hashlib.sha256(want).hexdigest())
+        self.assertEqual(eof.crc, zlib.crc32(want, protocol.crc_start(start)))
         self.assertGreater(len(chunks), 1)
         self.assertTrue(all(o > 2 ** 32 for o, _ in chunks))
 
     def test_empty_range_at_end_and_range_past_end(self):
         raw = self.raw()
         _, chunks, eof = raw.transfer(protocol.format_download("big", self.size, 5), self.size)
-        self.assertEqual((chunks, eof.digest), ([], protocol.EMPTY_SHA256))
+        self.assertEqual((chunks, eof.crc), ([], protocol.crc_start(self.size)))
         err = self.raw().request(protocol.format_download("big", self.size + 1, 5))
         self.assertIsInstance(err, protocol.Error)
         self.assertEqual(err.code, "BAD_REQUEST")
@@ -756,11 +763,12 @@ def garbage_datagrams():
         b"DOWNLOAD ../../etc/passwd 0 10", b"DOWNLOAD /etc/passwd 0 10",
         b"DOWNLOAD .hidden 0 1", b"DOWNLOAD g.bin\x00 0 1", b"DOWNLOAD \xff\xfe 0 1",
         b"DOWNLOAD nosuchfile 0 10",
-        # No ACK here acknowledges the one valid request above (its SIZE wants "ACK 1"), so
-        # no stranger ever starts a real transfer.
+        # No ACK here acknowledges the one valid request above (its SIZE wants "ACK 1" and a
+        # token nobody here has seen), so no stranger ever starts a real transfer.
         b"ACK", b"ACK ", b"ACK EOF", b"ACK -5", b"ACK 3", b"ACK %d" % BLOCK, b"ACK " + nines,
-        b"ACK 18446744073709551616", b"ACK EOF EOF",
-        b"DATA 0 00000000\nxyz", b"SIZE 1 v", b"EOF " + b"0" * 64, b"ERROR BUSY",
+        b"ACK 18446744073709551616", b"ACK EOF EOF", b"ACK 1 0000000000000000",
+        b"ACK 1 " + b"f" * 16, b"ACK EOF " + b"0" * 16, b"ACK 1 " + b"0" * 15,
+        b"DATA 0 00000000\nxyz", b"SIZE 1 v " + b"0" * 16, b"EOF 00000000", b"ERROR BUSY",
         b"\x00" * protocol.MAX_DATAGRAM,
     ]
     for n in (1, 2, 7, 64, 1500, 9000, protocol.MAX_DATAGRAM):
@@ -1060,7 +1068,7 @@ class FolderChangesTest(EndToEndCase):
         shrunk = []
 
         def shrink_at_ack_eof(data):
-            if data == protocol.ACK_EOF and not shrunk:
+            if data.startswith(b"ACK EOF ") and not shrunk:
                 shrunk.append(True)
                 with open(path, "r+b") as f:
                     f.truncate(100000)

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import unittest
+import zlib
 from collections import Counter
 
 import client
@@ -159,20 +160,22 @@ CLIENT_BASES = [
     b"LIST", b"LIST\n", b"LIST\r\n",
     b"DOWNLOAD big.bin 0 1000", b"DOWNLOAD big.bin 4096 65536", b"DOWNLOAD big.bin 0 " + b"9" * 50,
     b"DOWNLOAD with space.txt 0 100", b"DOWNLOAD missing.bin 0 10",
-    b"ACK 0", b"ACK 1000", b"ACK 4096", b"ACK 65000", b"ACK EOF", b"ACK EOF\n",
+    b"ACK 0 0123456789abcdef", b"ACK 1000 0123456789abcdef", b"ACK 4096 fedcba9876543210",
+    b"ACK 65000 00000000ffffffff", b"ACK EOF 0123456789abcdef", b"ACK EOF 0123456789abcdef\n",
 ]
+TOKEN = b"0123456789abcdef"   # what the fake servers below put in SIZE
 
 
 def _server_bases():
     payload = bytes(range(256)) * 4
-    bases = [b"SIZE 1000 v1", b"SIZE 0 " + b"x" * 64, b"SIZE 18446744073709551616 a-b-c",
-             protocol.format_eof(hashlib.sha256(b"x").hexdigest()),
-             protocol.format_eof(protocol.EMPTY_SHA256),
+    bases = [b"SIZE 1000 v1 " + TOKEN, b"SIZE 0 " + b"x" * 64 + b" " + TOKEN,
+             b"SIZE 18446744073709551616 a-b-c ffffffffffffffff",
+             protocol.format_eof(zlib.crc32(b"x")), protocol.format_eof(0),
              protocol.format_error("NOT_FOUND"), protocol.format_error("BUSY", "try later"),
              protocol.format_error("BAD_REQUEST", "x" * 80)]
     for offset, n in ((0, 1), (0, 100), (1000, 1024), (10 ** 12, 33)):
         p = payload[:n]
-        bases.append(protocol.format_data_header(offset, p) + p)
+        bases.append(protocol.format_data_header(offset, zlib.crc32(p)) + p)
     return bases
 
 
@@ -308,18 +311,32 @@ class CodecFuzzTest(unittest.TestCase):
             self.assertGreater(tally_s[kind], 100, kind)
 
     def test_every_truncation_and_bit_flip_of_data_is_rejected(self):
+        """The parser cannot check a DATA's running CRC (only the receiver knows R(offset)):
+        the client transfer must refuse every damaged copy, and take the good one."""
         payload = bytes(random.Random(5).getrandbits(8) for _ in range(300))
-        good = protocol.format_data_header(123456, payload) + payload
-        msg = protocol.parse_server_message(good)
-        self.assertEqual((msg.offset, bytes(msg.payload)), (123456, payload))
+        start = 123456
+        good = protocol.format_data_header(
+            start, zlib.crc32(payload, protocol.crc_start(start))) + payload
+
+        def receiver():
+            t = protocol.ClientTransfer("f", start, 1000, 0.0)
+            t.receive_datagram(protocol.format_size(10 ** 6, "v", TOKEN), 0.0)
+            t.datagrams_to_send()
+            return t
+
+        t = receiver()
+        self.assertEqual(bytes(t.receive_datagram(good, 0.0)), payload)
+        self.assertEqual(t.pos, start + 300)
         for n in range(len(good)):
-            with self.assertRaises(protocol.ProtocolError, msg="truncated to %d" % n):
-                protocol.parse_server_message(good[:n])
+            t = receiver()
+            self.assertIsNone(t.receive_datagram(good[:n], 0.0), "truncated to %d" % n)
+            self.assertEqual(t.pos, start)
         for bit in range(len(good) * 8):
             b = bytearray(good)
             b[bit >> 3] ^= 1 << (bit & 7)
-            with self.assertRaises(protocol.ProtocolError, msg="bit %d flipped" % bit):
-                protocol.parse_server_message(bytes(b))
+            t = receiver()
+            self.assertIsNone(t.receive_datagram(bytes(b), 0.0), "bit %d flipped" % bit)
+            self.assertEqual(t.pos, start)
 
     def test_listing_and_name_rules_only_raise_protocol_error(self):
         fz = Fuzzer(13, [b"a.txt 10\n", b"with space.txt 0\n../evil 5\n", b"x 1\ny 2\n"])
@@ -583,8 +600,8 @@ class AmplificationTest(unittest.TestCase):
             "garbage text": [b"HELLO THIS IS NOT A REQUEST AT ALL"],
             "garbage 60000 B": [b"X" * 60000],
             "garbage 3 B": [b"xyz"],
-            "stranger ACK 0": [b"ACK 0"],
-            "stranger ACK EOF": [b"ACK EOF"],
+            "stranger ACK 0": [b"ACK 0 " + TOKEN],
+            "stranger ACK EOF": [b"ACK EOF " + TOKEN],
         }
         socks = {}
         for label in cases:
@@ -911,14 +928,15 @@ def range_server(contents, announce=None, wrong_content=False, wrong_digest=Fals
             n = msg.n
             if start <= n < end:
                 payload = content[n:min(end, n + chunk)]
-                if wrong_content:
+                crc = zlib.crc32(payload, running_crc(content, start, n))
+                if wrong_content:   # bytes that do not match the crc they come with
                     payload = bytes(rng.getrandbits(8) for _ in range(len(payload)))
-                return [protocol.format_data_header(n, payload) + payload]
+                return [protocol.format_data_header(n, crc) + payload]
             if n == end:
-                digest = hashlib.sha256(content[start:end]).hexdigest()
+                crc = running_crc(content, start, end)
                 if wrong_digest:
-                    digest = hashlib.sha256(b"not this" + content).hexdigest()
-                return [protocol.format_eof(digest)]
+                    crc ^= 1
+                return [protocol.format_eof(crc)]
             return []
         name = None if isinstance(msg, protocol.ListRequest) else msg.name
         if name not in contents:
@@ -927,9 +945,15 @@ def range_server(contents, announce=None, wrong_content=False, wrong_digest=Fals
         start = 0 if name is None else msg.offset
         end = len(content) if name is None else min(len(content), start + msg.chunk_size)
         srv.state[addr] = (content, start, end)
-        return [protocol.format_size(len(content) if announce is None else announce, "v1")]
+        return [protocol.format_size(len(content) if announce is None else announce, "v1",
+                                     TOKEN)]
 
     return handler
+
+
+def running_crc(content, start, n):
+    """R(n) of the range that starts at `start` (PROTOCOL.md "The running CRC")."""
+    return zlib.crc32(content[start:n], protocol.crc_start(start))
 
 
 class HostileServerTest(unittest.TestCase):
@@ -1014,14 +1038,15 @@ class HostileServerTest(unittest.TestCase):
         the start: nothing is accepted, memory stays small, the client gives up in time."""
         def handler(srv, data, addr):
             if data == b"LIST":
-                return [protocol.format_size(100, "v1")]
-            if data.startswith(b"ACK ") and data != protocol.ACK_EOF:
+                return [protocol.format_size(100, "v1", TOKEN)]
+            if data.startswith(b"ACK ") and not data.startswith(b"ACK EOF"):
                 big = b"z" * 65000
                 far = b"w" * 1000
-                return [protocol.format_data_header(0, big) + big,
-                        protocol.format_data_header(10 ** 15, far) + far,
-                        protocol.format_data_header(10 ** 60, far) + far,
-                        protocol.format_eof(hashlib.sha256(big).hexdigest())]
+                r = protocol.crc_start(0)
+                return [protocol.format_data_header(0, zlib.crc32(big, r)) + big,
+                        protocol.format_data_header(10 ** 15, zlib.crc32(far, r)) + far,
+                        protocol.format_data_header(10 ** 60, zlib.crc32(far, r)) + far,
+                        protocol.format_eof(zlib.crc32(big, r))]
             return []
 
         import tracemalloc
