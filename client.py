@@ -383,6 +383,63 @@ class Part:
         self.written = transfer.start
 
 
+class PartsTuner:
+    """How many parts to run at once when --parts is automatic: a hill climb on throughput.
+
+    Parallel parts pay on long paths (each stop-and-wait part moves one datagram per round
+    trip) and on lossy ones (another part's acknowledgements reveal a loss, and keep the path
+    busy while one part waits), and only contend where the round trip is short and both cores
+    are busy anyway (loopback). So: start with `start` parts (`long_start` on a path whose
+    round trip is over `long_rtt`: there one part alone does little); every window (four round
+    trips, at least `min_window` seconds) compare the rate with the window before. After a
+    doubling that paid (rate up by more than `gain`), double again, up to `most`; after one
+    that did not, go back and hold for `hold` windows before trying again. The three round
+    trips after a change are not judged: new parts spend them asking.
+    """
+
+    def __init__(self, start, most, min_window=0.03, gain=1.15, hold=6, long_start=8,
+                 long_rtt=0.002):
+        self.n, self.most = start, most
+        self.long_start, self.long_rtt = long_start, long_rtt
+        self.min_window, self.gain, self.hold = min_window, gain, hold
+        self._at = self._bytes = None
+        self._rate = None            # of the last judged window at the current n
+        self._before = None          # (n, rate) before the last doubling
+        self._settle = False
+        self._held = 0
+
+    def update(self, now, have, rtt):
+        """Called from housekeeping with the bytes in hand; returns the number of parts."""
+        rtt = rtt or 0.0
+        if self._at is None:
+            self._at, self._bytes = now, have
+            if rtt > self.long_rtt:
+                self.n = max(self.n, min(self.long_start, self.most))
+            return self.n
+        if now - self._at < (3 * rtt if self._settle else max(self.min_window, 4 * rtt)):
+            return self.n
+        rate = (have - self._bytes) / (now - self._at)
+        self._at, self._bytes = now, have
+        if self._settle:
+            self._settle = False
+            return self.n
+        if self._before is not None:
+            n0, rate0 = self._before
+            self._before = None
+            if rate < rate0 * self.gain:          # the doubling did not pay: back, and hold
+                self.n, self._rate, self._held = n0, rate0, self.hold
+                self._settle = True
+                return self.n
+        self._rate = rate
+        if self._held > 0:
+            self._held -= 1
+        elif self.n < self.most:
+            self._before = (self.n, rate)
+            self.n = min(self.n * 2, self.most)
+            self._settle = True
+        return self.n
+
+
 class Client:
     """Talks to one server. fetch() drives the parts of one file (or the listing)."""
 
@@ -467,7 +524,15 @@ class _Fetch:
     def __init__(self, client, name, target, parts, size_hint, give_up, label):
         self.c, self.name, self.target = client, name, target
         self.s = client.s
-        self.parts = max(1, parts if name is not None else 1)
+        # parts == 0: automatic. Ranges are then cut for the most parts the tuner may run, and
+        # the tuner decides how many run at once.
+        self.tuner = None
+        if name is None:
+            parts = 1
+        elif parts == 0:
+            self.tuner = PartsTuner(self.s.auto_parts_start, self.s.auto_parts_max)
+        self.parts = self.tuner.n if self.tuner else max(1, parts)
+        self.plan_parts = self.s.auto_parts_max if self.tuner else self.parts
         self.size_hint = size_hint
         self.give_up = give_up
         self.label = label or (name if name is not None else "listing")
@@ -494,10 +559,11 @@ class _Fetch:
         busy = RangeSet(self.target.done.ranges + [(p.t.start, self._end_of(p.t))
                                                    for p in self.active])
         gaps = busy.missing(size)
-        if self.parts == 1:
+        if self.plan_parts == 1:
             self.queue = gaps
             return
-        piece = min(max(size // (2 * self.parts), self.s.min_part_size), self.s.max_part_size)
+        piece = min(max(size // (2 * self.plan_parts), self.s.min_part_size),
+                    self.s.max_part_size)
         self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
 
     def _end_of(self, t):
@@ -512,10 +578,10 @@ class _Fetch:
         """Before the size is known only one range runs; guess its length from the listing."""
         if self.name is None:
             return None
-        if self.parts == 1:
+        if self.plan_parts == 1:
             return protocol.HUGE
         if self.size_hint:
-            return min(max(self.size_hint // (2 * self.parts), self.s.min_part_size),
+            return min(max(self.size_hint // (2 * self.plan_parts), self.s.min_part_size),
                        self.s.max_part_size)
         return self.s.min_part_size
 
@@ -653,6 +719,8 @@ class _Fetch:
             if self.warned:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
+        if self.tuner is not None and self.target.size is not None:
+            self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         if self.name is not None:
             self.c.printer.progress(self.label, have, self.target.size, rate, now)
@@ -887,9 +955,9 @@ def build_parser():
                         "project folder)")
     p.add_argument("--out", default=config.DOWNLOADS_DIR,
                    help="folder to save into (default: downloads/ in the project folder)")
-    p.add_argument("--parts", type=int, default=config.ClientSettings.parts,
-                   help="ranges of one file fetched at the same time, 1 to 64 "
-                        "(default %(default)s)")
+    p.add_argument("--parts", default="auto",
+                   help="ranges of one file fetched at the same time: 1 to 64, or auto "
+                        "(default: auto, which opens more while they make the download faster)")
     p.add_argument("--give-up", type=float, default=config.ClientSettings.give_up,
                    metavar="SECONDS",
                    help="with --once or names: give up on a file after this long without "
@@ -910,8 +978,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.names and (args.list or args.once):
         parser.error("names cannot be combined with --list or --once")
-    if not 1 <= args.parts <= 64:
-        parser.error("--parts must be between 1 and 64")
+    if args.parts == "auto":
+        args.parts = 0
+    elif not args.parts.isdigit() or not 1 <= int(args.parts) <= 64:
+        parser.error("--parts must be auto or a number from 1 to 64")
+    else:
+        args.parts = int(args.parts)
     if args.give_up <= 0:
         parser.error("--give-up must be more than 0")
     settings = config.ClientSettings(parts=args.parts, give_up=args.give_up,

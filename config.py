@@ -51,11 +51,20 @@ class ServerSettings:
     # small ones).
     loss_prior: int = 2000
     loss_decay: float = 0.9995
+    # Above this estimated per-packet loss only unfragmented datagrams are sent (see
+    # protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in the
+    # prior's worth of fragments cross it; a spurious timeout, once recognised, does not count.
+    fragment_loss_limit: float = 0.0008
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order).
     reorder_factor: float = 9 / 8
     reorder_min: float = 0.001
+    # An early resend that proves needless (the client acknowledges both copies) doubles the
+    # window, up to this factor; it returns to 1 after this many DATAs acknowledged at their
+    # first try (RFC 8985 6.2 adapts its reordering window the same way).
+    reorder_mult_max: int = 16
+    reorder_reset_after: int = 256
 
     # Retransmission timer, RFC 6298, with two deliberate departures: a 2 ms floor instead of
     # 1 s, and a smaller first RTO. With one datagram in flight a spurious retransmission costs
@@ -65,8 +74,9 @@ class ServerSettings:
     rto_initial: float = 0.25
     rto_min: float = 0.002
     rto_max: float = 2.0
-    # Retransmissions of one datagram before the transfer is forgotten (about 15 s of silence
-    # with the values above): a client that vanished frees its slot.
+    # Timeouts of one datagram before the transfer is forgotten (about 15 s of silence
+    # with the values above): a client that vanished frees its slot. Early retransmissions
+    # (evidence of a loss, not silence) do not count.
     max_retransmits: int = 12
 
     # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two
@@ -106,7 +116,11 @@ class ServerSettings:
 
 @dataclass
 class ClientSettings:
-    parts: int = 4                 # parallel ranges per file (--parts)
+    parts: int = 0                 # parallel ranges per file (--parts); 0: automatic
+    # Automatic parts (client.PartsTuner): start with this many, double while it pays, up to
+    # the max. Ranges are then cut for the max, so there are enough to run that many.
+    auto_parts_start: int = 2
+    auto_parts_max: int = 64
     # Ranges are cut to about size / (2 * parts) so that parts finish together, but no smaller
     # than this (a new range costs two round trips) and no larger than the max (balance).
     min_part_size: int = 1 * MiB

@@ -328,18 +328,24 @@ class Changed(Exception):
     """The file is not the one announced in SIZE any more."""
 
 
-# IP fragments of a datagram on an Ethernet path (MTU 1500: 1480 bytes of each fragment carry
-# the UDP datagram, whose own header is 8 bytes). A larger MTU only makes this pessimistic.
-FRAGMENT_PAYLOAD = 1480
+DEFAULT_MTU = 1500   # assumed where the OS cannot tell a path's MTU (Ethernet)
 
 
-def fragments(datagram_size):
-    return -(-(datagram_size + 8) // FRAGMENT_PAYLOAD)
+def fragment_payload(mtu, ipv6=False):
+    """Bytes of a UDP datagram (its 8-byte header included) that one IP fragment carries: the
+    MTU less the IP header (and IPv6's fragment header), a multiple of 8 (RFC 791, RFC 8200)."""
+    return max(8, (mtu - (48 if ipv6 else 20)) // 8 * 8)
 
 
-# Datagram sizes that fill their last fragment (k fragments each), up to the UDP limit.
-SIZE_LADDER = tuple(k * FRAGMENT_PAYLOAD - 8 for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)) + (
-    MAX_DATAGRAM,)
+def fragments(datagram_size, per_fragment):
+    return -(-(datagram_size + 8) // per_fragment)
+
+
+def size_ladder(per_fragment, ceiling):
+    """Datagram sizes that fill their last fragment (1, 2, 3, ... 32 fragments), and the
+    ceiling: the sizes worth choosing between on a path."""
+    sizes = {min(k * per_fragment - 8, ceiling) for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)}
+    return tuple(sorted(sizes | {ceiling}))
 
 
 class Path:
@@ -347,21 +353,24 @@ class Path:
 
     - Round trip: an RFC 6298 estimator fed by every transfer's samples; a new transfer starts
       with its RTO, and early retransmission uses its smoothed RTT.
-    - Datagram size: a datagram of k IP fragments arrives with probability (1-p)^k, where p is
-      the per-packet loss rate, and a lost one costs about a loss-detection delay. The path
-      estimates p from what it sends (an exponentially weighted count of lost datagrams per
-      fragment sent, starting from a prior of no loss) and uses the size from SIZE_LADDER that
-      moves the most bytes per second: size * (1-p)^k / (cost per datagram + (1-(1-p)^k) * delay).
-      With no loss that is the largest size; as losses stop, the estimate decays and the size
-      climbs back.
+    - Datagram size: on a path of the given MTU a datagram of k IP fragments arrives with
+      probability (1-p)^k, where p is the per-packet loss rate, and a lost one costs about a
+      loss-detection delay. The path estimates p from what it sends (an exponentially weighted
+      count of lost datagrams per fragment sent, starting from a prior of no loss) and uses the
+      size from size_ladder() that moves the most bytes per second: size * (1-p)^k / (cost per
+      datagram + (1-(1-p)^k) * delay), but no fragmented size at all once p is above
+      fragment_loss_limit (see _choose_size). With no loss that is the largest size; as losses
+      stop, the estimate decays and the size climbs back. Where nothing fragments (loopback),
+      every size is one packet and the largest always wins.
     - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
       RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
       acknowledged at first try is evidence that every earlier one still outstanding is lost
       once 9/8 of the round trip has passed since it was sent.
     """
 
-    def __init__(self, settings, ceiling):
+    def __init__(self, settings, ceiling, mtu=DEFAULT_MTU, ipv6=False):
         self.s = settings
+        self.per_fragment = fragment_payload(mtu, ipv6)
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
         self.ceiling = ceiling                      # largest size this IP may get
@@ -369,6 +378,8 @@ class Path:
         self._lost = 0.0                            # weighted lost datagrams ...
         self._frags = float(settings.loss_prior)    # ... per weighted fragment sent
         self._events = 0
+        self.reorder_mult = 1                       # widened after needless early resends
+        self._clean = 0
         self.seq = 0                                # last sequence number given out
         self.acked = 0                              # highest acknowledged at first try
         self.outstanding = []                       # (seq, transfer), in send order
@@ -383,35 +394,52 @@ class Path:
 
     def outcome(self, size, lost):
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
-        k = fragments(size)
+        k = fragments(size, self.per_fragment)
         decay = self.s.loss_decay ** k
         self._lost = self._lost * decay + (1.0 if lost else 0.0)
         self._frags = self._frags * decay + k
         self._events += 1
+        if not lost and self.reorder_mult > 1:
+            self._clean += 1
+            if self._clean >= self.s.reorder_reset_after:
+                self.reorder_mult, self._clean = 1, 0
         if lost or self._events % 32 == 0:
             self._choose_size()
 
-    def spurious(self):
-        """A retransmission turned out needless (the client got both copies): not a loss."""
+    def spurious(self, early):
+        """A retransmission turned out needless (the client got both copies): not a loss.
+        After an early one, widen the reordering window, as RACK does (RFC 8985 6.2): a busy
+        client answers its transfers out of order."""
         self._lost = max(0.0, self._lost - 1.0)
+        if early:
+            self.reorder_mult = min(self.reorder_mult * 2, self.s.reorder_mult_max)
+            self._clean = 0
 
     def _choose_size(self):
         p = min(self.loss_rate(), 0.5)
+        ladder = size_ladder(self.per_fragment, self.ceiling)
+        if p > self.s.fragment_loss_limit:
+            # Each lost fragment leaves its siblings in the receiver's reassembly buffer for
+            # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
+            # every fragmented datagram is dropped: at sustained rates even 0.1% loss fills it
+            # within a second. On a lossy path only unfragmented datagrams keep working.
+            self.size = ladder[0]
+            return
         delay = max(self.rtt.rto, self.s.rto_min)
         best, best_rate = self.ceiling, -1.0
-        for size in SIZE_LADDER:
-            size = min(size, self.ceiling)
-            arrives = (1.0 - p) ** fragments(size)
+        for size in reversed(ladder):
+            arrives = (1.0 - p) ** fragments(size, self.per_fragment)
             rate = size * arrives / (self.s.datagram_cost + size * self.s.byte_cost
                                      + (1.0 - arrives) * delay)
-            if rate > best_rate * 1.02:   # prefer the larger size unless clearly worse
+            if rate > best_rate * 1.02:   # a smaller size only if clearly better
                 best, best_rate = size, rate
         self.size = best
 
     def loss_threshold(self):
         """How long after its sending a DATA overtaken by an acknowledged one is lost."""
-        return max(self.s.reorder_factor * max(self.rtt.srtt or 0.0, self.latest_rtt),
-                   self.s.reorder_min)
+        return self.reorder_mult * max(
+            self.s.reorder_factor * max(self.rtt.srtt or 0.0, self.latest_rtt),
+            self.s.reorder_min)
 
     def sent(self, transfer):
         self.seq += 1
@@ -471,7 +499,7 @@ class ServerTransfer:
         self._seq = 0                # the outstanding DATA's number in the path's send order
         self._early_at = None        # when the outstanding DATA counts as lost (evidence)
         self._rto_at = None
-        self._spurious_check = False
+        self._spurious_check = self._spurious_check_early = self._last_early = False
         self.ceiling = ceiling or settings.datagram_size   # lowered if the OS refuses a size
         self._black_hole = False     # big datagrams never arrive: stay at the safe size
         self._probe_every = settings.probe_after
@@ -648,17 +676,16 @@ class ServerTransfer:
 
     def on_ack(self, n, now):
         """ACK n: continue at n if it acknowledges the outstanding DATA; ignore it otherwise."""
-        if self.state != WAIT_DATA:
+        if n == self.pos and self._spurious_check:
+            # The client acknowledged the previous DATA again: it got both copies of a
+            # retransmission, which was needless (the idea of DSACK, RFC 3708).
+            self._spurious_check = False
+            self.path.spurious(self._spurious_check_early)
             return
-        length = n - self.pos
-        crc = self._crcs.get(length)
+        crc = self._crcs.get(n - self.pos) if self.state == WAIT_DATA else None
         if crc is None:
-            if length == 0 and self._spurious_check:
-                # The client acknowledged the previous DATA again: it got both copies of a
-                # retransmission, which was needless (the idea of DSACK, RFC 3708).
-                self._spurious_check = False
-                self.path.spurious()
             return   # duplicate, stale or bogus: never answered (RFC 1123 4.2.3.1)
+        length = n - self.pos
         first_try = self._tries == 1
         self._sample(now)
         if first_try:
@@ -666,6 +693,7 @@ class ServerTransfer:
             if self._seq > self.path.acked:
                 self.path.acked = self._seq
         self._spurious_check = not first_try
+        self._spurious_check_early = self._last_early
         self._adjust_size(length)
         self._r = crc
         self.pos = n
@@ -721,25 +749,31 @@ class ServerTransfer:
             return
         if self._early_at is not None and now < self._rto_at:
             return self._retransmit(now, early=True)
-        if self._tries > self.s.max_retransmits:
-            return self.finish("timeout")
+        if self._timeouts >= self.s.max_retransmits:
+            return self.finish("timeout")   # early resends do not count: they are not silence
         self.rtt.backoff()
         self._timeouts += 1
         self._retransmit(now, early=False)
 
     def _retransmit(self, now, early):
+        self._last_early = early
         self._tries += 1
         self.retransmissions += 1
         if self.state == WAIT_DATA:
             self.path.outcome(len(self._current[1]) + len(self._current[0]), lost=True)
             if early:
                 self.early_retransmissions += 1
-            elif (self._timeouts >= self.s.shrink_after
-                  and len(self._current[1]) > self._payload_limit_for(
-                      self.s.safe_datagram_size, self.pos)):
-                self._shrink(self.s.safe_datagram_size)
-                if self.outcome is not None:
-                    return   # the file changed under the re-read: ERROR CHANGED was sent
+            big = len(self._current[1]) > self._payload_limit_for(self.s.safe_datagram_size,
+                                                                  self.pos)
+            if not early and big and self._timeouts >= self.s.shrink_after:
+                self._shrink(self.s.safe_datagram_size, black_hole=True)
+            elif len(self._current[1]) > self._payload_limit_for(self._datagram_size(),
+                                                                 self.pos):
+                # The path's size came down (losses): resend the bytes in a datagram of that
+                # size, or a lossy path would resend a many-fragment datagram forever.
+                self._shrink(self._datagram_size())
+            if self.outcome is not None:
+                return   # the file changed under the re-read: ERROR CHANGED was sent
         self._emit(self._current)
         # An early retransmission keeps the backed-off timer running from now: evidence of
         # loss is not evidence of a slower path.
@@ -750,13 +784,13 @@ class ServerTransfer:
         if self.state != WAIT_DATA or size <= self.s.safe_datagram_size:
             return
         self.ceiling = max(self.s.safe_datagram_size, min(self.ceiling, size // 2))
-        self._shrink(self.ceiling)
+        self._shrink(self.ceiling, black_hole=self.ceiling == self.s.safe_datagram_size)
         if self.outcome is None:
             self._emit(self._current)
 
-    def _shrink(self, datagram_size):
+    def _shrink(self, datagram_size, black_hole=False):
         """Resend the outstanding DATA with a smaller payload (some paths drop IP fragments)."""
-        if datagram_size == self.s.safe_datagram_size:
+        if black_hole:
             if self._probing:
                 self._probe_every = min(self._probe_every * 2, self.s.probe_after_max)
             self._black_hole, self._probing, self._small_streak = True, False, 0
@@ -795,7 +829,7 @@ class ServerDispatcher:
     get_timer(), handle_timer(now), read_ahead(), too_big(addr, size, now), close().
     """
 
-    def __init__(self, catalog, settings=None, logger=None, new_token=new_token):
+    def __init__(self, catalog, settings=None, logger=None, new_token=new_token, path_mtu=None):
         self.catalog = catalog
         self.s = settings or ServerSettings()
         self.log = logger or log
@@ -805,6 +839,7 @@ class ServerDispatcher:
         self.paths = OrderedDict()    # client IP -> Path: round trip, datagram size, send order
         self.errors = TokenBucket(self.s.error_rate, self.s.error_burst)
         self._new_token = new_token
+        self._path_mtu = path_mtu     # client IP -> the MTU towards it, or None (unknown)
         self._out = []
         self._timers = []             # heap of (deadline, seq, transfer); stale entries skipped
         self._seq = 0
@@ -959,7 +994,8 @@ class ServerDispatcher:
         (a transfer keeps its own reference)."""
         path = self.paths.get(ip)
         if path is None:
-            path = self.paths[ip] = Path(self.s, self.ceiling)
+            mtu = self._path_mtu(ip) if self._path_mtu is not None else None
+            path = self.paths[ip] = Path(self.s, self.ceiling, mtu or DEFAULT_MTU, ":" in ip)
             while len(self.paths) > self.s.rtt_cache_max:
                 self.paths.popitem(last=False)
         else:
@@ -1003,10 +1039,11 @@ class ServerDispatcher:
         moved = t.pos - t.start
         level = logging.INFO if t.outcome == "done" else logging.WARNING
         self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions"
-                     "%s%s", format_addr(t.addr), t.outcome, t.name, moved, seconds,
-                     moved / seconds / 1e6, t.retransmissions,
+                     "%s%s; path: %d-byte datagrams, %.2f%% loss", format_addr(t.addr), t.outcome,
+                     t.name, moved, seconds, moved / seconds / 1e6, t.retransmissions,
                      " (%d early)" % t.early_retransmissions if t.early_retransmissions else "",
-                     ", %d shrinks" % t.shrinks if t.shrinks else "")
+                     ", %d shrinks" % t.shrinks if t.shrinks else "", t.path.size,
+                     100 * t.path.loss_rate())
 
     def _is_recent(self, addr, now, request=None):
         entry = self.recent.get(addr)

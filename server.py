@@ -199,6 +199,28 @@ class Folder:
             self.scan()
 
 
+# getsockopt names for the path MTU of a connected socket (Linux); None where unknown.
+_IP_MTU = getattr(socket, "IP_MTU", 14 if sys.platform.startswith("linux") else None)
+_IPV6_MTU = getattr(socket, "IPV6_MTU", 24 if sys.platform.startswith("linux") else None)
+
+
+def path_mtu(ip):
+    """The MTU of the route to a client IP, or None where the OS does not say (then the
+    protocol assumes Ethernet's 1500). Connecting a UDP socket sends nothing: it only looks up
+    the route. Once per client IP, so loopback (MTU 65536: nothing fragments) is told apart
+    from an Ethernet path, where big datagrams are dozens of IP fragments."""
+    v6 = ":" in ip
+    opt = _IPV6_MTU if v6 else _IP_MTU
+    if opt is None:
+        return None
+    try:
+        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))
+            return s.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, opt)
+    except OSError:
+        return None
+
+
 def _bind(host, port):
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
@@ -225,7 +247,8 @@ class Server:
         self.settings = settings or config.ServerSettings()
         self.sock = _bind(host, port)
         self.server_address = self.sock.getsockname()
-        self.dispatcher = protocol.ServerDispatcher(folder, self.settings, log)
+        self.dispatcher = protocol.ServerDispatcher(folder, self.settings, log,
+                                                    path_mtu=path_mtu)
         self._stop = False
         self.send_errors = 0
 
@@ -255,7 +278,7 @@ class Server:
                 if exc.errno == errno.EMSGSIZE:   # e.g. macOS refuses > 9216 bytes by default
                     self.dispatcher.too_big(addr, sum(map(len, datagram)), now)
                 else:
-                    log.debug("send to %s failed: %s", addr, exc)
+                    log.warning("send to %s failed: %s", addr, exc)
 
     def serve_forever(self):
         d = self.dispatcher
