@@ -3,13 +3,13 @@
 Every `now` is a float the test chooses, so retransmission schedules are asserted as numbers and a
 lossy network is simulated deterministically from a seed. Run: `python3 -m tests test_protocol`.
 
-Sections: codec (round trips, a table of malformed datagrams, truncation and bit flips), names and
-the listing, the RFC 6298 estimator, the server dispatcher (happy path, ranges, timers, Karn,
-ignored ACKs, repeated and replaced requests, payload shrinking, pools and budgets, strangers,
-files that change), the client transfer, and a seeded end-to-end simulation.
+Sections: codec (round trips, a table of malformed datagrams, truncation and bit flips), the
+running CRC, names and the listing, the RFC 6298 estimator, the server dispatcher (happy path,
+ranges, timers, Karn, ignored ACKs, repeated and replaced requests, payload shrinking, pools and
+budgets, strangers, address validation by token, early retransmission, files that change), the
+path's datagram size, the client transfer, and a seeded end-to-end simulation.
 """
 
-import hashlib
 import heapq
 import logging
 import random
@@ -29,7 +29,16 @@ QUIET.setLevel(logging.CRITICAL)
 A = ("192.0.2.10", 40001)        # a client address
 B = ("192.0.2.10", 40002)        # same host, another socket
 C = ("198.51.100.7", 50000)      # another host
-EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+TOKEN = b"0123456789abcdef"      # a token for codec and client tests
+OTHER_TOKEN = b"fedcba9876543210"
+
+
+def ack(n, token=TOKEN):
+    """The ACK a client of TOKEN's transfer sends."""
+    return protocol.format_ack(n, token)
+
+
+ACK_EOF = protocol.format_ack_eof(TOKEN)
 
 
 def blob(n, seed=0):
@@ -37,10 +46,19 @@ def blob(n, seed=0):
     return random.Random(seed).getrandbits(8 * n).to_bytes(n, "little") if n else b""
 
 
-def data_datagram(offset, payload, field=None):
-    """A DATA datagram; `field` lets a test write a non-canonical offset with a matching crc."""
+def range_crc(content, start, end):
+    """R(end) of a transfer of `content` that started at `start` (PROTOCOL.md "The running
+    CRC"), computed in one go over the whole range."""
+    return zlib.crc32(content[start:end], protocol.crc_start(start))
+
+
+def data_datagram(offset, payload, r=None, field=None):
+    """A DATA datagram whose crc is crc32(payload, r), r being R(offset) of the transfer
+    (crc_start(offset) if not given: a transfer that starts at offset); `field` lets a test write
+    a non-canonical offset."""
     field = b"%d" % offset if field is None else field
-    return b"DATA %s %08x\n" % (field, protocol.data_crc(field, payload)) + payload
+    r = protocol.crc_start(offset) if r is None else r
+    return b"DATA %s %08x\n" % (field, zlib.crc32(payload, r)) + payload
 
 
 def wire(datagram):
@@ -70,53 +88,82 @@ class CodecRoundTrips(unittest.TestCase):
 
     def test_ack(self):
         for n in [0, 1, 65000, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1, 2 ** 64 + 12345, 10 ** 39]:
-            with self.subTest(n=n):
-                msg = protocol.parse_client_message(protocol.format_ack(n))
-                self.assertIsInstance(msg, protocol.Ack)
-                self.assertEqual(msg.n, n)
-        self.assertIsNone(protocol.parse_client_message(protocol.ACK_EOF).n)
-        self.assertEqual(protocol.ACK_EOF, b"ACK EOF")
+            for token in (TOKEN, OTHER_TOKEN, b"0" * 16, b"f" * 16):
+                with self.subTest(n=n, token=token):
+                    datagram = protocol.format_ack(n, token)
+                    self.assertEqual(datagram, b"ACK %d %s" % (n, token))
+                    msg = protocol.parse_client_message(datagram)
+                    self.assertIsInstance(msg, protocol.Ack)
+                    self.assertEqual(msg, protocol.Ack(n, token))
+                    self.assertIsInstance(msg.token, bytes)
+
+    def test_ack_eof(self):
+        for token in (TOKEN, OTHER_TOKEN):
+            datagram = protocol.format_ack_eof(token)
+            self.assertEqual(datagram, b"ACK EOF " + token)
+            msg = protocol.parse_client_message(datagram)
+            self.assertEqual(msg, protocol.Ack(None, token))
+            self.assertIsNone(msg.n)
+        self.assertFalse(hasattr(protocol, "ACK_EOF"))   # v1's constant is gone
 
     def test_size(self):
         for size, version in [(0, "v"), (150000, "18c2f09e3b7-249f0"), (5 * 2 ** 32, "x" * 64),
                               (2 ** 70, "!~")]:
-            with self.subTest(size=size, version=version):
-                msg = protocol.parse_server_message(protocol.format_size(size, version))
-                self.assertIsInstance(msg, protocol.Size)
-                self.assertEqual((msg.size, msg.version), (size, version))
+            for token in (TOKEN, b"00000000000000ff"):
+                with self.subTest(size=size, version=version, token=token):
+                    datagram = protocol.format_size(size, version, token)
+                    self.assertEqual(datagram, b"SIZE %d %s %s" % (size, version.encode(), token))
+                    msg = protocol.parse_server_message(datagram)
+                    self.assertIsInstance(msg, protocol.Size)
+                    self.assertEqual(msg, protocol.Size(size, version, token))
+                    self.assertIsInstance(msg.token, bytes)
 
-    def test_size_refuses_to_format_a_bad_version(self):
+    def test_size_refuses_to_format_a_bad_version_or_token(self):
         for version in ["", "x" * 65, "a b", "vé", "a\nb"]:
             with self.subTest(version=version):
                 with self.assertRaises(ValueError):
-                    protocol.format_size(1, version)
+                    protocol.format_size(1, version, TOKEN)
+        for token in [b"", TOKEN[:15], TOKEN + b"0", TOKEN.upper(), b"g" * 16, b"0123456789abcde ",
+                      b"0x23456789abcdef"]:
+            with self.subTest(token=token):
+                with self.assertRaises(ValueError):
+                    protocol.format_size(1, "v", token)
 
     def test_data(self):
         cases = [(0, b"x"), (1234, b"hello world"), (5 * 2 ** 32 + 7, bytes(range(256))),
                  (2 ** 64, b"\n"), (9, b"ends with newline\n"), (10, b"crlf\r\n"),
                  (11, b"DATA 0 00000000\n"), (12, blob(65000))]
         for offset, payload in cases:
-            with self.subTest(offset=offset, n=len(payload)):
-                datagram = protocol.format_data_header(offset, payload) + payload
-                msg = protocol.parse_server_message(datagram)
-                self.assertIsInstance(msg, protocol.Data)
-                self.assertEqual(msg.offset, offset)
-                self.assertEqual(bytes(msg.payload), payload)   # trailing \n is payload
-                # bytearray and memoryview inputs (recv_into buffers) parse the same
-                for form in (bytearray(datagram), memoryview(datagram)):
-                    msg = protocol.parse_server_message(form)
-                    self.assertEqual((msg.offset, bytes(msg.payload)), (offset, payload))
+            for crc in (0, 1, 0xdeadbeef, 0xffffffff, zlib.crc32(payload, 12345)):
+                with self.subTest(offset=offset, n=len(payload), crc=crc):
+                    header = protocol.format_data_header(offset, crc)
+                    self.assertEqual(header, b"DATA %d %08x\n" % (offset, crc))
+                    datagram = header + payload
+                    msg = protocol.parse_server_message(datagram)
+                    self.assertIsInstance(msg, protocol.Data)
+                    self.assertEqual((msg.offset, msg.crc), (offset, crc))
+                    self.assertEqual(bytes(msg.payload), payload)   # trailing \n is payload
+                    # bytearray and memoryview inputs (recv_into buffers) parse the same
+                    for form in (bytearray(datagram), memoryview(datagram)):
+                        msg = protocol.parse_server_message(form)
+                        self.assertEqual((msg.offset, msg.crc, bytes(msg.payload)),
+                                         (offset, crc, payload))
 
-    def test_data_crc_covers_offset_then_payload(self):
-        header = protocol.format_data_header(65000, b"abc")
-        crc = zlib.crc32(b"abc", zlib.crc32(b"65000"))
-        self.assertEqual(header, b"DATA 65000 %08x\n" % crc)
+    def test_data_crc_is_not_checked_by_the_parser(self):
+        # Only the receiver knows R(offset): any 8-hex-digit crc parses.
+        msg = protocol.parse_server_message(b"DATA 65000 00000000\nabc")
+        self.assertEqual(msg, protocol.Data(65000, 0, msg.payload))
+        self.assertEqual(bytes(msg.payload), b"abc")
 
     def test_eof(self):
-        for digest in [EMPTY_SHA, hashlib.sha256(b"abc").hexdigest()]:
-            msg = protocol.parse_server_message(protocol.format_eof(digest))
-            self.assertIsInstance(msg, protocol.Eof)
-            self.assertEqual(msg.digest, digest)
+        for crc in [0, 1, 0xffffffff, protocol.crc_start(0), zlib.crc32(b"abc")]:
+            with self.subTest(crc=crc):
+                datagram = protocol.format_eof(crc)
+                self.assertEqual(datagram, b"EOF %08x" % crc)
+                msg = protocol.parse_server_message(datagram)
+                self.assertEqual(msg, protocol.Eof(crc))
+        self.assertFalse(hasattr(protocol, "EMPTY_SHA256"))
+        self.assertFalse(hasattr(protocol, "data_crc"))
 
     def test_error(self):
         for code in protocol.ERROR_CODES:
@@ -130,10 +177,12 @@ class CodecRoundTrips(unittest.TestCase):
                     if text == "no such file":
                         self.assertEqual(msg.text, text)
         self.assertEqual(protocol.format_error("BUSY"), b"ERROR BUSY")
+        self.assertEqual(protocol.parse_server_message(b"ERROR BUSY"), protocol.Error("BUSY"))
 
     def test_one_trailing_newline_accepted_on_control_messages(self):
-        client = [(b"LIST", protocol.ListRequest), (b"ACK 5", protocol.Ack),
-                  (b"ACK EOF", protocol.Ack), (b"DOWNLOAD a b 0 10", protocol.DownloadRequest)]
+        client = [(b"LIST", protocol.ListRequest), (b"ACK 5 " + TOKEN, protocol.Ack),
+                  (b"ACK EOF " + TOKEN, protocol.Ack),
+                  (b"DOWNLOAD a b 0 10", protocol.DownloadRequest)]
         for base, kind in client:
             for end in (b"\n", b"\r\n"):
                 with self.subTest(base=base, end=end):
@@ -143,15 +192,21 @@ class CodecRoundTrips(unittest.TestCase):
                             protocol.parse_client_message(base + bad)
         msg = protocol.parse_client_message(b"DOWNLOAD a b 0 10\r\n")
         self.assertEqual((msg.name, msg.offset, msg.chunk_size), ("a b", 0, 10))
-        self.assertEqual(protocol.parse_client_message(b"ACK 5\n").n, 5)
-        server = [protocol.format_size(10, "v1"), protocol.format_eof(EMPTY_SHA), b"ERROR BUSY"]
+        self.assertEqual(protocol.parse_client_message(b"ACK 5 %s\n" % TOKEN),
+                         protocol.Ack(5, TOKEN))
+        self.assertEqual(protocol.parse_client_message(b"ACK EOF %s\r\n" % TOKEN),
+                         protocol.Ack(None, TOKEN))
+        server = [protocol.format_size(10, "v1", TOKEN), protocol.format_eof(0x1234abcd),
+                  b"ERROR BUSY"]
         for base in server:
             for end in (b"\n", b"\r\n"):
                 with self.subTest(base=base, end=end):
                     protocol.parse_server_message(base + end)
                     with self.assertRaises(ProtocolError):
                         protocol.parse_server_message(base + end + end)
-        self.assertEqual(protocol.parse_server_message(b"SIZE 10 v1\r\n").version, "v1")
+        msg = protocol.parse_server_message(b"SIZE 10 v1 %s\r\n" % TOKEN)
+        self.assertEqual(msg, protocol.Size(10, "v1", TOKEN))
+        self.assertEqual(protocol.parse_server_message(b"EOF 0000abcd\n"), protocol.Eof(0xabcd))
 
     def test_names_with_spaces(self):
         msg = protocol.parse_client_message(b"DOWNLOAD my file.txt 0 10")
@@ -166,8 +221,10 @@ class CodecRoundTrips(unittest.TestCase):
         big = 2 ** 32 + 17
         msg = protocol.parse_client_message(b"DOWNLOAD f %d %d" % (big, 2 * big))
         self.assertEqual((msg.offset, msg.chunk_size), (big, 2 * big))
-        self.assertEqual(protocol.parse_client_message(b"ACK %d" % (2 ** 63 + 1)).n, 2 ** 63 + 1)
-        self.assertEqual(protocol.parse_server_message(b"SIZE %d v" % (2 ** 45)).size, 2 ** 45)
+        self.assertEqual(protocol.parse_client_message(b"ACK %d %s" % (2 ** 63 + 1, TOKEN)).n,
+                         2 ** 63 + 1)
+        self.assertEqual(protocol.parse_server_message(b"SIZE %d v %s" % (2 ** 45, TOKEN)).size,
+                         2 ** 45)
         self.assertEqual(protocol.parse_number("9" * protocol.MAX_DIGITS),
                          10 ** protocol.MAX_DIGITS - 1)
 
@@ -176,8 +233,8 @@ class CodecRoundTrips(unittest.TestCase):
             with self.subTest(digits=digits):
                 text = "1" + "7" * (digits - 1)
                 self.assertEqual(protocol.parse_number(text), protocol.HUGE)
-                self.assertEqual(protocol.parse_client_message(b"ACK " + text.encode()).n,
-                                 protocol.HUGE)
+                msg = protocol.parse_client_message(b"ACK %s %s" % (text.encode(), TOKEN))
+                self.assertEqual(msg, protocol.Ack(protocol.HUGE, TOKEN))
                 msg = protocol.parse_client_message(("DOWNLOAD f 0 " + text).encode())
                 self.assertEqual(msg.chunk_size, protocol.HUGE)
         self.assertGreater(protocol.HUGE, 10 ** (protocol.MAX_DIGITS - 1))
@@ -194,8 +251,9 @@ class CodecRoundTrips(unittest.TestCase):
 
 
 GOOD_DATA = data_datagram(1234, b"hello world")
-CRC = b"%08x" % protocol.data_crc(b"1234", b"hello world")
+CRC = b"%08x" % zlib.crc32(b"hello world", protocol.crc_start(1234))
 assert CRC.upper() != CRC   # so that the uppercase case below really differs
+T = TOKEN
 
 MALFORMED_SERVER = [
     b"", b"D", b"DATA", b"DATA ", b"DATA 1234", b"DATA 1234 ", b"DATA 1234 " + CRC[:4],
@@ -205,58 +263,94 @@ MALFORMED_SERVER = [
     b"DATA 1234 " + CRC.upper() + b"\nhello world",       # uppercase crc hex (has a letter)
     b"DATA 1234 " + CRC[:7] + b"\nhello world",            # 7 hex digits
     b"DATA 1234 " + CRC + b"0\nhello world",               # 9 hex digits
-    b"DATA 1234 %08x\nhello world" % ((int(CRC, 16) ^ 1)), # crc mismatch
-    b"DATA 1235 " + CRC + b"\nhello world",                # offset changed, crc no longer fits
-    b"DATA 1234 " + CRC + b"\nhello worle",                # payload changed
-    b"DATA 1234 " + CRC + b"\nhello world!",               # payload longer
+    b"DATA 1234 0x" + CRC[2:] + b"\nhello world",          # a prefix
     b"DATA 1234 " + CRC + b"\n",                           # empty payload
     data_datagram(0, b""),                                 # empty payload, crc right
-    data_datagram(7, b"abc", field=b"007"),                # leading zeros (crc matches field)
+    data_datagram(7, b"abc", field=b"007"),                # leading zeros
     data_datagram(1, b"abc", field=b"-1"),
     data_datagram(1, b"abc", field=b"+1"),
     data_datagram(12, b"abc", field="١٢".encode()),        # non-ASCII digits
     data_datagram(12, b"abc", field=b"1 2"),
     data_datagram(1, b"abc", field=b""),
+    data_datagram(1, b"abc", field=b"1" * 130),            # no newline in the header's reach
+    b"DATA 1234 " + CRC + b" 5\nhello world",              # three fields
     b"DATA  1234 " + CRC + b"\nhello world",               # doubled spaces
     b"DATA 1234  " + CRC + b"\nhello world",
     b"DATA 1234 " + CRC + b" \nhello world",
     b"DATA 1234 " + CRC + b"\r\nhello world",
     b"data 1234 " + CRC + b"\nhello world",                # lowercase keyword
     b"DATA\n1234 " + CRC + b"\nhello world",
-    b"SIZE", b"SIZE ", b"SIZE 10", b"SIZE 10 ", b"SIZE 10 " + b"v" * 65, b"SIZE 10 a b",
-    "SIZE 10 vé".encode(), b"SIZE 10 v\x7f", b"SIZE 10 v\x00", b"SIZE 10 v\t",
-    b"SIZE 010 v", b"SIZE -1 v", b"SIZE +1 v", "SIZE ١٢ v".encode(), b"SIZE  10 v",
-    b"SIZE 10  v", b"SIZE 10 v ", b"size 10 v", b"SIZE 10 v\n\n", b"SIZE 10 \xff",
-    b"EOF", b"EOF ", b"EOF " + EMPTY_SHA[:63].encode(), b"EOF " + EMPTY_SHA.encode() + b"0",
-    b"EOF " + EMPTY_SHA.upper().encode(), b"EOF " + b"g" * 64, b"EOF  " + EMPTY_SHA.encode(),
-    b"EOF " + EMPTY_SHA.encode() + b" ", b"eof " + EMPTY_SHA.encode(),
+    b"SIZE", b"SIZE ", b"SIZE 10", b"SIZE 10 ", b"SIZE 10 " + b"v" * 65 + b" " + T,
+    b"SIZE 10 a b " + T, "SIZE 10 vé ".encode() + T, b"SIZE 10 v\x7f " + T,
+    b"SIZE 10 v\x00 " + T, b"SIZE 10 v\t " + T,
+    b"SIZE 010 v " + T, b"SIZE -1 v " + T, b"SIZE +1 v " + T, "SIZE ١٢ v ".encode() + T,
+    b"SIZE  10 v " + T, b"SIZE 10  v " + T, b"SIZE 10 v  " + T, b"SIZE 10 v " + T + b" ",
+    b"size 10 v " + T, b"SIZE 10 v " + T + b"\n\n", b"SIZE 10 \xff " + T,
+    # v2: the token
+    b"SIZE 10 v",                                          # v1's two fields
+    b"SIZE 10 v ", b"SIZE 10 " + T,                        # token without version
+    b"SIZE 10 v " + T[:15],                                # 15 hex digits
+    b"SIZE 10 v " + T + b"0",                              # 17 hex digits
+    b"SIZE 10 v " + T.upper(),                             # uppercase hex
+    b"SIZE 10 v 0123456789abcdeg",                         # not hex
+    b"SIZE 10 v 0123456789abcd\xc3\xa9",                   # 16 bytes, not ASCII hex
+    b"SIZE 10 v " + T + b" " + T,                          # two tokens
+    b"EOF", b"EOF ", b"EOF 1234abc", b"EOF 1234abcd0",     # 7 and 9 hex digits
+    b"EOF 1234ABCD", b"EOF 1234abcD", b"EOF gggggggg", b"EOF -234abcd", b"EOF  1234abcd",
+    b"EOF 1234abcd ", b"eof 1234abcd", b"EOF 0x34abcd", b"EOF 1234abcd 1234abcd",
+    b"EOF " + b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",  # v1 digest
     b"ERROR", b"ERROR ", b"ERROR busy", b"ERROR BUSY " + b"x" * 60,
     b"ERROR NOT_FOUND " + b"y" * 49,                       # 65 bytes
-    b"HELLO", b"LIST", b"ACK 5", b"\xff\xfe\xfd", b"\xc3", b"\x00" * 10,
+    b"HELLO", b"LIST", b"ACK 5 " + T, b"\xff\xfe\xfd", b"\xc3", b"\x00" * 10,
 ]
 
 MALFORMED_CLIENT = [
     b"", b"L", b"LIS", b"list", b"List", b"LIST ", b" LIST", b"LIST\r", b"LIST\x00",
     b"LIST\n\n", b"LIST\r\n\r\n", b"LISTLIST",
-    b"ACK", b"ACK ", b"ACK 007", b"ACK 00", b"ACK -1", b"ACK +1", "ACK ١٢".encode(),
-    "ACK １".encode(), "ACK ²".encode(), b"ACK  1", b"ACK 1 ", b"ACK 1 2", b"ACK eof",
-    b"ACK EOF ", b"ACK  EOF", b"ack 1", b"Ack 1", b"ACK 1.0", b"ACK 0x10", b"ACK 1e3",
-    b"ACK\t1", b"ACK 1\n\n", b"ACK \xff",
+    b"ACK", b"ACK ", b"ACK 007 " + T, b"ACK 00 " + T, b"ACK -1 " + T, b"ACK +1 " + T,
+    "ACK ١٢ ".encode() + T, "ACK １ ".encode() + T, "ACK ² ".encode() + T, b"ACK  1 " + T,
+    b"ACK 1 " + T + b" ", b"ACK 1 2 " + T, b"ACK eof " + T, b"ACK  EOF " + T,
+    b"ACK EOF  " + T, b"ack 1 " + T, b"Ack 1 " + T, b"ACK 1.0 " + T, b"ACK 0x10 " + T,
+    b"ACK 1e3 " + T, b"ACK\t1 " + T, b"ACK 1\t" + T, b"ACK 1 " + T + b"\n\n", b"ACK \xff " + T,
+    # v2: the token
+    b"ACK 5", b"ACK 5 ", b"ACK 0", b"ACK 1 2",             # no token (v1's ACK)
+    b"ACK EOF", b"ACK EOF ",                               # "ACK EOF" without token
+    b"ACK " + T,                                           # token without number
+    b"ACK 5 " + T[:15], b"ACK 5 " + T + b"0",              # 15 and 17 hex digits
+    b"ACK 5 " + T.upper(), b"ACK 5 0123456789abcdeg",      # uppercase, not hex
+    b"ACK 5 0123456789abcd\xc3\xa9",                       # 16 bytes, not ASCII hex
+    b"ACK EOF " + T[:15], b"ACK EOF " + T.upper(), b"ACK EOF zzzzzzzzzzzzzzzz",
+    b"ACK 5 tok extra", b"ACK 5 " + T + b" extra", b"ACK EOF " + T + b" extra",
+    b"ACK 5 " + T + b" " + T,
     b"DOWNLOAD", b"DOWNLOAD ", b"DOWNLOAD a", b"DOWNLOAD a 0", b"DOWNLOAD 0 10",
     b"DOWNLOAD a 0 10 ", b"DOWNLOAD a 00 10", b"DOWNLOAD a 0 010", b"DOWNLOAD a -1 10",
     b"DOWNLOAD a +1 10", "DOWNLOAD a ١ 10".encode(), b"DOWNLOAD a 0  10", b"DOWNLOAD a 0 -10",
     b"download a 0 10", b"DOWNLOADa 0 10", b"DOWNLOAD \xff 0 10", b"DOWNLOAD a 0 10\n\n",
     b"DOWNLOAD a\xc3 0 10",
-    b"HELLO", b"GET a", b"SIZE 10 v", b"EOF " + EMPTY_SHA.encode(), GOOD_DATA,
+    b"HELLO", b"GET a", b"SIZE 10 v " + T, b"EOF 1234abcd", GOOD_DATA,
     b"\xff", b"\x00", b"\xff\xfe\xfd\xfc",
 ]
+
+
+def waiting_client(offset, size=None):
+    """A ClientTransfer of the range [offset, size) that has acknowledged SIZE: it waits for the
+    DATA at `offset`, with R(offset) = crc_start(offset)."""
+    c = protocol.ClientTransfer("f", offset, 10 ** 12, 0.0, config.ClientSettings())
+    c.datagrams_to_send()
+    c.receive_datagram(protocol.format_size(size or offset + 10 ** 6, "v", TOKEN), 0.01)
+    assert c.datagrams_to_send() == [protocol.format_ack(offset, TOKEN)]
+    return c
 
 
 class CodecMalformed(unittest.TestCase):
 
     def test_good_data_is_good(self):
         msg = protocol.parse_server_message(GOOD_DATA)   # the table's base case really parses
-        self.assertEqual((msg.offset, bytes(msg.payload)), (1234, b"hello world"))
+        self.assertEqual((msg.offset, msg.crc, bytes(msg.payload)),
+                         (1234, int(CRC, 16), b"hello world"))
+        c = waiting_client(1234)                         # and is accepted where it belongs
+        self.assertEqual(bytes(c.receive_datagram(GOOD_DATA, 0.1)), b"hello world")
+        self.assertEqual(c.datagrams_to_send(), [protocol.format_ack(1245, TOKEN)])
 
     def test_server_messages_table(self):
         for datagram in MALFORMED_SERVER:
@@ -270,6 +364,28 @@ class CodecMalformed(unittest.TestCase):
                 with self.assertRaises(ProtocolError):
                     protocol.parse_client_message(datagram)
 
+    def test_damaged_data_parses_but_is_refused_by_the_transfer(self):
+        # v1's parser checked a per-datagram crc; v2's crc is the running CRC, which only the
+        # receiver can check: these parse, and a transfer waiting at 1234 refuses every one.
+        for datagram in [
+                b"DATA 1234 %08x\nhello world" % (int(CRC, 16) ^ 1),   # crc mismatch
+                b"DATA 1234 " + CRC + b"\nhello worle",              # payload changed
+                b"DATA 1234 " + CRC + b"\nhello world!",             # payload longer
+                b"DATA 1234 " + CRC + b"\nhello worl",               # payload shorter
+                b"DATA 1234 " + CRC + b"\nHello world",
+                data_datagram(1234, b"hello world", r=0),            # another R(1234)
+                ]:
+            with self.subTest(datagram=datagram):
+                self.assertIsInstance(protocol.parse_server_message(datagram), protocol.Data)
+                c = waiting_client(1234)
+                self.assertIsNone(c.receive_datagram(datagram, 0.1))
+                self.assertEqual(c.datagrams_to_send(), [])        # not acknowledged
+                self.assertEqual(c.pos, 1234)
+        # an offset changed, crc kept: the transfer waiting at 1235 refuses it too
+        c = waiting_client(1235)
+        self.assertIsNone(c.receive_datagram(b"DATA 1235 " + CRC + b"\nhello world", 0.1))
+        self.assertEqual((c.datagrams_to_send(), c.pos), ([], 1235))
+
     def test_error_limit_is_64_bytes(self):
         ok = b"ERROR BUSY " + b"x" * (64 - 11)
         self.assertEqual(len(ok), 64)
@@ -282,23 +398,45 @@ class CodecMalformed(unittest.TestCase):
             protocol.parse_client_message(b"nonsense")
         self.assertEqual(cm.exception.code, "BAD_REQUEST")
 
-    def test_every_prefix_of_data_raises(self):
+    def assert_never_accepted(self, c, datagram, offset):
+        """`datagram` is not accepted by `c`, which waits at `offset`: either the parser raises,
+        or the transfer refuses it (nothing returned, position kept, no ACK of anything new)."""
+        try:
+            msg = protocol.parse_server_message(datagram)
+        except ProtocolError:
+            msg = None
+        self.assertIsNone(c.receive_datagram(datagram, 0.1))
+        self.assertEqual(c.pos, offset)
+        out = c.datagrams_to_send()
+        if isinstance(msg, protocol.Data) and msg.offset < offset:
+            # read as a copy of data already received: the client says again where it is
+            self.assertEqual(out, [protocol.format_ack(offset, TOKEN)])
+        else:
+            self.assertEqual(out, [])
+        return msg
+
+    def test_every_prefix_of_data_is_never_accepted(self):
         for offset, payload in [(0, b"x"), (1234, b"hello\nworld"), (2 ** 40, blob(300, 1)),
                                 (99, b"\n\n\n")]:
             datagram = data_datagram(offset, payload)
+            c = waiting_client(offset)
+            parsed = 0
             for k in range(len(datagram)):
                 with self.subTest(offset=offset, prefix=k):
-                    with self.assertRaises(ProtocolError):
-                        protocol.parse_server_message(datagram[:k])
+                    parsed += self.assert_never_accepted(c, datagram[:k], offset) is not None
+            self.assertEqual(bytes(c.receive_datagram(datagram, 0.2)), payload)   # the whole
+            self.assertEqual(parsed, len(payload) - 1)   # prefixes with some payload parse
 
-    def test_every_single_bit_flip_in_data_raises(self):
-        datagram = data_datagram(70000, b"payload\nwith newline\r\n")
+    def test_every_single_bit_flip_in_data_is_never_accepted(self):
+        payload = b"payload\nwith newline\r\n"
+        datagram = data_datagram(70000, payload)
+        c = waiting_client(70000)
         for bit in range(len(datagram) * 8):
             flipped = bytearray(datagram)
             flipped[bit // 8] ^= 1 << (bit % 8)
             with self.subTest(bit=bit):
-                with self.assertRaises(ProtocolError):
-                    protocol.parse_server_message(bytes(flipped))
+                self.assert_never_accepted(c, bytes(flipped), 70000)
+        self.assertEqual(bytes(c.receive_datagram(datagram, 0.2)), payload)
 
 
 # --- 2. Names and the listing -----------------------------------------------------------------
@@ -472,22 +610,37 @@ class FakeEntry:
 
 
 class Server:
-    """A ServerDispatcher on a fake catalog; each verb returns [(bytes, addr)] sent."""
+    """A ServerDispatcher on a fake catalog; each verb returns [(bytes, addr)] sent.
 
-    def __init__(self, files=None, listing=b"", **settings):
+    It remembers the token of the last SIZE sent to each address, as a client would, so that
+    ack() and ack_eof() echo it; `new_token` makes the dispatcher's tokens deterministic."""
+
+    def __init__(self, files=None, listing=b"", new_token=None, **settings):
         self.catalog = FakeCatalog(files or {}, listing)
         self.s = config.ServerSettings(**settings)
-        self.d = protocol.ServerDispatcher(self.catalog, self.s, QUIET)
+        kw = {} if new_token is None else {"new_token": new_token}
+        self.d = protocol.ServerDispatcher(self.catalog, self.s, QUIET, **kw)
         self.sent = []
+        self.tokens = {}
 
     def _drain(self):
         out = [(wire(dg), addr) for dg, addr in self.d.datagrams_to_send()]
         self.sent.extend(out)
+        for b, addr in out:
+            if b.startswith(b"SIZE "):
+                self.tokens[addr] = protocol.parse_server_message(b).token
         return out
 
     def recv(self, data, addr=A, now=0.0):
         self.d.receive_datagram(data, addr, now)
         return self._drain()
+
+    def ack(self, n, addr=A, now=0.0, token=None):
+        """ACK n from addr, with the token of the SIZE it got (or `token`)."""
+        return self.recv(protocol.format_ack(n, token or self.tokens[addr]), addr, now)
+
+    def ack_eof(self, addr=A, now=0.0, token=None):
+        return self.recv(protocol.format_ack_eof(token or self.tokens[addr]), addr, now)
 
     def timer(self, now):
         self.d.handle_timer(now)
@@ -507,6 +660,11 @@ def one(test, out, addr=A):
     return protocol.parse_server_message(out[0][0])
 
 
+def end_of(msg):
+    """The offset just past a DATA's payload."""
+    return msg.offset + len(msg.payload)
+
+
 FILE = blob(5000, 7)
 SMALL = dict(datagram_size=200)
 
@@ -517,27 +675,34 @@ class DispatcherCase(unittest.TestCase):
     def start(self, srv, name="a.bin", offset=0, chunk=10 ** 9, addr=A, now=0.0, ack_at=None):
         size = one(self, srv.recv(protocol.format_download(name, offset, chunk), addr, now), addr)
         self.assertIsInstance(size, protocol.Size)
-        first = one(self, srv.recv(protocol.format_ack(offset), addr,
-                                   now if ack_at is None else ack_at), addr)
+        first = one(self, srv.ack(offset, addr, now if ack_at is None else ack_at), addr)
         return size, first
 
     def run_to_eof(self, srv, first, addr=A, now=0.0, step=0.0, limit=None):
-        """Acknowledge every DATA in turn; -> (bytes, eof digest, datagram count)."""
-        msg, got, count = first, [], 0
+        """Acknowledge every DATA in turn; -> (bytes, EOF's crc, datagram count).
+
+        Each DATA after the first must carry crc32(payload, crc of the one before), and EOF the
+        last DATA's crc: with the caller's check of EOF's crc against R(end), every DATA's crc
+        is checked (CRC-32 chaining is one-to-one in its starting value)."""
+        msg, got, count, r = first, [], 0, None
         limit = limit or srv.s.datagram_size
         while isinstance(msg, protocol.Data):
             self.assertLess(count, 100000, "no end in sight")
             self.assertEqual(msg.offset, (got and got[-1][0] + len(got[-1][1])) or msg.offset)
+            if r is not None:
+                self.assertEqual(msg.crc, zlib.crc32(msg.payload, r), "running CRC broken")
+            r = msg.crc
             got.append((msg.offset, bytes(msg.payload)))
-            self.assertLessEqual(len(protocol.format_data_header(msg.offset, msg.payload))
+            self.assertLessEqual(len(protocol.format_data_header(msg.offset, msg.crc))
                                  + len(msg.payload), limit)
             count += 1
             now += step
-            msg = one(self, srv.recv(protocol.format_ack(msg.offset + len(msg.payload)),
-                                     addr, now), addr)
+            msg = one(self, srv.ack(end_of(msg), addr, now), addr)
         self.assertIsInstance(msg, protocol.Eof)
+        if r is not None:
+            self.assertEqual(msg.crc, r)
         self.last_now = now
-        return b"".join(p for _, p in got), msg.digest, count
+        return b"".join(p for _, p in got), msg.crc, count
 
 
 class DispatcherBasics(DispatcherCase):
@@ -547,20 +712,20 @@ class DispatcherBasics(DispatcherCase):
         size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000000"))
         self.assertEqual((size.size, size.version), (5000, "ver-1"))
         self.assertIn(A, srv.d.pending)
-        self.assertEqual(srv.recv(b"ACK 1"), [])       # not the ACK of SIZE: ignored
-        first = one(self, srv.recv(b"ACK 0"))
+        self.assertEqual(srv.ack(1), [])       # not the ACK of SIZE: ignored
+        first = one(self, srv.ack(0))
         self.assertIsInstance(first, protocol.Data)
         self.assertEqual(first.offset, 0)
         self.assertIn(A, srv.d.active)
-        data, digest, count = self.run_to_eof(srv, first)
+        data, crc, count = self.run_to_eof(srv, first)
         self.assertEqual(data, FILE)
-        self.assertEqual(digest, hashlib.sha256(FILE).hexdigest())
+        self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
         self.assertGreater(count, 25)                   # 200-byte datagrams: many of them
-        self.assertEqual(srv.recv(protocol.ACK_EOF), [])
+        self.assertEqual(srv.ack_eof(), [])
         self.assertEqual(srv.d.active, {})
         self.assertEqual(srv.d.pending, {})
         self.assertIsNone(srv.d.get_timer())
-        self.assertEqual(srv.recv(protocol.ACK_EOF), [])   # the client's spare copy: quiet
+        self.assertEqual(srv.ack_eof(), [])   # the client's spare copy: quiet
         self.assertEqual(srv.recv(b"DOWNLOAD a.bin 0 1000000"), [])   # late request copy
 
     def test_list(self):
@@ -568,13 +733,13 @@ class DispatcherBasics(DispatcherCase):
         srv = Server({}, listing=listing, datagram_size=100)
         size, first = self.start_list(srv)
         self.assertEqual(size.size, len(listing))
-        data, digest, _ = self.run_to_eof(srv, first)
+        data, crc, _ = self.run_to_eof(srv, first)
         self.assertEqual(data, listing)
-        self.assertEqual(digest, hashlib.sha256(listing).hexdigest())
+        self.assertEqual(crc, range_crc(listing, 0, len(listing)))
 
     def start_list(self, srv):
         size = one(self, srv.recv(b"LIST\n"))
-        return size, one(self, srv.recv(b"ACK 0"))
+        return size, one(self, srv.ack(0))
 
     def test_range_and_cut_at_end(self):
         for offset, chunk in [(1000, 1500), (1000, 10 ** 9), (0, 1), (4999, 5), (17, 2 ** 64),
@@ -584,10 +749,10 @@ class DispatcherBasics(DispatcherCase):
                 size, first = self.start(srv, offset=offset, chunk=chunk)
                 self.assertEqual(size.size, 5000)       # always the whole file's size
                 self.assertEqual(first.offset, offset)
-                data, digest, _ = self.run_to_eof(srv, first)
+                data, crc, _ = self.run_to_eof(srv, first)
                 want = FILE[offset:offset + chunk]
                 self.assertEqual(data, want)
-                self.assertEqual(digest, hashlib.sha256(want).hexdigest())
+                self.assertEqual(crc, range_crc(FILE, offset, offset + len(want)))
 
     def test_empty_range(self):
         for files, req in [({"a.bin": protocol.MemoryEntry(FILE)}, b"DOWNLOAD a.bin 5000 10"),
@@ -597,10 +762,10 @@ class DispatcherBasics(DispatcherCase):
                 srv = Server(files, **SMALL)
                 self.assertIsInstance(one(self, srv.recv(req)), protocol.Size)
                 offset = protocol.parse_client_message(req).offset
-                eof = one(self, srv.recv(protocol.format_ack(offset)))
+                eof = one(self, srv.ack(offset))
                 self.assertIsInstance(eof, protocol.Eof)
-                self.assertEqual(eof.digest, EMPTY_SHA)
-                self.assertEqual(srv.recv(protocol.ACK_EOF), [])
+                self.assertEqual(eof.crc, protocol.crc_start(offset))   # R(start)
+                self.assertEqual(srv.ack_eof(), [])
                 self.assertEqual(srv.d.active, {})
 
     def test_offset_past_end_is_bad_request(self):
@@ -650,7 +815,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(times, [0.25, 0.75, 1.75])
         self.assertEqual(len(srv.sent), srv.s.pending_max_sends)
         self.assertEqual(len(srv.d.pending), 0)
-        late = srv.recv(b"ACK 0", now=104.0)   # too late: no data, ever; at most an error
+        late = srv.ack(0, now=104.0)   # too late: no data, ever; at most an error
         for b, _ in late:
             self.assertIsInstance(protocol.parse_server_message(b), protocol.Error)
         self.assertLessEqual(len(late), 1)
@@ -659,7 +824,7 @@ class DispatcherTimers(DispatcherCase):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.05)   # SIZE sent twice: Karn, no sample
-        first = srv.recv(b"ACK 0", now=0.1)
+        first = srv.ack(0, now=0.1)
         self.assertIsNone(srv.transfer().rtt.srtt)
         deadline, rto, t = 0.1, srv.s.rto_initial, srv.transfer()
         for k in range(srv.s.max_retransmits):
@@ -676,7 +841,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(t.outcome, "timeout")
         self.assertIsNone(srv.d.get_timer())
         self.assertEqual(srv.timer(deadline + 1000), [])
-        self.assertEqual(srv.recv(b"ACK 182", now=deadline + 1), [])   # late ACK: no data
+        self.assertEqual(srv.ack(182, now=deadline + 1), [])   # late ACK: no data
         data_sent = [b for b in srv.sent_to(A) if b.startswith(b"DATA")]
         self.assertEqual(len(data_sent), 1 + srv.s.max_retransmits)
 
@@ -685,7 +850,7 @@ class DispatcherTimers(DispatcherCase):
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         rtts = [0.1, 0.05, 0.2, 0.02, 0.3, 0.3, 0.001]
         now, samples = rtts[0], []
-        msg = one(self, srv.recv(b"ACK 0", now=now))
+        msg = one(self, srv.ack(0, now=now))
         samples.append(rtts[0])
         t = srv.transfer()
         for r in rtts[1:] + [None]:
@@ -696,7 +861,7 @@ class DispatcherTimers(DispatcherCase):
             if r is None:
                 break
             now += r
-            msg = one(self, srv.recv(protocol.format_ack(msg.offset + len(msg.payload)),
+            msg = one(self, srv.ack(msg.offset + len(msg.payload),
                                      now=now))
             samples.append(r)
         # Expiries double the computed RTO, capped at rto_max.
@@ -712,9 +877,9 @@ class DispatcherTimers(DispatcherCase):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         _, first = self.start(srv, ack_at=0.04)
         count = self.run_to_eof(srv, first, now=0.04, step=0.04)[2]
-        srv.recv(protocol.ACK_EOF, now=self.last_now + 0.04)
+        srv.ack_eof(now=self.last_now + 0.04)
         self.assertEqual(srv.d.active, {})
-        srtt = srv.d.rtts[A[0]][0]
+        srtt = srv.d.paths[A[0]].rtt.srtt
         self.assertAlmostEqual(srtt, 0.04)
         srv.recv(b"DOWNLOAD a.bin 0 10", B, now=20.0)   # same host, new socket
         # samples: SIZE, every DATA, EOF
@@ -726,7 +891,7 @@ class DispatcherTimers(DispatcherCase):
     def test_karn(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
-        first = one(self, srv.recv(b"ACK 0", now=0.1))
+        first = one(self, srv.ack(0, now=0.1))
         t = srv.transfer()
         self.assertAlmostEqual(t.rtt.srtt, 0.1)
         self.assertAlmostEqual(t.rtt.rttvar, 0.05)
@@ -734,11 +899,11 @@ class DispatcherTimers(DispatcherCase):
         srv.timer(0.4)                                   # DATA 0 retransmitted; RTO 0.6
         self.assertAlmostEqual(t.rtt.rto, 0.6)
         end = first.offset + len(first.payload)
-        second = one(self, srv.recv(protocol.format_ack(end), now=0.45))
+        second = one(self, srv.ack(end, now=0.45))
         self.assertEqual(second.offset, end)
         self.assertEqual((t.rtt.srtt, t.rtt.rttvar), (0.1, 0.05))   # no sample
         self.assertAlmostEqual(srv.d.get_timer(), 0.45 + 0.6)        # backed-off RTO kept
-        srv.recv(protocol.format_ack(end + len(second.payload)), now=0.5)   # fresh: sampled
+        srv.ack(end + len(second.payload), now=0.5)   # fresh: sampled
         self.assertAlmostEqual(t.rtt.srtt, 0.875 * 0.1 + 0.125 * 0.05)
 
 
@@ -747,31 +912,36 @@ class DispatcherAcks(DispatcherCase):
     def test_duplicate_stale_malformed_acks_send_nothing(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         _, msg = self.start(srv)
-        msg = one(self, srv.recv(protocol.format_ack(len(msg.payload)), now=0.01))
+        msg = one(self, srv.ack(len(msg.payload), now=0.01))
         pos = msg.offset
         nxt = pos + len(msg.payload)
         deadline = srv.d.get_timer()
-        junk = [protocol.format_ack(pos), protocol.format_ack(pos)] + [
-            protocol.format_ack(n) for n in (0, pos - 1, pos + 1, nxt - 1, nxt + 1, 5000,
-                                             10 ** 12, protocol.HUGE)] + [
-            protocol.ACK_EOF, b"ACK", b"ACK -1", b"ACK 0%d" % nxt, b"ACK %d " % nxt,
-            b"ACK \xff", b"\x00", b"", b"garbage garbage garbage garbage", b"x" * 2000,
-            protocol.format_ack(nxt)[:-1]]
+        tok = srv.tokens[A]
+        junk = [ack(pos, tok), ack(pos, tok)] + [
+            ack(n, tok) for n in (0, pos - 1, pos + 1, nxt - 1, nxt + 1, 5000,
+                                  10 ** 12, protocol.HUGE)] + [
+            protocol.format_ack_eof(tok), b"ACK", b"ACK -1", b"ACK 0%d %s" % (nxt, tok),
+            b"ACK %d %s " % (nxt, tok), b"ACK \xff", b"\x00", b"", b"garbage garbage garbage",
+            b"x" * 2000, ack(nxt, tok)[:-1],
+            # v2: the right offset without the right token
+            b"ACK %d" % nxt, ack(nxt, OTHER_TOKEN), ack(nxt, tok.upper()),
+            ack(nxt, tok[::-1]), protocol.format_ack_eof(OTHER_TOKEN)]
+        self.assertNotIn(OTHER_TOKEN, (tok, tok[::-1]))
         for k, datagram in enumerate(junk):
             with self.subTest(datagram=datagram[:30]):
                 self.assertEqual(srv.recv(datagram, now=0.02 + k * 1e-4), [])
         self.assertEqual(srv.d.get_timer(), deadline)     # nor did they move the timer
         self.assertIs(srv.transfer(), srv.d.active[A])
-        after = one(self, srv.recv(protocol.format_ack(nxt), now=0.03))   # still going
+        after = one(self, srv.ack(nxt, now=0.03))   # still going
         self.assertEqual(after.offset, nxt)
-        data, digest, _ = self.run_to_eof(srv, after, now=0.03)
+        data, crc, _ = self.run_to_eof(srv, after, now=0.03)
         self.assertEqual(FILE[nxt:], data)
-        self.assertEqual(digest, hashlib.sha256(FILE).hexdigest())
+        self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
         # with EOF outstanding: duplicate ACKs are ignored too, then ACK EOF ends it
-        self.assertEqual(srv.recv(b"ACK 5000", now=1.0), [])
-        self.assertEqual(srv.recv(b"ACK 4000", now=1.0), [])
+        self.assertEqual(srv.ack(5000, now=1.0), [])
+        self.assertEqual(srv.ack(4000, now=1.0), [])
         self.assertIn(A, srv.d.active)
-        self.assertEqual(srv.recv(b"ACK EOF\r\n", now=1.0), [])
+        self.assertEqual(srv.recv(protocol.format_ack_eof(srv.tokens[A]) + b"\r\n", now=1.0), [])
         self.assertEqual(srv.d.active, {})
 
     def test_no_retransmission_on_duplicate_ack_after_loss(self):
@@ -780,12 +950,12 @@ class DispatcherAcks(DispatcherCase):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         _, first = self.start(srv)
         end = len(first.payload)
-        second = one(self, srv.recv(protocol.format_ack(end), now=0.01))
+        second = one(self, srv.ack(end, now=0.01))
         resent = one(self, srv.timer(srv.d.get_timer()))
         self.assertEqual((resent.offset, bytes(resent.payload)),
                          (second.offset, bytes(second.payload)))
         for _ in range(5):
-            self.assertEqual(srv.recv(protocol.format_ack(end), now=1.0), [])
+            self.assertEqual(srv.ack(end, now=1.0), [])
 
     def test_same_request_while_size_unacknowledged(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
@@ -795,7 +965,7 @@ class DispatcherAcks(DispatcherCase):
         self.assertEqual(srv.recv(req, now=0.01), first)                 # SIZE again
         self.assertEqual(srv.recv(req + b"\n", now=0.02), first)         # same request
         self.assertIs(srv.transfer(), t)                                 # no second transfer
-        data = one(self, srv.recv(b"ACK 10", now=0.03))
+        data = one(self, srv.ack(10, now=0.03))
         self.assertEqual(data.offset, 10)
         self.assertEqual(srv.recv(req, now=0.04), [])                    # active: nothing
         self.assertIs(srv.transfer(), t)
@@ -813,11 +983,11 @@ class DispatcherAcks(DispatcherCase):
         self.assertNotIn(A, srv.d.active)
         new = srv.transfer()
         self.assertIsNot(new, old)
-        self.assertEqual(srv.recv(protocol.format_ack(len(first.payload)), now=0.2), [])
-        data = one(self, srv.recv(b"ACK 0", now=0.2))
-        got, digest, _ = self.run_to_eof(srv, data, now=0.2)
+        self.assertEqual(srv.ack(len(first.payload), now=0.2), [])
+        data = one(self, srv.ack(0, now=0.2))
+        got, crc, _ = self.run_to_eof(srv, data, now=0.2)
         self.assertEqual(got, other)
-        self.assertEqual(digest, hashlib.sha256(other).hexdigest())
+        self.assertEqual(crc, range_crc(other, 0, len(other)))
         # and a different request while SIZE is unacknowledged
         srv.recv(b"DOWNLOAD a.bin 0 10", B, now=1.0)
         pending = srv.transfer(B)
@@ -828,8 +998,10 @@ class DispatcherAcks(DispatcherCase):
 
 class DispatcherShrink(DispatcherCase):
 
+    # The black-hole fallback alone: a loss estimate primed with 10^9 clean fragments keeps the
+    # path's loss-driven size (tested in PathSize) at the ceiling whatever these tests lose.
     SETTINGS = dict(datagram_size=2000, safe_datagram_size=500, shrink_after=3, probe_after=4,
-                    probe_after_max=64)
+                    probe_after_max=64, loss_prior=10 ** 9)
     DATA = blob(60000, 11)
 
     def begin(self):
@@ -852,16 +1024,16 @@ class DispatcherShrink(DispatcherCase):
     def sizes_until_big(self, srv, msg, now):
         """Ack each DATA; -> number of small ones acknowledged before a big one is sent."""
         small = 0
-        while len(protocol.format_data_header(msg.offset, msg.payload)) + len(msg.payload) <= 500:
+        while len(protocol.format_data_header(msg.offset, msg.crc)) + len(msg.payload) <= 500:
             self.assertLess(small, 1000, "never probes")
             small += 1
             now += 0.01
-            msg = one(self, srv.recv(protocol.format_ack(msg.offset + len(msg.payload)), now=now))
+            msg = one(self, srv.ack(msg.offset + len(msg.payload), now=now))
         return small, msg, now
 
     def test_ack_of_big_copy_accepted(self):
         srv, big, small = self.begin()
-        msg = one(self, srv.recv(protocol.format_ack(big), now=5.0))
+        msg = one(self, srv.ack(big, now=5.0))
         self.assertEqual(msg.offset, big)
         # the big copy arrived, so the timeouts were delay, not a path that drops big
         # datagrams: big ones again at once
@@ -869,8 +1041,8 @@ class DispatcherShrink(DispatcherCase):
 
     def test_ack_of_small_copy_accepted_then_probe(self):
         srv, big, small = self.begin()
-        self.assertEqual(srv.recv(protocol.format_ack(small + 1), now=5.0), [])
-        msg = one(self, srv.recv(protocol.format_ack(small), now=5.0))
+        self.assertEqual(srv.ack(small + 1, now=5.0), [])
+        msg = one(self, srv.ack(small, now=5.0))
         self.assertEqual(msg.offset, small)
         # the shrunk retransmission counted as the first good small one
         n, probe, now = self.sizes_until_big(srv, msg, 5.0)
@@ -882,26 +1054,26 @@ class DispatcherShrink(DispatcherCase):
             msg = one(self, srv.timer(srv.d.get_timer()))
         self.assertLessEqual(len(srv.sent[-1][0]), 500)
         now = srv.d.get_timer() - 0.001
-        msg = one(self, srv.recv(protocol.format_ack(msg.offset + len(msg.payload)), now=now))
+        msg = one(self, srv.ack(msg.offset + len(msg.payload), now=now))
         n, probe, now = self.sizes_until_big(srv, msg, now)
         self.assertEqual(n + 1, 2 * self.SETTINGS["probe_after"])
         # this probe gets through: big datagrams from now on
-        msg = one(self, srv.recv(protocol.format_ack(probe.offset + len(probe.payload)), now=now))
+        msg = one(self, srv.ack(probe.offset + len(probe.payload), now=now))
         self.assertEqual(len(srv.sent[-1][0]), 2000)
-        data, digest, _ = self.run_to_eof(srv, msg, now=now, limit=2000)
-        self.assertEqual(digest, hashlib.sha256(self.DATA).hexdigest())
+        data, crc, _ = self.run_to_eof(srv, msg, now=now, limit=2000)
+        self.assertEqual(crc, range_crc(self.DATA, 0, len(self.DATA)))
         self.assertEqual(data, self.DATA[probe.offset + len(probe.payload):])
 
-    def test_digest_right_after_shrinks(self):
+    def test_crc_right_after_shrinks(self):
         for which in ("big", "small"):
             with self.subTest(ack=which):
                 srv, big, small = self.begin()
-                msg = one(self, srv.recv(protocol.format_ack(big if which == "big" else small),
+                msg = one(self, srv.ack(big if which == "big" else small,
                                          now=5.0))
                 start = msg.offset
-                data, digest, _ = self.run_to_eof(srv, msg, now=5.0, limit=2000)
+                data, crc, _ = self.run_to_eof(srv, msg, now=5.0, limit=2000)
                 self.assertEqual(data, self.DATA[start:])
-                self.assertEqual(digest, hashlib.sha256(self.DATA).hexdigest())
+                self.assertEqual(crc, range_crc(self.DATA, 0, len(self.DATA)))
 
     def test_too_big_lowers_ceiling(self):
         srv = Server({"a.bin": protocol.MemoryEntry(blob(300000))})
@@ -910,7 +1082,7 @@ class DispatcherShrink(DispatcherCase):
         srv.d.too_big(A, 65507, 0.0)
         resent = one(self, srv._drain())
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
-        msg = one(self, srv.recv(protocol.format_ack(len(resent.payload))))
+        msg = one(self, srv.ack(len(resent.payload)))
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
         self.assertEqual(msg.offset, len(resent.payload))
 
@@ -926,22 +1098,22 @@ class DispatcherPools(DispatcherCase):
         self.assertEqual(list(srv.d.pending), addrs[2:])
         self.assertEqual(srv.d.stats["evicted"], 2)
         for addr in addrs[:2]:   # evicted: their ACK starts nothing, and sends no data
-            for b, _ in srv.recv(b"ACK 0", addr, 0.1):
+            for b, _ in srv.ack(0, addr, 0.1):
                 self.assertFalse(b.startswith(b"DATA"))
         self.assertEqual(srv.d.active, {})
-        data = one(self, srv.recv(b"ACK 0", addrs[4], 0.1), addrs[4])   # a real client
+        data = one(self, srv.ack(0, addrs[4], 0.1), addrs[4])   # a real client
         self.assertIsInstance(data, protocol.Data)
         self.assertIn(addrs[4], srv.d.active)
 
     def test_flood_does_not_crowd_out_a_real_client(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_pending=8, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100", C, 0.0)
-        srv.recv(b"ACK 0", C, 0.01)
+        srv.ack(0, C, 0.01)
         for i in range(500):
             srv.recv(b"DOWNLOAD a.bin 0 100", ("203.0.113.9", 2000 + i), 0.02)
         self.assertLessEqual(len(srv.d.pending), 8)
         self.assertIn(C, srv.d.active)
-        self.assertIsInstance(one(self, srv.recv(b"ACK 100", C, 0.03), C), protocol.Eof)
+        self.assertIsInstance(one(self, srv.ack(100, C, 0.03), C), protocol.Eof)
 
     def test_byte_budget_while_remembered(self):
         # The request repeated for as long as the server remembers the address (pending, then
@@ -996,7 +1168,7 @@ class DispatcherPools(DispatcherCase):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_transfers=2, **SMALL)
         for addr in (A, B):
             srv.recv(b"DOWNLOAD a.bin 0 100", addr)
-            srv.recv(b"ACK 0", addr)
+            srv.ack(0, addr)
         self.assertEqual(len(srv.d.active), 2)
         err = one(self, srv.recv(b"DOWNLOAD a.bin 0 100", C), C)
         self.assertIsInstance(err, protocol.Error)
@@ -1004,16 +1176,16 @@ class DispatcherPools(DispatcherCase):
         self.assertNotIn(C, srv.d.pending)
         self.assertIsNone(srv.transfer(C))
         # when one ends, there is room again
-        srv.recv(b"ACK 100", A)
-        srv.recv(protocol.ACK_EOF, A)
+        srv.ack(100, A)
+        srv.ack_eof(A)
         self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD a.bin 0 100", C), C), protocol.Size)
 
     def test_busy_when_pool_fills_before_ack(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_transfers=1, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100", A)
         srv.recv(b"DOWNLOAD a.bin 0 100", B)
-        self.assertIsInstance(one(self, srv.recv(b"ACK 0", A)), protocol.Data)
-        err = one(self, srv.recv(b"ACK 0", B), B)
+        self.assertIsInstance(one(self, srv.ack(0, A)), protocol.Data)
+        err = one(self, srv.ack(0, B), B)
         self.assertEqual((type(err), err.code), (protocol.Error, "BUSY"))
         self.assertEqual(list(srv.d.active), [A])
         self.assertEqual(len(srv.d.pending), 0)
@@ -1065,14 +1237,14 @@ class DispatcherStrangers(DispatcherCase):
         for datagram in self.GARBAGE:
             self.assertEqual(srv.recv(datagram, A, 0.01), [])
         self.assertIn(A, srv.d.pending)
-        first = one(self, srv.recv(b"ACK 0", A, 0.02))
+        first = one(self, srv.ack(0, A, 0.02))
         # while DATA is outstanding
         for datagram in self.GARBAGE:
             self.assertEqual(srv.recv(datagram, A, 0.03), [])
         self.assertIn(A, srv.d.active)
-        data, digest, _ = self.run_to_eof(srv, first, now=0.04)
+        data, crc, _ = self.run_to_eof(srv, first, now=0.04)
         self.assertEqual(data, FILE)
-        self.assertEqual(digest, hashlib.sha256(FILE).hexdigest())
+        self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
         self.assertEqual(len(size), 1)
 
     def test_garbage_from_others_does_not_disturb_a_transfer(self):
@@ -1081,7 +1253,7 @@ class DispatcherStrangers(DispatcherCase):
         for datagram in self.GARBAGE + [b"ACK 182", b"ACK EOF"]:
             for b, addr in srv.recv(datagram, C, 0.01):
                 self.assertEqual(addr, C)
-        data, digest, _ = self.run_to_eof(srv, first, now=0.02)
+        data, crc, _ = self.run_to_eof(srv, first, now=0.02)
         self.assertEqual(data, FILE)
 
     def test_ack_from_unknown_address(self):
@@ -1105,7 +1277,7 @@ class DispatcherChanged(DispatcherCase):
         for _ in range(acks):
             if read_ahead:
                 srv.d.read_ahead()
-            msg = one(self, srv.recv(protocol.format_ack(msg.offset + len(msg.payload))))
+            msg = one(self, srv.ack(msg.offset + len(msg.payload)))
             self.assertIsInstance(msg, protocol.Data)
         return srv, msg
 
@@ -1115,7 +1287,7 @@ class DispatcherChanged(DispatcherCase):
         self.assertEqual(srv.d.active, {})
         self.assertIsNone(srv.d.get_timer())
         self.assertEqual(srv.timer(1000.0), [])             # sent once, never again
-        self.assertEqual(srv.recv(b"ACK 0", now=1.0), [])
+        self.assertEqual(srv.ack(0, now=1.0), [])
         self.assertEqual(entry.closed, 1)
         self.assertEqual([b for b in srv.sent_to(A) if b.startswith(b"ERROR")],
                          [b"ERROR CHANGED"])
@@ -1125,7 +1297,7 @@ class DispatcherChanged(DispatcherCase):
         entry = FakeEntry(FILE)
         srv, msg = self.begin(entry)
         entry.same = False
-        out = srv.recv(protocol.format_ack(msg.offset + len(msg.payload)))
+        out = srv.ack(msg.offset + len(msg.payload))
         self.assert_changed_once(srv, out, entry)
 
     def test_identity_changes_before_eof(self):
@@ -1133,14 +1305,14 @@ class DispatcherChanged(DispatcherCase):
         srv, msg = self.begin(entry, acks=2)
         self.assertEqual(msg.offset + len(msg.payload), 400)   # the last DATA
         entry.same = False
-        out = srv.recv(b"ACK 400")
+        out = srv.ack(400)
         self.assert_changed_once(srv, out, entry)
 
     def test_file_shrank(self):
         entry = FakeEntry(FILE)
         srv, msg = self.begin(entry)
         entry.data = FILE[:msg.offset + len(msg.payload) + 10]   # identity not (yet) changed
-        out = srv.recv(protocol.format_ack(msg.offset + len(msg.payload)))
+        out = srv.ack(msg.offset + len(msg.payload))
         self.assert_changed_once(srv, out, entry)
 
     def test_change_with_read_ahead(self):
@@ -1150,7 +1322,7 @@ class DispatcherChanged(DispatcherCase):
         entry.same = False
         data_after_change = 0
         for _ in range(5):
-            out = srv.recv(protocol.format_ack(msg.offset + len(msg.payload)))
+            out = srv.ack(msg.offset + len(msg.payload))
             srv.d.read_ahead()
             msg = one(self, out)
             if not isinstance(msg, protocol.Data):
@@ -1164,7 +1336,7 @@ class DispatcherChanged(DispatcherCase):
         entry = FakeEntry(FILE, fail_open=True)
         srv = Server({"f": entry}, **SMALL)
         self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD f 0 100")), protocol.Size)
-        err = one(self, srv.recv(b"ACK 0"))
+        err = one(self, srv.ack(0))
         self.assertEqual((type(err), err.code), (protocol.Error, "CHANGED"))
         self.assertEqual(srv.d.active, {})
         self.assertEqual(srv.timer(1000.0), [])
@@ -1180,7 +1352,8 @@ class DispatcherLong(DispatcherCase):
         srv.receive_datagram(b"DOWNLOAD big.bin 0 %d" % protocol.HUGE, A, 0.0)
         size = protocol.parse_server_message(wire(srv.datagrams_to_send()[0][0]))
         self.assertEqual(size.size, len(data))
-        srv.receive_datagram(b"ACK 0", A, 0.0)
+        token = size.token
+        srv.receive_datagram(protocol.format_ack(0, token), A, 0.0)
         now, pos, count = 0.0, 0, 0
         while True:
             self.assertLess(count, 200000, "no end in sight")
@@ -1197,12 +1370,12 @@ class DispatcherLong(DispatcherCase):
             pos += len(msg.payload)
             count += 1
             now += 0.0001
-            srv.receive_datagram(b"ACK %d" % pos, A, now)
+            srv.receive_datagram(protocol.format_ack(pos, token), A, now)
         self.assertIsInstance(msg, protocol.Eof)
         self.assertEqual(pos, len(data))
         self.assertGreater(count, 70000)
-        self.assertEqual(msg.digest, hashlib.sha256(data).hexdigest())
-        srv.receive_datagram(protocol.ACK_EOF, A, now)
+        self.assertEqual(msg.crc, range_crc(data, 0, len(data)))
+        srv.receive_datagram(protocol.format_ack_eof(token), A, now)
         self.assertEqual(srv.active, {})
 
 
@@ -1216,15 +1389,17 @@ class Client(unittest.TestCase):
     def receiving(self, offset=100, length=1000, now=0.0, **kw):
         c = protocol.ClientTransfer("a.bin", offset, length, now, CS, **kw)
         self.assertEqual(c.datagrams_to_send(), [b"DOWNLOAD a.bin %d %d" % (offset, length)])
-        self.assertIsNone(c.receive_datagram(protocol.format_size(len(FILE), "v1"), now + 0.1))
-        self.assertEqual(c.datagrams_to_send(), [protocol.format_ack(offset)])
+        self.assertIsNone(c.receive_datagram(protocol.format_size(len(FILE), "v1", TOKEN),
+                                             now + 0.1))
+        self.assertEqual(c.datagrams_to_send(), [ack(offset)])
+        self.assertEqual(c.token, TOKEN)
         return c
 
     def feed(self, c, offset, n, now=1.0):
+        """The DATA of FILE at offset, with the crc the server of c's range would give it."""
         payload = FILE[offset:offset + n]
-        got = c.receive_datagram(data_datagram(offset, payload), now)
-        if got is not None:
-            c.absorb(got)
+        r = range_crc(FILE, c.start, offset) if offset >= c.start else 0
+        got = c.receive_datagram(data_datagram(offset, payload, r), now)
         return got, c.datagrams_to_send()
 
     def test_request_schedule(self):
@@ -1255,8 +1430,8 @@ class Client(unittest.TestCase):
     def test_list_request(self):
         c = protocol.ClientTransfer(None, 0, None, 0.0, CS)
         self.assertEqual(c.datagrams_to_send(), [b"LIST"])
-        c.receive_datagram(b"SIZE 12 list-1", 0.05)
-        self.assertEqual(c.datagrams_to_send(), [b"ACK 0"])
+        c.receive_datagram(b"SIZE 12 list-1 " + TOKEN, 0.05)
+        self.assertEqual(c.datagrams_to_send(), [ack(0)])
         self.assertEqual(c.end, 12)
         self.assertAlmostEqual(c.rtt_sample, 0.05)
 
@@ -1265,9 +1440,9 @@ class Client(unittest.TestCase):
         self.assertEqual((c.size, c.version, c.end), (5000, "v1", 1100))
         got, out = self.feed(c, 100, 300)
         self.assertEqual(bytes(got), FILE[100:400])
-        self.assertEqual(out, [b"ACK 400"])
+        self.assertEqual(out, [ack(400)])
         got, out = self.feed(c, 400, 1)
-        self.assertEqual(out, [b"ACK 401"])
+        self.assertEqual(out, [ack(401)])
         self.assertEqual(c.received, 301)
 
     def test_duplicates_are_acked_again(self):
@@ -1277,24 +1452,26 @@ class Client(unittest.TestCase):
             with self.subTest(offset=offset, n=n):
                 got, out = self.feed(c, offset, n)
                 self.assertIsNone(got)
-                self.assertEqual(out, [b"ACK 400"])
-        self.assertIsNone(c.receive_datagram(protocol.format_size(5000, "v1"), 2.0))
-        self.assertEqual(c.datagrams_to_send(), [b"ACK 400"])           # duplicate SIZE
-        c.receive_datagram(protocol.format_size(5001, "v1"), 2.0)       # not a duplicate
+                self.assertEqual(out, [ack(400)])
+        self.assertIsNone(c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 2.0))
+        self.assertEqual(c.datagrams_to_send(), [ack(400)])           # duplicate SIZE
+        c.receive_datagram(protocol.format_size(5001, "v1", TOKEN), 2.0)       # not a duplicate
         self.assertEqual(c.datagrams_to_send(), [])
         self.assertEqual(c.pos, 400)
 
     def test_data_that_gets_no_answer(self):
         c = self.receiving()
         self.feed(c, 100, 300)
-        good = data_datagram(400, FILE[400:500])
+        r = range_crc(FILE, 100, 400)                        # R(400) of this transfer
+        good = data_datagram(400, FILE[400:500], r)
         corrupt = bytearray(good)
         corrupt[-1] ^= 0x40
-        cases = {"ahead": data_datagram(401, FILE[401:500]),
-                 "far ahead": data_datagram(1050, FILE[1050:1100]),
+        cases = {"ahead": data_datagram(401, FILE[401:500], range_crc(FILE, 100, 401)),
+                 "far ahead": data_datagram(1050, FILE[1050:1100], range_crc(FILE, 100, 1050)),
                  "bad crc": bytes(corrupt),
-                 "past range end": data_datagram(400, FILE[400:1101]),
-                 "past file end": data_datagram(400, FILE[400:] + b"extra"),
+                 "crc of another start": data_datagram(400, FILE[400:500]),
+                 "past range end": data_datagram(400, FILE[400:1101], r),
+                 "past file end": data_datagram(400, FILE[400:] + b"extra", r),
                  "garbage": b"\x00\x01",
                  "empty": b""}
         for label, datagram in cases.items():
@@ -1303,7 +1480,7 @@ class Client(unittest.TestCase):
                 self.assertEqual(c.datagrams_to_send(), [])
                 self.assertEqual(c.pos, 400)
         got, out = self.feed(c, 400, 700)                    # exactly to the range end
-        self.assertEqual(out, [b"ACK 1100"])
+        self.assertEqual(out, [ack(1100)])
 
     def test_data_before_size_is_ignored(self):
         c = protocol.ClientTransfer("a.bin", 0, 100, 0.0, CS)
@@ -1319,38 +1496,50 @@ class Client(unittest.TestCase):
     def test_eof_good(self):
         c = self.receiving()
         self.finish(c)
-        self.assertIsNone(c.receive_datagram(
-            protocol.format_eof(hashlib.sha256(FILE[100:1100]).hexdigest()), 3.0))
+        self.assertIsNone(c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 1100)), 3.0))
         out = c.datagrams_to_send()
-        self.assertGreaterEqual(len(out), 1)
-        self.assertEqual(set(out), {protocol.ACK_EOF})
+        self.assertEqual(out, [ACK_EOF, ACK_EOF])            # twice: a spare for a lost one
         self.assertEqual((c.state, c.outcome), (protocol.FINISHED, "done"))
         self.assertIsNone(c.get_timer())
-        c.receive_datagram(protocol.format_eof(hashlib.sha256(FILE[100:1100]).hexdigest()), 4.0)
-        self.assertEqual(set(c.datagrams_to_send()), {protocol.ACK_EOF})   # our ACK was lost
+        c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 1100)), 4.0)
+        self.assertEqual(set(c.datagrams_to_send()), {ACK_EOF})   # our ACK was lost
         c.receive_datagram(b"ERROR CHANGED", 4.0)
         self.assertEqual(c.outcome, "done")
 
-    def test_eof_bad_digest(self):
-        c = self.receiving()
-        self.finish(c)
-        c.receive_datagram(protocol.format_eof(hashlib.sha256(FILE[100:1099]).hexdigest()), 3.0)
-        self.assertEqual(set(c.datagrams_to_send()), {protocol.ACK_EOF})
-        self.assertEqual(c.outcome, "digest")
+    def test_eof_bad_crc(self):
+        for label, crc in [("one byte short", range_crc(FILE, 100, 1099)),
+                           ("one bit off", range_crc(FILE, 100, 1100) ^ 1),
+                           ("another start", range_crc(FILE, 0, 1100)),
+                           ("R(start)", protocol.crc_start(100))]:
+            with self.subTest(label):
+                c = self.receiving()
+                self.finish(c)
+                c.receive_datagram(protocol.format_eof(crc), 3.0)
+                # still acknowledged (twice): the server is done either way
+                self.assertEqual(c.datagrams_to_send(), [ACK_EOF, ACK_EOF])
+                self.assertEqual((c.state, c.outcome), (protocol.FINISHED, "mismatch"))
+                c.receive_datagram(protocol.format_eof(crc), 4.0)    # and again if repeated
+                self.assertEqual(set(c.datagrams_to_send()), {ACK_EOF})
+                self.assertEqual(c.outcome, "mismatch")
 
     def test_eof_before_range_complete_is_not_done(self):
         c = self.receiving()
         self.feed(c, 100, 600)
-        c.receive_datagram(protocol.format_eof(hashlib.sha256(FILE[100:700]).hexdigest()), 3.0)
+        c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 700)), 3.0)
         self.assertNotEqual(c.outcome, "done")
 
     def test_empty_range(self):
         c = protocol.ClientTransfer("a.bin", 5000, 10, 0.0, CS)
         c.datagrams_to_send()
-        c.receive_datagram(b"SIZE 5000 v1", 0.1)
-        self.assertEqual(c.datagrams_to_send(), [b"ACK 5000"])
-        c.receive_datagram(protocol.format_eof(EMPTY_SHA), 0.2)
+        c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
+        self.assertEqual(c.datagrams_to_send(), [ack(5000)])
+        c.receive_datagram(protocol.format_eof(protocol.crc_start(5000)), 0.2)   # R(start)
         self.assertEqual(c.outcome, "done")
+        self.assertEqual(c.datagrams_to_send(), [ACK_EOF, ACK_EOF])
+        c = protocol.ClientTransfer("a.bin", 5000, 10, 0.0, CS)
+        c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
+        c.receive_datagram(protocol.format_eof(protocol.crc_start(0)), 0.2)
+        self.assertEqual(c.outcome, "mismatch")
 
     def test_errors(self):
         for code, outcome in [("CHANGED", "changed"), ("NOT_FOUND", "error"), ("BUSY", "error"),
@@ -1385,7 +1574,7 @@ class Client(unittest.TestCase):
             with self.subTest(expect=expect):
                 c = protocol.ClientTransfer("a.bin", 100, 1000, 0.0, CS, expect=expect)
                 c.datagrams_to_send()
-                c.receive_datagram(b"SIZE 5000 v1", 0.1)
+                c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
                 self.assertEqual(c.outcome, "version")
                 self.assertEqual(c.datagrams_to_send(), [])      # no ACK: no data will come
         c = self.receiving(expect=(5000, "v1"))
@@ -1436,7 +1625,7 @@ class LossyNetwork:
 def simulate(seed, size=36000, **impairments):
     """Download a file through a ServerDispatcher and ClientTransfers over a LossyNetwork, the way
     client.py does: a new port per attempt, keep crc-checked bytes after a stall, discard an
-    attempt's bytes on a digest mismatch, start over on a version change."""
+    attempt's bytes on an EOF crc mismatch, start over on a version change."""
     rng = random.Random(seed)
     data = blob(size, seed + 1000)
     net = LossyNetwork(rng, **impairments)
@@ -1471,7 +1660,7 @@ def simulate(seed, size=36000, **impairments):
                 result["outcomes"].append(outcome)
                 if outcome == "version" or outcome == "changed":
                     have, expect = bytearray(), None
-                elif outcome != "digest":   # keep this attempt's crc-checked bytes
+                elif outcome != "mismatch":   # keep this attempt's crc-checked bytes
                     pos = len(have)
                     for off in sorted(accepted):
                         assert off == pos, (off, pos)
@@ -1502,7 +1691,6 @@ def simulate(seed, size=36000, **impairments):
                     offset = client.pos - len(payload)
                     accepted[offset] = bytes(payload)
                     result["pieces"].append((offset, bytes(payload)))
-                    client.absorb(payload)
             # else: a socket of an earlier attempt, closed
         else:
             d.handle_timer(now)
@@ -1572,7 +1760,7 @@ class ReviewRegressions(unittest.TestCase):
         entry = FakeEntry(FILE)
         srv = Server({"a.bin": entry}, datagram_size=2000, safe_datagram_size=500)
         srv.recv(b"DOWNLOAD a.bin 0 5000", now=0.0)
-        srv.recv(b"ACK 0", now=0.01)
+        srv.ack(0, now=0.01)
         entry.same = False   # rewritten in place while the client is silent
         now = 0.01
         errors = []
@@ -1590,12 +1778,12 @@ class ReviewRegressions(unittest.TestCase):
     def test_a_refused_new_request_leaves_the_running_transfer(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000")
-        first = one(self, srv.recv(b"ACK 0", now=0.01))
+        first = one(self, srv.ack(0, now=0.01))
         self.assertIsInstance(first, protocol.Data)
         # a damaged copy names another file: NOT_FOUND, and the transfer goes on
         srv.recv(b"DOWNLOAD a.bim 0 5000", now=0.02)
         self.assertIn(A, srv.d.active)
-        nxt = one(self, srv.recv(protocol.format_ack(len(first.payload)), now=0.03))
+        nxt = one(self, srv.ack(len(first.payload), now=0.03))
         self.assertEqual(nxt.offset, len(first.payload))
         # a different valid request does end it
         srv.recv(b"DOWNLOAD a.bin 100 10", now=0.04)
