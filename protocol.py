@@ -337,15 +337,19 @@ def fragment_payload(mtu, ipv6=False):
     return max(8, (mtu - (48 if ipv6 else 20)) // 8 * 8)
 
 
-def fragments(datagram_size, per_fragment):
+def fragments(datagram_size, per_fragment, whole=0):
+    """IP packets that carry a UDP datagram: one if it fits in `whole` bytes (the MTU less
+    the IP header), else one per `per_fragment` bytes."""
+    if datagram_size + 8 <= whole:
+        return 1
     return -(-(datagram_size + 8) // per_fragment)
 
 
-def size_ladder(per_fragment, ceiling):
-    """Datagram sizes that fill their last fragment (1, 2, 3, ... 32 fragments), and the
+def size_ladder(per_fragment, ceiling, whole=0):
+    """Datagram sizes that fill their last packet (1, 2, 3, ... 32 fragments), and the
     ceiling: the sizes worth choosing between on a path."""
     sizes = {min(k * per_fragment - 8, ceiling) for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)}
-    return tuple(sorted(sizes | {ceiling}))
+    return tuple(sorted(sizes | {ceiling, min(max(whole - 8, 1), ceiling)}))
 
 
 class Path:
@@ -371,6 +375,7 @@ class Path:
     def __init__(self, settings, ceiling, mtu=DEFAULT_MTU, ipv6=False):
         self.s = settings
         self.per_fragment = fragment_payload(mtu, ipv6)
+        self.whole = mtu - (40 if ipv6 else 20)     # what one unfragmented packet carries
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
         self.ceiling = ceiling                      # largest size this IP may get
@@ -394,7 +399,7 @@ class Path:
 
     def outcome(self, size, lost):
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
-        k = fragments(size, self.per_fragment)
+        k = fragments(size, self.per_fragment, self.whole)
         decay = self.s.loss_decay ** k
         self._lost = self._lost * decay + (1.0 if lost else 0.0)
         self._frags = self._frags * decay + k
@@ -417,18 +422,19 @@ class Path:
 
     def _choose_size(self):
         p = min(self.loss_rate(), 0.5)
-        ladder = size_ladder(self.per_fragment, self.ceiling)
+        ladder = size_ladder(self.per_fragment, self.ceiling, self.whole)
         if p > self.s.fragment_loss_limit:
             # Each lost fragment leaves its siblings in the receiver's reassembly buffer for
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
             # every fragmented datagram is dropped: at sustained rates even 0.1% loss fills it
             # within a second. On a lossy path only unfragmented datagrams keep working.
-            self.size = ladder[0]
+            self.size = max(size for size in ladder
+                            if fragments(size, self.per_fragment, self.whole) == 1)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
         best, best_rate = self.ceiling, -1.0
         for size in reversed(ladder):
-            arrives = (1.0 - p) ** fragments(size, self.per_fragment)
+            arrives = (1.0 - p) ** fragments(size, self.per_fragment, self.whole)
             rate = size * arrives / (self.s.datagram_cost + size * self.s.byte_cost
                                      + (1.0 - arrives) * delay)
             if rate > best_rate * 1.02:   # a smaller size only if clearly better

@@ -1,0 +1,196 @@
+"""The transfer engine's adaptive parts, on a virtual clock: the client's PartsTuner, the
+server's Path (path MTU, datagram size under loss), and the retransmission rules that keep a
+lossy path moving (a resend re-cut to the path's size; early resends are not silence).
+
+Run: `python3 -m tests test_engine`.
+"""
+
+import logging
+import random
+import unittest
+import zlib
+
+import client
+import config
+import protocol
+import server
+
+QUIET = logging.getLogger("udpxfer.tests.test_engine")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+
+A = ("192.0.2.10", 40001)
+B = ("192.0.2.10", 40002)
+
+
+class Catalog:
+    """Files in memory for the dispatcher."""
+
+    def __init__(self, files):
+        self.files = {name: protocol.MemoryEntry(data) for name, data in files.items()}
+
+    def lookup(self, name):
+        return self.files.get(name)
+
+    def listing(self):
+        return protocol.MemoryEntry(protocol.format_listing(
+            (n, e.size) for n, e in self.files.items()))
+
+
+class Server:
+    """A dispatcher and what it sent, by address; tokens taken from the SIZEs it sent."""
+
+    def __init__(self, files, mtu=1500, **settings):
+        self.s = config.ServerSettings(**settings)
+        self.d = protocol.ServerDispatcher(Catalog(files), self.s, QUIET,
+                                           path_mtu=lambda ip: mtu)
+        self.tokens = {}
+
+    def recv(self, data, addr, now):
+        self.d.receive_datagram(data, addr, now)
+        return self.drain()
+
+    def drain(self):
+        out = []
+        for datagram, addr in self.d.datagrams_to_send():
+            data = b"".join(bytes(p) for p in datagram)
+            msg = protocol.parse_server_message(data)
+            if isinstance(msg, protocol.Size):
+                self.tokens[addr] = msg.token
+            out.append((msg, addr))
+        return out
+
+    def timer(self, now):
+        self.d.handle_timer(now)
+        return self.drain()
+
+    def ack(self, n, addr, now):
+        return self.recv(protocol.format_ack(n, self.tokens[addr]), addr, now)
+
+
+def blob(n, seed=0):
+    return random.Random(seed).getrandbits(8 * n).to_bytes(n, "little")
+
+
+class PartsTunerTest(unittest.TestCase):
+    """The tuner sees bytes in hand over time; a synthetic path gives the rate for n parts."""
+
+    def drive(self, rate_of, rtt, seconds=5.0, step=0.005):
+        tuner = client.PartsTuner(2, 64)
+        now, have, seen = 0.0, 0.0, []
+        n = tuner.update(now, have, rtt)
+        while now < seconds:
+            now += step
+            have += rate_of(n) * step
+            n = tuner.update(now, have, rtt)
+            seen.append(n)
+        return seen
+
+    def test_a_long_path_opens_parts_while_they_pay(self):
+        # 10 ms round trip: each part moves 64 KB per round trip, up to a 100 MB/s bottleneck.
+        seen = self.drive(lambda n: min(n * 6.5e6, 100e6), rtt=0.010)
+        self.assertGreaterEqual(seen[0], 8, "a long path starts with more parts")
+        self.assertGreaterEqual(max(seen), 16)
+        self.assertGreaterEqual(seen[-1], 16, "it settles where the rate is near the bottleneck")
+
+    def test_loopback_stays_small_where_parts_only_contend(self):
+        # A short path where both cores are busy: more parts are a little slower.
+        seen = self.drive(lambda n: 400e6 / (1 + 0.02 * n), rtt=0.0001)
+        self.assertEqual(seen[0], 2)
+        self.assertLessEqual(max(seen), 4, "a doubling that did not pay is undone")
+        self.assertLessEqual(sum(seen[-100:]) / 100, 2.5, "it holds the smaller number")
+
+    def test_never_more_than_the_maximum(self):
+        seen = self.drive(lambda n: n * 1e6, rtt=0.05, seconds=30)
+        self.assertEqual(max(seen), 64)
+
+
+class PathMtuTest(unittest.TestCase):
+
+    def test_loopback_mtu_is_large_where_the_os_tells(self):
+        mtu = server.path_mtu("127.0.0.1")
+        if mtu is None:
+            self.skipTest("this OS does not report a route's MTU")
+        self.assertGreater(mtu, 1500)
+
+    def test_unknown_address_family_or_error_gives_none_not_an_exception(self):
+        self.assertIn(server.path_mtu("256.1.1.1"), (None,))
+
+
+class PathSizeTest(unittest.TestCase):
+
+    def test_nothing_fragments_on_loopback_so_loss_keeps_big_datagrams(self):
+        p = protocol.Path(config.ServerSettings(), 65507, mtu=65536)
+        for i in range(2000):
+            p.outcome(65507, lost=(i % 10 == 0))
+        self.assertEqual(p.size, 65507)
+
+    def test_a_lossy_fragmenting_path_gets_unfragmented_datagrams_then_big_ones_again(self):
+        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        rng = random.Random(3)
+        for _ in range(300):
+            p.outcome(p.size, lost=rng.random() > 0.99 ** protocol.fragments(p.size, 1480))
+        self.assertEqual(p.size, 1472)
+        for _ in range(20000):
+            p.outcome(p.size, lost=False)
+        self.assertEqual(p.size, 65507)
+
+    def test_ipv6_fragments_carry_less(self):
+        self.assertEqual(protocol.fragment_payload(1500), 1480)
+        self.assertEqual(protocol.fragment_payload(1500, ipv6=True), 1448)
+        self.assertEqual(protocol.size_ladder(1480, 65507, 1480)[0], 1472)
+        self.assertIn(65507, protocol.size_ladder(65512, 65507, 65516))
+        self.assertEqual(protocol.fragments(65507, 65512, 65516), 1)
+        self.assertEqual(protocol.fragments(65507, 1480, 1480), 45)
+        self.assertEqual(protocol.fragments(1472, 1480, 1480), 1)
+        self.assertEqual(protocol.fragments(1473, 1480, 1480), 2)
+
+
+class RetransmissionTest(unittest.TestCase):
+
+    def start(self, srv, addr, now=0.0, name="f"):
+        srv.recv(protocol.format_download(name, 0, 10 ** 9), addr, now)
+        return srv.ack(0, addr, now + 0.001)
+
+    def test_a_resend_is_recut_to_the_paths_size_when_it_came_down(self):
+        data = blob(300000)
+        srv = Server({"f": data}, mtu=1500)
+        out = self.start(srv, A)
+        first = out[0][0]
+        self.assertEqual(len(first.payload) + len(b"DATA 0 00000000\n"), 65507)
+        path = srv.d.paths[A[0]]
+        for _ in range(3):                     # the path turns out lossy meanwhile
+            path.outcome(65507, lost=True)
+        self.assertEqual(path.size, 1472)
+        out = srv.timer(10.0)
+        again = out[0][0]
+        self.assertEqual(again.offset, 0)
+        self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), 1472)
+        self.assertEqual(again.crc, zlib.crc32(bytes(again.payload), protocol.crc_start(0)))
+        # Either copy's ACK is good.
+        out = srv.ack(len(again.payload), A, 10.01)
+        self.assertEqual(out[0][0].offset, len(again.payload))
+
+    def test_early_resends_do_not_count_towards_giving_up(self):
+        # A long retransmission timer: every resend here is an early one.
+        srv = Server({"f": blob(200000), "g": blob(4 << 20)}, mtu=65536, rto_initial=0.5,
+                     rto_min=0.5)
+        self.start(srv, A, 0.0, "f")
+        out_b = self.start(srv, B, 0.0005, "g")
+        t = srv.d.active[A]
+        # B keeps being acknowledged while A's DATA is never answered: A is resent early
+        # again and again, far more often than max_retransmits, and is still alive.
+        now, pos = 0.002, len(out_b[0][0].payload)
+        for _ in range(4 * srv.s.max_retransmits):
+            now += 0.002
+            srv.timer(now)
+            out = srv.ack(pos, B, now)
+            pos += len(out[0][0].payload)
+            now += 0.0015
+            srv.timer(now)
+        self.assertIsNone(t.outcome)
+        self.assertGreater(t.early_retransmissions, srv.s.max_retransmits)
+
+
+if __name__ == "__main__":
+    unittest.main()
