@@ -439,6 +439,142 @@ class CodecMalformed(unittest.TestCase):
         self.assertEqual(bytes(c.receive_datagram(datagram, 0.2)), payload)
 
 
+# --- 1b. The running CRC ----------------------------------------------------------------------
+
+class RunningCrc(unittest.TestCase):
+    """PROTOCOL.md "The running CRC": R(start) = crc32 of the ASCII decimal start, and a DATA at o
+    with payload p carries R(o + len(p)) = crc32(p, R(o)); EOF carries R(end)."""
+
+    CONTENT = blob(3000, 21)
+
+    def test_crc_start(self):
+        self.assertEqual(protocol.crc_start(0), zlib.crc32(b"0"))
+        self.assertEqual(protocol.crc_start(5 * 2 ** 32), zlib.crc32(b"21474836480"))
+        self.assertNotEqual(protocol.crc_start(1), protocol.crc_start(10))
+
+    def test_value_does_not_depend_on_the_cuts(self):
+        rng = random.Random(5)
+        for start, end in [(0, 3000), (17, 2900), (1234, 1236)]:
+            whole = range_crc(self.CONTENT, start, end)
+            for trial in range(30):
+                with self.subTest(start=start, end=end, trial=trial):
+                    n = rng.randrange(0, min(40, end - start))
+                    cuts = sorted(rng.sample(range(start + 1, end), n)) + [end]
+                    r, pos = protocol.crc_start(start), start
+                    for cut in cuts:
+                        r, pos = zlib.crc32(self.CONTENT[pos:cut], r), cut
+                    self.assertEqual(r, whole)
+
+    def test_client_accepts_any_cut_and_ends_done(self):
+        rng = random.Random(8)
+        start, end = 17, 2900
+        for trial in range(10):
+            c = protocol.ClientTransfer("f", start, end - start, 0.0, config.ClientSettings())
+            c.datagrams_to_send()
+            c.receive_datagram(protocol.format_size(3000, "v", TOKEN), 0.01)
+            c.datagrams_to_send()
+            r, pos = protocol.crc_start(start), start
+            while pos < end:
+                n = min(end - pos, rng.randrange(1, 400))
+                payload = self.CONTENT[pos:pos + n]
+                self.assertEqual(bytes(c.receive_datagram(data_datagram(pos, payload, r), 0.1)),
+                                 payload)
+                self.assertEqual(c.datagrams_to_send(), [ack(pos + n)])
+                r, pos = zlib.crc32(payload, r), pos + n
+            c.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, start, end)), 0.2)
+            self.assertEqual(c.outcome, "done")
+
+    def test_server_eof_is_the_same_whatever_the_datagram_size(self):
+        # and the same as computed over the whole range in one go
+        for size in (64, 100, 333, 1000, 65507):
+            for offset, chunk in [(0, 3000), (17, 2883), (2999, 10)]:
+                with self.subTest(size=size, offset=offset):
+                    srv = Server({"f": protocol.MemoryEntry(self.CONTENT)}, datagram_size=size)
+                    _, first = DispatcherCase.start(self, srv, "f", offset, chunk)
+                    if isinstance(first, protocol.Data):
+                        self.assertEqual(first.crc, zlib.crc32(first.payload,
+                                                               protocol.crc_start(offset)))
+                        _, crc, _ = DispatcherCase.run_to_eof(self, srv, first)
+                    else:
+                        crc = first.crc
+                    self.assertEqual(crc, range_crc(self.CONTENT, offset, offset + chunk))
+
+    def client_at(self, start, pos):
+        """A client of the range [start, 3000) of CONTENT that has accepted up to pos."""
+        c = protocol.ClientTransfer("f", start, 3000 - start, 0.0, config.ClientSettings())
+        c.receive_datagram(protocol.format_size(3000, "v", TOKEN), 0.01)
+        if pos > start:
+            c.receive_datagram(data_datagram(start, self.CONTENT[start:pos]), 0.02)
+        self.assertEqual(c.pos, pos)
+        c.datagrams_to_send()
+        return c
+
+    def test_smaller_retransmission_at_the_same_offset(self):
+        # A shrink resends the bytes at o in a smaller datagram: crc32(smaller, R(o)). Either
+        # copy is accepted, and the other one then reads as a duplicate.
+        start, o = 100, 400
+        r = range_crc(self.CONTENT, start, o)
+        big = data_datagram(o, self.CONTENT[o:700], r)
+        small = data_datagram(o, self.CONTENT[o:500], r)
+        self.assertEqual(protocol.parse_server_message(small).crc,
+                         zlib.crc32(self.CONTENT[o:500], r))
+        for first, second, pos in [(big, small, 700), (small, big, 500)]:
+            with self.subTest(first=len(first)):
+                c = self.client_at(start, o)
+                self.assertIsNotNone(c.receive_datagram(first, 0.1))
+                self.assertEqual(c.datagrams_to_send(), [ack(pos)])
+                self.assertIsNone(c.receive_datagram(second, 0.1))
+                self.assertEqual((c.datagrams_to_send(), c.pos), ([ack(pos)], pos))
+                # the running CRC went on from the copy accepted
+                nxt = data_datagram(pos, self.CONTENT[pos:pos + 50],
+                                    range_crc(self.CONTENT, start, pos))
+                self.assertEqual(bytes(c.receive_datagram(nxt, 0.2)),
+                                 self.CONTENT[pos:pos + 50])
+                c.receive_datagram(protocol.format_eof(0), 0.3)   # (ends it; crc irrelevant)
+
+    def test_data_at_the_wrong_offset_is_refused_even_if_self_consistent(self):
+        start, o = 100, 400
+        c = self.client_at(start, o)
+        for label, datagram in [
+                # the server's DATA 500, with its header saying 400
+                ("next DATA moved back", data_datagram(
+                    o, self.CONTENT[500:600], range_crc(self.CONTENT, start, 500))),
+                # a DATA 300 (already received) relabelled 400
+                ("old DATA moved on", data_datagram(
+                    o, self.CONTENT[300:400], range_crc(self.CONTENT, start, 300))),
+                # the right bytes, crc consistent for a range that would start at 400
+                ("the range's own start", data_datagram(o, self.CONTENT[o:500]))]:
+            with self.subTest(label):
+                self.assertIsNone(c.receive_datagram(datagram, 0.1))
+                self.assertEqual((c.datagrams_to_send(), c.pos), ([], o))
+        good = data_datagram(o, self.CONTENT[o:500], range_crc(self.CONTENT, start, o))
+        self.assertIsNotNone(c.receive_datagram(good, 0.2))
+
+    def test_data_of_another_transfers_range_is_refused(self):
+        # Two transfers of the same file, ranges starting at 0 and 100, both at 400: the same
+        # bytes at the same offset, but each DATA only fits its own range's running CRC.
+        mine, theirs = self.client_at(100, 400), self.client_at(0, 400)
+        for_theirs = data_datagram(400, self.CONTENT[400:500], range_crc(self.CONTENT, 0, 400))
+        for_mine = data_datagram(400, self.CONTENT[400:500], range_crc(self.CONTENT, 100, 400))
+        self.assertNotEqual(for_mine, for_theirs)
+        self.assertIsNone(mine.receive_datagram(for_theirs, 0.1))
+        self.assertEqual((mine.datagrams_to_send(), mine.pos), ([], 400))
+        self.assertIsNone(theirs.receive_datagram(for_mine, 0.1))
+        self.assertEqual((theirs.datagrams_to_send(), theirs.pos), ([], 400))
+        self.assertIsNotNone(mine.receive_datagram(for_mine, 0.2))
+        self.assertIsNotNone(theirs.receive_datagram(for_theirs, 0.2))
+        # and EOF: R(end) of another start is a mismatch
+        for c, start in [(mine, 100), (theirs, 0)]:
+            c.receive_datagram(data_datagram(500, self.CONTENT[500:], range_crc(
+                self.CONTENT, start, 500)), 0.3)
+            self.assertEqual(c.pos, 3000)
+            c.datagrams_to_send()
+        mine.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
+        theirs.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
+        self.assertEqual((mine.outcome, theirs.outcome), ("mismatch", "done"))
+        self.assertEqual(mine.datagrams_to_send(), [ACK_EOF, ACK_EOF])
+
+
 # --- 2. Names and the listing -----------------------------------------------------------------
 
 class Names(unittest.TestCase):
@@ -1257,16 +1393,162 @@ class DispatcherStrangers(DispatcherCase):
         self.assertEqual(data, FILE)
 
     def test_ack_from_unknown_address(self):
-        for ack in (b"ACK 5", b"ACK EOF", b"ACK 12345678901234567890123"):
-            with self.subTest(ack=ack):
+        for datagram in (ack(5), ACK_EOF, b"ACK 12345678901234567890123 " + TOKEN,
+                         b"ACK 5", b"ACK EOF", b"ACK 12345678901234567890123"):
+            with self.subTest(ack=datagram):
                 srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
-                out = srv.recv(ack, C)
+                out = srv.recv(datagram, C)
                 self.assertLessEqual(len(out), 1)
                 for b, addr in out:
                     self.assertTrue(b.startswith(b"ERROR BAD_REQUEST"), b)
-                    self.assertLessEqual(len(b), 3 * len(ack))
+                    self.assertLessEqual(len(b), 3 * len(datagram))
+                if datagram.endswith(TOKEN):
+                    self.assertEqual(len(out), 1)    # long enough to be answered
                 self.assertIsNone(srv.d.get_timer())
                 self.assertEqual((srv.d.active, len(srv.d.pending)), ({}, 0))
+
+
+class DispatcherTokens(DispatcherCase):
+    """Address validation (PROTOCOL.md): SIZE carries a random token that every ACK must echo, so
+    a forged ACK 0, a guessed token or a token of another transfer never gets data sent to an
+    address that did not receive the SIZE; a sender which never receives gets at most 3x what
+    it sent."""
+
+    REQ = b"DOWNLOAD a.bin 0 1000000"
+
+    def forgeries(self, srv, token):
+        """ACKs of SIZE that A could send without having received its SIZE (`token`)."""
+        guessed = token[:-1] + (b"0" if token[-1:] != b"0" else b"1")
+        return {"no token": b"ACK 0",
+                "guessed token": protocol.format_ack(0, guessed),
+                "zero token": protocol.format_ack(0, b"0" * 16),
+                "B's token": protocol.format_ack(0, srv.tokens[B]),
+                "C's token": protocol.format_ack(0, srv.tokens[C]),
+                "uppercase": protocol.format_ack(0, token.upper()),
+                "ACK EOF, right token": protocol.format_ack_eof(token)}
+
+    def test_forged_ack_of_size_never_gets_data(self):
+        for label in ["no token", "guessed token", "zero token", "B's token", "C's token",
+                      "uppercase", "ACK EOF, right token"]:
+            with self.subTest(label):
+                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv.recv(self.REQ, B, 0.0)             # other transfers, same IP and not
+                srv.recv(self.REQ, C, 0.0)
+                size = srv.recv(self.REQ, A, 0.0)[0][0]
+                token = srv.tokens[A]
+                t = srv.transfer(A)
+                self.assertEqual(len({token, srv.tokens[B], srv.tokens[C]}), 3)
+                forged = self.forgeries(srv, token)[label]
+                now = 0.0
+                while srv.d.get_timer() is not None:   # the forger keeps trying, every 10 ms
+                    self.assertLess(now, 100.0, "never expires")
+                    now += 0.01
+                    srv.timer(now)
+                    pending = A in srv.d.pending
+                    out = srv.recv(forged, A, now)
+                    self.assertNotIn(A, srv.d.active)
+                    if pending:                        # ignored like a malformed datagram
+                        self.assertEqual(out, [])
+                        self.assertIs(srv.d.pending[A], t)
+                    else:                              # expired: A is a stranger again
+                        self.assertLessEqual(len(out), 1)
+                        for b, _ in out:
+                            self.assertEqual(b, b"ERROR BAD_REQUEST")
+                            self.assertLessEqual(len(b), 3 * len(forged))
+                self.assertEqual(t.outcome, "expired")
+                self.assertIsNone(t.activated)
+                sent = [b for b in srv.sent_to(A) if b != b"ERROR BAD_REQUEST"]
+                self.assertEqual(set(sent), {size})    # SIZE, perhaps retransmitted: no DATA
+                total = sum(map(len, sent))
+                self.assertLessEqual(total, max(2 * len(size),
+                                                srv.s.amplification_factor * len(self.REQ)))
+                self.assertLessEqual(total, srv.s.pending_byte_budget)
+
+    def test_forged_acks_leave_the_real_client_its_transfer(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(self.REQ, B, 0.0)
+        srv.recv(self.REQ, C, 0.0)
+        srv.recv(self.REQ, A, 0.0)
+        token = srv.tokens[A]
+        for k, forged in enumerate(self.forgeries(srv, token).values()):
+            self.assertEqual(srv.recv(forged, A, 0.001 * k), [])
+        self.assertIn(A, srv.d.pending)
+        first = one(self, srv.ack(0, A, 0.02))                # the right token
+        self.assertEqual((type(first), first.offset), (protocol.Data, 0))
+        data, crc, _ = self.run_to_eof(srv, first, now=0.02)
+        self.assertEqual((data, crc), (FILE, range_crc(FILE, 0, len(FILE))))
+
+    def test_wrong_tokens_never_move_an_active_transfer(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(self.REQ, B, 0.0)
+        srv.ack(0, B, 0.01)
+        _, first = self.start(srv, ack_at=0.01)
+        t = srv.transfer(A)
+        token = srv.tokens[A]
+        nxt = end_of(first)
+        wrong = [srv.tokens[B], token[::-1], token.upper(), b"0" * 16,
+                 token[:-1] + (b"0" if token[-1:] != b"0" else b"1")]
+        self.assertNotIn(token, wrong)
+        deadline = srv.d.get_timer()
+        attempts = [b"ACK %d" % nxt, b"ACK EOF"]
+        for tok in wrong:
+            attempts += [protocol.format_ack(n, tok) for n in (0, nxt, nxt - 1, 5000)]
+            attempts.append(protocol.format_ack_eof(tok))
+        for datagram in attempts:
+            with self.subTest(datagram=datagram):
+                self.assertEqual(srv.recv(datagram, A, 0.02), [])
+                self.assertEqual((t.pos, t.state, t.outcome), (0, protocol.WAIT_DATA, None))
+                self.assertEqual((t.retransmissions, t.tries), (0, 1))
+                self.assertEqual(srv.d.get_timer(), deadline)
+        nxt_msg = one(self, srv.ack(nxt, A, 0.03))              # the right token: on it goes
+        self.assertEqual(nxt_msg.offset, nxt)
+        data, crc, _ = self.run_to_eof(srv, nxt_msg, now=0.03)
+        self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
+        # EOF outstanding: ACK EOF with a wrong token does not end it
+        for tok in wrong:
+            self.assertEqual(srv.ack_eof(A, 0.5, token=tok), [])
+            self.assertEqual((t.state, t.outcome), (protocol.WAIT_EOF, None))
+        self.assertIn(A, srv.d.active)
+        self.assertEqual(t.retransmissions, 0)
+        self.assertEqual(srv.ack_eof(A, 0.5), [])
+        self.assertEqual(t.outcome, "done")
+        self.assertNotIn(A, srv.d.active)
+
+    def test_tokens(self):
+        tokens = {protocol.new_token() for _ in range(2000)}
+        self.assertEqual(len(tokens), 2000)
+        for token in tokens:
+            self.assertIsInstance(token, bytes)
+            self.assertRegex(token, b"^[0-9a-f]{16}$")
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        addrs = [A, B, C] + [("203.0.113.%d" % i, 7000 + i) for i in range(50)]
+        for addr in addrs:
+            srv.recv(self.REQ, addr, 0.0)
+        seen = [srv.tokens[addr] for addr in addrs]
+        self.assertEqual(len(set(seen)), len(seen))               # distinct across transfers
+        for token in seen:
+            self.assertRegex(token, b"^[0-9a-f]{16}$")
+        self.assertEqual(srv.transfer(A).token, srv.tokens[A])
+        # a repeated request gets the same SIZE, token included
+        first = srv.sent_to(A)[0]
+        self.assertEqual(one(self, srv.recv(self.REQ, A, 0.01)),
+                         protocol.parse_server_message(first))
+        self.assertEqual(srv.sent_to(A)[-1], first)
+        self.assertEqual(srv.tokens[A], seen[0])
+        srv.recv(self.REQ + b"\r\n", A, 0.02)
+        self.assertEqual(srv.sent_to(A)[-1], first)
+        # a different request is a new transfer, with a new token
+        srv.recv(b"DOWNLOAD a.bin 0 10", A, 0.03)
+        self.assertNotEqual(srv.tokens[A], seen[0])
+        self.assertEqual(srv.recv(protocol.format_ack(0, seen[0]), A, 0.04), [])
+        self.assertIsInstance(one(self, srv.ack(0, A, 0.04)), protocol.Data)
+
+    def test_deterministic_token(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, new_token=lambda: TOKEN, **SMALL)
+        size = one(self, srv.recv(self.REQ))
+        self.assertEqual(size, protocol.Size(5000, protocol.MemoryEntry(FILE).version, TOKEN))
+        self.assertEqual(srv.recv(ack(0, OTHER_TOKEN)), [])
+        self.assertIsInstance(one(self, srv.recv(ack(0))), protocol.Data)
 
 
 class DispatcherChanged(DispatcherCase):
