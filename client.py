@@ -372,6 +372,11 @@ class MemoryTarget:
 
 # --- The transfer loop ------------------------------------------------------------------------
 
+# ClientTransfer outcomes that mean the range's end-to-end check failed: its bytes are wrong
+# somewhere and must never be claimed by a record nor counted as done.
+FAILED_CHECK = frozenset(("digest",))
+
+
 class Part:
     """One range in flight: a socket, its ClientTransfer, and how far its bytes are written
     (t.pos moves when a payload is accepted, a moment before the payload is on disk; records
@@ -380,6 +385,16 @@ class Part:
     def __init__(self, sock, transfer):
         self.sock, self.t = sock, transfer
         self.written = transfer.start
+
+    @property
+    def failed_check(self):
+        """The range's end-to-end check failed: none of its bytes may be trusted."""
+        return self.t.outcome in FAILED_CHECK
+
+    def claimable(self):
+        """The bytes of this part a record may claim: [start, written), or none at all once
+        the check failed (Ctrl-C can land between that and housekeeping)."""
+        return None if self.failed_check else (self.t.start, self.written)
 
 
 class Client:
@@ -602,8 +617,8 @@ class _Fetch:
     HOUSEKEEPING = 0.05
 
     def _in_flight(self):
-        """Bytes of running parts that are written, for the record."""
-        return [(p.t.start, p.written) for p in self.active]
+        """Bytes of running parts that are written and not known bad, for the record."""
+        return [r for r in (p.claimable() for p in self.active) if r is not None]
 
     def _next_check(self, now):
         timers = [p.t.get_timer() for p in self.active]
@@ -720,7 +735,7 @@ class _Fetch:
                 raise Failure("not on the server", retry=False)
         else:
             self.not_found = 0
-        if outcome == "digest":
+        if part.failed_check:
             self.c.printer.line("%s: digest mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
             # A record saved while it ran listed those bytes: replace it at once.
@@ -732,7 +747,7 @@ class _Fetch:
         if self.name is None:
             self.target.reset()
         elif self.target.size is not None:   # else the first range is simply asked again
-            self.queue.insert(0, (part.written if outcome != "digest" else t.start,
+            self.queue.insert(0, (t.start if part.failed_check else part.written,
                                   self._end_of(t)))
             self.queue = [r for r in self.queue if r[0] < r[1]]
         self.c.stats["stalls"] += 1
