@@ -46,8 +46,14 @@ class ServerSettings:
     rto_initial: float = 0.25
     rto_min: float = 0.002
     rto_max: float = 2.0
-    # Retransmissions of one datagram before the transfer is forgotten (about 15 s of silence
-    # with the values above): a client that vanished frees its slot.
+    # A client that acknowledges nothing for this long is given up and its slot freed: about
+    # when the client gives up itself (ClientSettings.idle_timeout, 5 s: it then asks again on
+    # a new socket, so the old transfer is of no use to anyone).
+    client_silence: float = 5.0
+    # And in any case after this many retransmissions of one datagram. Alone, that would be
+    # 21.75 s of silence from the first RTO (0.25 + 0.5 + 1 + 10 x 2 s) and about 8 s after a
+    # loopback RTT (2 ms doubled up to 2 s); with client_silence it only bounds the datagrams
+    # sent on paths whose RTO is short.
     max_retransmits: int = 12
 
     # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two

@@ -562,7 +562,7 @@ class ServerTransfer:
                 self.retransmissions += 1
                 self._emit(self._current)
             return
-        if self._tries > self.s.max_retransmits:
+        if self._client_gone(now):
             return self.finish("timeout")
         self.rtt.backoff()
         self._tries += 1
@@ -572,8 +572,17 @@ class ServerTransfer:
             self._shrink(self.s.safe_datagram_size)
             if self.outcome is not None:
                 return   # the file changed under the re-read: ERROR CHANGED was sent
-        self.deadline = now + self.rtt.rto
+        # Wake up at the silence limit at the latest, so the slot is freed on time.
+        self.deadline = min(now + self.rtt.rto, self._sent_at + self.s.client_silence)
         self._emit(self._current)
+
+    def _client_gone(self, now):
+        """Give up on a client that acknowledged nothing for client_silence seconds (about when
+        it gives up itself: its idle timeout), or after max_retransmits copies of one datagram,
+        whichever comes first. _sent_at is when the outstanding datagram was first sent, that
+        is when the transfer last advanced."""
+        return (self._tries > self.s.max_retransmits
+                or now >= self._sent_at + self.s.client_silence)
 
     def too_big(self, size, now):
         """The OS refused to send a datagram this big (EMSGSIZE): lower the ceiling for good."""

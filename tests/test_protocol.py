@@ -656,7 +656,8 @@ class DispatcherTimers(DispatcherCase):
         self.assertLessEqual(len(late), 1)
 
     def test_data_schedule_without_sample_then_give_up(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        # The count rule alone (the silence rule is tested in test_fairness.py).
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.05)   # SIZE sent twice: Karn, no sample
         first = srv.recv(b"ACK 0", now=0.1)
@@ -681,7 +682,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(len(data_sent), 1 + srv.s.max_retransmits)
 
     def test_rfc6298_after_samples(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         rtts = [0.1, 0.05, 0.2, 0.02, 0.3, 0.3, 0.001]
         now, samples = rtts[0], []
