@@ -511,7 +511,7 @@ class _Fetch:
         if self.parts == 1:
             self.queue = gaps
             return
-        piece = min(max(size // (2 * self.parts), self.s.min_part_size), self.s.max_part_size)
+        piece = self._piece(size)
         self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
 
     def _end_of(self, t):
@@ -529,9 +529,13 @@ class _Fetch:
         if self.parts == 1:
             return protocol.HUGE
         if self.size_hint:
-            return min(max(self.size_hint // (2 * self.parts), self.s.min_part_size),
-                       self.s.max_part_size)
+            return self._piece(self.size_hint)
         return self.s.min_part_size
+
+    def _piece(self, size):
+        """The length of one range of a file of `size` bytes fetched in self.parts parts: about
+        size / (2 * parts) so the parts finish together, within [min_part_size, max_part_size]."""
+        return min(max(size // (2 * self.parts), self.s.min_part_size), self.s.max_part_size)
 
     def _start(self, start, length, now):
         expect = (self.target.size, self.target.version) if self.target.version else None

@@ -488,6 +488,16 @@ class ServerTransfer:
                 self.source.close()
             self._bufs = self._current = None
 
+    @property
+    def ceiling(self):
+        """The largest datagram this transfer may send (too_big lowers it for good)."""
+        return self._ceiling
+
+    @property
+    def tries(self):
+        """Copies of the outstanding datagram sent so far (1: not retransmitted)."""
+        return self._tries
+
     # -- events
 
     def acknowledges_size(self, n):
@@ -684,7 +694,7 @@ class ServerDispatcher:
             t.too_big(size, now)
             # The limit is the sending host's (macOS: 9216 bytes by default): keep it for
             # every later transfer instead of finding it again each time.
-            self.ceiling = min(self.ceiling, t._ceiling)
+            self.ceiling = min(self.ceiling, t.ceiling)
             self._after(t, now)
 
     def close(self):
@@ -781,7 +791,7 @@ class ServerDispatcher:
         """Bookkeeping after the transfer handled an event."""
         if t.outcome is not None:
             return self._forget(t, now)
-        if t.state == WAIT_DATA and t._tries == 1:
+        if t.state == WAIT_DATA and t.tries == 1:
             self._ahead.append(t)
         self._schedule(t)
 
