@@ -61,6 +61,26 @@ class ServerSettings:
     max_transfers: int = 128
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
     max_pending: int = 96            # smaller than max_transfers (PROTOCOL.md)
+    # IPs that completed a transfer keep this share of the pending pool: requests from other
+    # addresses (a flood, perhaps from forged ones) can never evict them from it.
+    pending_reserved: float = 0.25
+    # Client IPs remembered as having completed a transfer (for pending_reserved).
+    known_max: int = 1024
+
+    # Fairness between client IPs (PROTOCOL.md "Hostile input"). When slots are scarce (no
+    # more free than IPs refused one that still wait: none free when nobody waits), an IP gets
+    # at most max_transfers // (IPs holding or waiting for one): beyond that, BUSY for another.
+    # An IP refused a slot while holding none counts as waiting this long (the client tries
+    # again within ClientSettings.retry_max, 5 s).
+    busy_wait_seconds: float = 10.0
+    # A transfer that acknowledged fewer than slow_acks datagrams in its last slow_window
+    # seconds (fewer than 2 a second: ACKs held back until just before each timeout, or a
+    # round trip over half a second) gives its slot up to a waiting client of another IP.
+    # A transfer younger than slow_window is never judged, so slow ones take turns of at least
+    # that long.
+    slow_window: float = 5.0
+    slow_acks: int = 10
+
     # Everything sent to an address that never acknowledges SIZE, retransmissions included:
     # at most this many bytes; by timer, at most amplification_factor times what it sent or
     # two SIZEs, whichever is more (a spoofed source must not turn the server into an

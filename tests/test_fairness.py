@@ -64,9 +64,9 @@ class Harness:
 
 
 def ack(h, addr, n, now):
-    """The client at addr acknowledges n (the next byte it needs). The one place that builds an
-    ACK: adapt it here if ACKs carry more."""
-    return h.recv(protocol.format_ack(n), addr, now)
+    """The client at addr acknowledges n (the next byte it needs; None: EOF). The one place
+    that builds an ACK: adapt it here if ACKs carry more."""
+    return h.recv(protocol.ACK_EOF if n is None else protocol.format_ack(n), addr, now)
 
 
 def parsed(out, addr):
@@ -141,6 +141,266 @@ class ClientSilenceTest(unittest.TestCase):
         self.assertIn(addr, h.d.active)
         self.run_timers(h, now + h.s.client_silence)
         self.assertNotIn(addr, h.d.active)
+
+
+# --- Item 2: a fair share of the slots per client IP ------------------------------------------
+
+X = "203.0.113.1"       # a host with many sockets
+Y = "198.51.100.9"      # another host
+
+
+def ports(ip, n, first=1000):
+    return [(ip, first + i) for i in range(n)]
+
+
+def is_busy(msgs):
+    return len(msgs) == 1 and isinstance(msgs[0], protocol.Error) and msgs[0].code == "BUSY"
+
+
+class Clients:
+    """Transfers on the virtual clock: start them, acknowledge their DATA when told to. Every
+    datagram the server sends, to whichever address, goes through feed()."""
+
+    def __init__(self, test, h):
+        self.test, self.h = test, h
+        self.last = {}          # addr -> the DATA it holds (to acknowledge next)
+        self.got = {}           # addr -> payload bytes received
+        self.busy = []          # addrs told BUSY
+        self.done = []
+
+    def feed(self, out, now):
+        mine = []
+        for b, addr in out:
+            m = protocol.parse_server_message(b)
+            mine.append((m, addr))
+            if isinstance(m, protocol.Data):
+                self.last[addr] = m
+                self.got[addr] = self.got.get(addr, 0) + len(m.payload)
+            elif is_busy([m]):
+                self.busy.append(addr)
+                self.last.pop(addr, None)
+            elif isinstance(m, protocol.Eof):
+                self.last.pop(addr, None)
+                self.done.append(addr)
+                self.feed(ack(self.h, addr, None, now), now)
+        return mine
+
+    def start(self, addr, now, rtt=0.01):
+        """Request, and acknowledge SIZE rtt later: what addr got for its ACK."""
+        got = self.feed(self.h.request(addr, now), now)
+        if not (got and isinstance(got[0][0], protocol.Size)):
+            return [m for m, a in got if a == addr]
+        return [m for m, a in self.feed(ack(self.h, addr, 0, now + rtt), now + rtt) if a == addr]
+
+    def step(self, addrs, now):
+        """Timers up to now, then each of addrs acknowledges the DATA it holds."""
+        self.feed(self.h.timer(now), now)
+        for addr in addrs:
+            if addr in self.last:
+                m = self.last[addr]
+                self.feed(ack(self.h, addr, m.offset + len(m.payload), now), now)
+
+
+class FairShareTest(unittest.TestCase):
+
+    def test_one_ip_holding_every_slot_with_slow_keep_alive_acks_then_another_ip_is_served(self):
+        h = Harness()
+        c = Clients(self, h)
+        hogs = ports(X, h.s.max_transfers)            # 128 sockets on one IP
+        for addr in hogs:
+            c.start(addr, 0.0)
+        self.assertEqual(len(h.d.active), h.s.max_transfers)
+        for second in range(1, 11):                   # one DATA acknowledged per second each
+            c.step(hogs, float(second))
+        self.assertEqual(len(h.d.active), h.s.max_transfers)
+        # A client on another IP, 300 ms away: its request gets SIZE, its ACK gets DATA.
+        y = (Y, 5000)
+        first = c.start(y, 10.2, rtt=0.3)
+        self.assertIsInstance(first[0], protocol.Data)
+        self.assertIn(y, h.d.active)
+        self.assertEqual(h.d.stats["preempted"], 1)
+        self.assertEqual(len(c.busy), 1)              # the preempted one was told
+        victims = [a for a in hogs if a not in h.d.active]
+        self.assertEqual(len(victims), 1)
+        # The hog asks again (a client uses a new port for that): BUSY, while Y is served.
+        self.assertTrue(is_busy(parsed(h.request((X, 9999), 10.6), (X, 9999))))
+        msg = first[0]
+        for i in range(5):
+            msg = next_ack(h, y, msg, 10.8 + 0.3 * i)[0]
+            self.assertIsInstance(msg, protocol.Data)
+
+    def test_preempted_transfer_is_told_busy(self):
+        h = Harness(max_transfers=2)
+        c = Clients(self, h)
+        for addr in ports(X, 2):
+            c.start(addr, 0.0)
+        y = (Y, 5000)
+        h.request(y, 1.0)
+        out = ack(h, y, 0, 1.1)
+        told = [(protocol.parse_server_message(b), a) for b, a in out]
+        busy = [a for m, a in told if is_busy([m])]
+        self.assertEqual(len(busy), 1)
+        self.assertEqual(busy[0][0], X)
+        self.assertIsInstance([m for m, a in told if a == y][0], protocol.Data)
+        self.assertEqual(h.d.stats["busy"], 1)
+
+    def test_an_ip_holding_many_slots_gets_busy_for_more_while_another_is_served(self):
+        h = Harness(max_transfers=4)
+        c = Clients(self, h)
+        xs = ports(X, 3)
+        for addr in xs:
+            c.start(addr, 0.0)
+        c.start((Y, 5000), 0.0)
+        self.assertEqual(len(h.d.active), 4)
+        # X holds 3 of 4 and Y 1; the fair share of two IPs is 2.
+        self.assertTrue(is_busy(parsed(h.request((X, 2000), 1.0), (X, 2000))))
+        # Y may have a second: it takes the slot of X's slowest.
+        c.step(xs[1:], 0.5)                           # xs[0] moved least lately
+        msg = c.start((Y, 5001), 1.0)[0]
+        self.assertIsInstance(msg, protocol.Data)
+        self.assertEqual(c.busy, [xs[0]])
+        self.assertEqual((h.d.by_ip.held(X), h.d.by_ip.held(Y)), (2, 2))
+        # Now both hold their share: more from either is BUSY, and nobody is preempted.
+        for addr in ((X, 2001), (Y, 5002)):
+            self.assertTrue(is_busy(parsed(h.request(addr, 1.5), addr)))
+        self.assertEqual(h.d.stats["preempted"], 1)
+
+    def test_free_slots_are_used_when_nobody_waits(self):
+        h = Harness(max_transfers=4)
+        c = Clients(self, h)
+        for addr in ports(X, 4):                      # one IP may take every idle slot
+            self.assertIsInstance(c.start(addr, 0.0)[0], protocol.Data)
+        self.assertEqual(h.d.stats["busy"], 0)
+
+    def test_two_clients_with_many_parts_both_progress(self):
+        h = Harness(max_transfers=8)
+        c = Clients(self, h)
+        xs, ys = ports(X, 8), ports(Y, 8)
+        for addr in xs:
+            c.start(addr, 0.0)
+        for addr in ys:
+            c.start(addr, 0.1)
+        now = 0.2
+        for _ in range(20):                           # both keep acknowledging
+            c.step(xs + ys, now)
+            now += 0.02
+        self.assertEqual((h.d.by_ip.held(X), h.d.by_ip.held(Y)), (4, 4))
+        moving_x = [a for a in xs if a in h.d.active and c.got.get(a, 0) > 1000]
+        moving_y = [a for a in ys if a in h.d.active and c.got.get(a, 0) > 1000]
+        self.assertEqual((len(moving_x), len(moving_y)), (4, 4))
+
+    def test_kept_alive_transfers_of_many_ips_give_way_to_a_waiting_client(self):
+        h = Harness(max_transfers=4)
+        c = Clients(self, h)
+        slow = [("192.0.2.%d" % i, 1000) for i in range(1, 5)]
+        for addr in slow:
+            c.start(addr, 0.0)
+        z = (Y, 5000)
+        # Young transfers are never judged: within the first window Z waits.
+        self.assertTrue(is_busy(c.start(z, 2.0)))
+        for second in (2, 4, 6, 8, 10, 12):           # an ACK every 2 s: kept alive, no more
+            c.step(slow, float(second))
+        self.assertEqual(len(h.d.active), 4)
+        self.assertIsInstance(c.start(z, 12.5)[0], protocol.Data)
+        self.assertEqual(h.d.stats["preempted"], 1)
+        self.assertEqual(c.busy[0], z)
+        self.assertEqual([a in slow for a in c.busy[1:]], [True])   # one slow one gave way
+
+    def test_transfers_that_move_keep_their_slots(self):
+        h = Harness(max_transfers=4)
+        c = Clients(self, h)
+        quick = [("192.0.2.%d" % i, 1000) for i in range(1, 5)]
+        for addr in quick:
+            c.start(addr, 0.0)
+        now = 0.0
+        while now < 7.0:                              # 5 ACKs a second each
+            now += 0.2
+            c.step(quick, now)
+        z = (Y, 5000)
+        self.assertTrue(is_busy(c.start(z, now)))
+        self.assertEqual(h.d.stats["preempted"], 0)
+        self.assertEqual(c.busy, [z])
+        # Z now waits for a slot: the first one free is kept for it.
+        self.assertIn(Y, h.d.waiting)
+
+
+# --- Item 2: the pending pool -----------------------------------------------------------------
+
+class PendingPoolTest(unittest.TestCase):
+
+    def test_ip_counts(self):
+        counts = protocol.IpCounts()
+        for addr in [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("c", 1)]:
+            counts.add(addr)
+        self.assertEqual((counts.size, counts.most(), counts.heaviest()), (6, 3, "b"))
+        self.assertEqual(counts.oldest_of_heaviest(), ("b", 1))
+        counts.discard(("b", 1))
+        counts.discard(("b", 1))                      # twice: no harm
+        self.assertEqual((counts.size, counts.most(), counts.heaviest()), (5, 2, "a"))
+        self.assertEqual(counts.oldest_of_heaviest(), ("a", 1))
+        for addr in [("a", 1), ("a", 2), ("b", 2), ("b", 3)]:
+            counts.discard(addr)
+        self.assertEqual((counts.size, counts.most(), counts.heaviest()), (1, 1, "c"))
+        counts.discard(("c", 1))
+        self.assertEqual((counts.size, counts.most(), counts.heaviest()), (0, 0, None))
+
+    def flood_then_ack(self, h, real, flood_addrs, rtt=0.3, t0=1.0):
+        """real asks at t0; the flood's requests arrive during its round trip; real's ACK
+        comes rtt later. Returns what real got for its ACK."""
+        self.assertIsInstance(parsed(h.request(real, t0), real)[0], protocol.Size)
+        for i, addr in enumerate(flood_addrs):
+            h.request(addr, t0 + rtt * i / len(flood_addrs))
+            self.assertLessEqual(len(h.d.pending), h.s.max_pending)
+        return parsed(ack(h, real, 0, t0 + rtt), real)
+
+    def test_flood_from_one_ip_evicts_itself_not_a_long_rtt_client(self):
+        h = Harness(max_pending=16)
+        real = (Y, 5000)
+        got = self.flood_then_ack(h, real, ports(X, 2000))
+        self.assertIsInstance(got[0], protocol.Data)
+        self.assertIn(real, h.d.active)
+        self.assertGreater(h.d.stats["evicted"], 1900)
+        self.assertEqual({a[0] for a in h.d.pending}, {X})
+
+    def test_the_flooders_oldest_is_dropped(self):
+        h = Harness(max_pending=4, pending_reserved=0.0)
+        h.request((Y, 1), 0.0)
+        h.request((X, 1), 0.1)
+        h.request((X, 2), 0.2)
+        h.request((Y, 2), 0.3)
+        h.request((X, 3), 0.4)          # full: X holds most, its oldest goes
+        self.assertEqual(list(h.d.pending), [(Y, 1), (X, 2), (Y, 2), (X, 3)])
+
+    def test_flood_from_forged_ips_does_not_evict_a_returning_client(self):
+        h = Harness(max_pending=16)
+        real = (Y, 5000)
+        h.recv(b"LIST", real, 0.0)                    # it completed a transfer before
+        ack(h, real, 0, 0.3)
+        ack(h, real, None, 0.6)
+        self.assertIn(Y, h.d.known)
+        forged = [("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 4000) for i in range(2000)]
+        got = self.flood_then_ack(h, (Y, 5001), forged)
+        self.assertIsInstance(got[0], protocol.Data)
+        strangers = [a for a in h.d.pending if a[0] != Y]
+        reserved = int(h.s.max_pending * h.s.pending_reserved)
+        self.assertLessEqual(len(strangers), h.s.max_pending - reserved)
+
+    def test_known_ips_give_way_beyond_their_reserve(self):
+        h = Harness(max_pending=8)
+        h.d.known[Y] = None
+        for addr in ports(Y, 8):
+            h.request(addr, 0.0)
+        self.assertEqual(len(h.d.pending), 8)
+        # Strangers from one IP: that IP and Y end up holding the same number.
+        for addr in ports(X, 8):
+            h.request(addr, 0.1)
+        self.assertEqual(sum(a[0] == X for a in h.d.pending), 4)
+        self.assertEqual(sum(a[0] == Y for a in h.d.pending), 4)
+        # From forged IPs, one each: Y gives way down to its reserve (8 // 4 = 2), no further.
+        for i in range(100):
+            h.request(("10.0.0.%d" % i, 1), 0.2)
+        self.assertEqual(sum(a[0] == Y for a in h.d.pending), 2)
+        self.assertEqual(len(h.d.pending), 8)
 
 
 if __name__ == "__main__":
