@@ -499,6 +499,8 @@ class _Fetch:
         self.not_found = 0
         self.bad_requests = 0
         self._have = -1             # bytes in hand at the last progress check
+        self.attempts = 0           # parts ended without finishing, since the last progress
+        self.busy = 0               # of which the server had no slot for (ERROR BUSY)
 
     # -- planning
 
@@ -648,6 +650,9 @@ class _Fetch:
                 break
         self._progress(now)
         if now - self.last_progress > self.give_up:
+            if self.busy and self.busy == self.attempts:
+                raise Failure("server busy (%s had no free transfer slot); gave up after %d s"
+                              % (protocol.format_addr(self.c.server), self.give_up))
             raise Failure("server at %s not answering; gave up after %d s" % (
                 protocol.format_addr(self.c.server), self.give_up))
         if target.size is not None and target.done.covers(target.size) and not self.active:
@@ -669,6 +674,7 @@ class _Fetch:
             self._have = have
             self.last_progress = now
             self.failures = 0
+            self.attempts = self.busy = 0
             if self.warned:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
@@ -725,6 +731,11 @@ class _Fetch:
             return
         if outcome in ("changed", "version"):
             return self._restart("the file changed on the server", now)
+        self.attempts += 1
+        if outcome == "error" and t.error_code == "BUSY":
+            self.busy += 1
+            if self._carry_on_without(part):
+                return
         if outcome == "error" and t.error_code == "BAD_REQUEST" and t.size is None:
             # Our request was valid for the file we know, so either it was damaged on the way
             # or the file shrank under it: the second time in a row, start over.
@@ -764,6 +775,22 @@ class _Fetch:
                 self.warned = True
                 self.c.printer.line("%s: server at %s not answering; retrying" % (
                     self.label, protocol.format_addr(self.c.server)))
+
+    def _carry_on_without(self, part):
+        """The server had no slot for this part (ERROR BUSY) while others of the file run:
+        keep its bytes, put the rest of its range back in the queue, and run no more parts
+        than are running now. Not a failure: nothing is wrong, the server is shared. Returns
+        False when no other part runs (then it is retried with back-off like any failure)."""
+        if not self.active or self.name is None or self.target.size is None:
+            return False
+        t = part.t
+        self.target.done.add(t.start, part.written)
+        self.queue.insert(0, (part.written, self._end_of(t)))
+        self.queue = [r for r in self.queue if r[0] < r[1]]
+        self.parts = max(1, len(self.active))
+        self.c.printer.detail("%s: server busy; going on with %d parts" % (self.label,
+                                                                          self.parts))
+        return True
 
     def _restart(self, why, now):
         self.restarts += 1
