@@ -168,6 +168,27 @@ class BusyClientTest(unittest.TestCase):
         self.assertIsNone(hog.error)
 
 
+class PieceTest(unittest.TestCase):
+    """Item 5: the part size is computed in one place, for the plan and the first request."""
+
+    def fetch_state(self, parts, size_hint=None, **settings):
+        c = support.make_client(("127.0.0.1", 9), ".", support.fast_client_settings(**settings))
+        f = client._Fetch(c, "x", client.MemoryTarget(), parts, size_hint, 10.0, None)
+        self.addCleanup(f.sel.close)
+        return f
+
+    def test_first_length_and_plan_agree(self):
+        for size in (10 * MiB, 100 * MiB, 3 * MiB, 10 ** 12):
+            for parts in (2, 4, 16):
+                with self.subTest(size=size, parts=parts):
+                    f = self.fetch_state(parts, size)
+                    f.target.size = size
+                    f._plan()
+                    self.assertEqual(f._first_length(), f.queue[0][1] - f.queue[0][0])
+                    expect = min(max(size // (2 * parts), MiB), 64 * MiB)
+                    self.assertEqual(f._piece(size), expect)
+
+
 class Hog(threading.Thread):
     """n sockets on one IP: each asks for hog.bin until DATA flows, then acknowledges each DATA
     only `delay` after it came (slow keep-alive, about when the server would send it again)."""

@@ -324,6 +324,38 @@ class FairShareTest(unittest.TestCase):
         self.assertIn(Y, h.d.waiting)
 
 
+# --- Item 5: BUSY sent in one place; the dispatcher uses public properties --------------------
+
+class OnePlaceForBusyTest(unittest.TestCase):
+
+    def test_busy_for_mere_requests_is_rate_limited(self):
+        h = Harness(max_transfers=1, error_rate=0.001, error_burst=2)
+        Clients(self, h).start((X, 1), 0.0)
+        answers = [h.request((X, 2 + i), 1.0) for i in range(5)]   # X holds its share
+        self.assertEqual([len(a) for a in answers], [1, 1, 0, 0, 0])
+        self.assertTrue(all(is_busy(parsed(a, a[0][1])) for a in answers[:2]))
+        self.assertEqual(h.d.stats["busy"], 5)
+        self.assertEqual(h.d.stats["errors_suppressed"], 3)
+
+    def test_busy_for_a_proven_address_always_goes(self):
+        h = Harness(max_transfers=1, error_rate=0.001, error_burst=1)
+        Clients(self, h).start((X, 1), 0.0)
+        h.recv(b"garbage", ("192.0.2.99", 9), 0.5)    # the error budget is spent
+        self.assertEqual(h.d.errors.tokens, 0)
+        y = (Y, 5000)
+        self.assertIsInstance(parsed(h.request(y, 1.0), y)[0], protocol.Size)
+        self.assertTrue(is_busy(parsed(ack(h, y, 0, 1.1), y)))   # X's one transfer is young
+
+    def test_tries_and_ceiling_are_public(self):
+        h = Harness()
+        addr = (X, 1)
+        start(h, addr, 0.0)
+        t = h.d.active[addr]
+        self.assertEqual((t.tries, t.ceiling), (1, h.s.datagram_size))
+        h.timer(h.d.get_timer())
+        self.assertEqual(t.tries, 2)
+
+
 # --- Item 2: the pending pool -----------------------------------------------------------------
 
 class PendingPoolTest(unittest.TestCase):
