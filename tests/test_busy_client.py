@@ -145,9 +145,11 @@ class BusyClientTest(unittest.TestCase):
     def test_one_ip_holding_every_slot_with_slow_acks_does_not_lock_out_another(self):
         if not can_bind("127.0.0.2"):
             self.skipTest("cannot bind 127.0.0.2 on this platform")
-        data = self.tmp.make_file("f.bin", 1 * MiB, seed=34)
+        data = self.tmp.make_file("f.bin", 200 * 1024, seed=34)
         self.tmp.make_file("hog.bin", 64 * MiB, seed=35)
-        st = self.serve(datagram_size=1232, rto_max=0.4)   # the fast server's timers
+        # Small datagrams keep the hog cheap; a generous retransmission count keeps its slow
+        # ACKs from timing out on a loaded machine (then slots would free by themselves).
+        st = self.serve(datagram_size=1232, max_retransmits=30)
         s = st.server.settings
         hog = Hog(st.address, "127.0.0.2", s.max_transfers)
         self.addCleanup(hog.stop)
@@ -163,7 +165,7 @@ class BusyClientTest(unittest.TestCase):
         fetch(c, self.tmp.downloads, "f.bin", 1)
         seconds = time.monotonic() - t0
         self.assertEqual(self.tmp.downloaded("f.bin"), data)
-        self.assertLess(seconds, 3.0)
+        self.assertLess(seconds, 5.0)
         self.assertGreaterEqual(d.stats["preempted"], 1)
         self.assertIsNone(hog.error)
 
