@@ -67,9 +67,10 @@ class ServerSettings:
     # Client IPs remembered as having completed a transfer (for pending_reserved).
     known_max: int = 1024
 
-    # Fairness between client IPs (PROTOCOL.md "Hostile input"). When slots are scarce (no
-    # more free than IPs refused one that still wait: none free when nobody waits), an IP gets
-    # at most max_transfers // (IPs holding or waiting for one): beyond that, BUSY for another.
+    # Fairness between client IPs (an IPv6 client is its /64; PROTOCOL.md "Hostile input").
+    # When slots are scarce (no more free than IPs refused one that still wait: none free when
+    # nobody waits), an IP gets at most max_transfers // (IPs holding or waiting for one):
+    # beyond that, BUSY for another.
     # An IP refused a slot while holding none counts as waiting this long (the client tries
     # again within ClientSettings.retry_max, 5 s).
     busy_wait_seconds: float = 10.0

@@ -15,8 +15,10 @@ loops around them; tests drive them on a virtual clock.
   offset, cumulative ACKs, the end-to-end SHA-256 check.
 """
 
+import functools
 import hashlib
 import heapq
+import ipaddress
 import logging
 import re
 import unicodedata
@@ -636,10 +638,30 @@ class TokenBucket:
         return False
 
 
+@functools.lru_cache(maxsize=4096)
+def _client_of_host(host):
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def client_of(addr):
+    """Who a fair share belongs to: the IPv4 address, or the IPv6 /64 (a host, or a site, is
+    usually given a whole /64, so one IPv6 client can send from 2**64 addresses)."""
+    return _client_of_host(addr[0])
+
+
 class IpCounts:
-    """Entries (client addresses) grouped by IP, oldest first, with the IP that holds the most
-    found in O(1): groups[k] holds the IPs with at least k entries, in the order they got there
-    (so only the top group can empty when an entry goes). Every operation is O(1)."""
+    """Entries (client addresses) grouped by client (client_of: IP, or IPv6 /64), oldest first,
+    with the client that holds the most found in O(1): groups[k] holds the clients with at
+    least k entries, in the order they got there (so only the top group can empty when an
+    entry goes). Every operation is O(1)."""
 
     def __init__(self):
         self.by_ip = {}        # ip -> {addr: None}, oldest first
@@ -659,22 +681,24 @@ class IpCounts:
         return next(iter(self.groups[-1])) if self.size else None
 
     def add(self, addr):
-        entries = self.by_ip.setdefault(addr[0], {})
+        ip = client_of(addr)
+        entries = self.by_ip.setdefault(ip, {})
         entries[addr] = None
         k = len(entries)
         if k == len(self.groups):
             self.groups.append({})
-        self.groups[k][addr[0]] = None
+        self.groups[k][ip] = None
         self.size += 1
 
     def discard(self, addr):
-        entries = self.by_ip.get(addr[0])
+        ip = client_of(addr)
+        entries = self.by_ip.get(ip)
         if entries is None or addr not in entries:
             return
-        del self.groups[len(entries)][addr[0]]
+        del self.groups[len(entries)][ip]
         del entries[addr]
         if not entries:
-            del self.by_ip[addr[0]]
+            del self.by_ip[ip]
         if len(self.groups) > 1 and not self.groups[-1]:
             self.groups.pop()
         self.size -= 1
@@ -823,7 +847,7 @@ class ServerDispatcher:
         """The client acknowledged SIZE (so its address is real): give it an active slot, taking
         one from a transfer that holds it unfairly if need be, or answer BUSY."""
         self._pending_remove(t)
-        ip = t.addr[0]
+        ip = client_of(t.addr)
         if self._refuse_more(ip, now):
             return self._refuse(t, now)
         if len(self.active) >= self.s.max_transfers:
@@ -843,9 +867,10 @@ class ServerDispatcher:
     def _refuse(self, t, now):
         """BUSY for a transfer whose SIZE was acknowledged. If its IP holds no slot, it now
         waits for one: it counts in the fair share until busy_wait_seconds have passed."""
-        if not self.by_ip.held(t.addr[0]):
-            self.waiting[t.addr[0]] = now + self.s.busy_wait_seconds
-            self.waiting.move_to_end(t.addr[0])
+        ip = client_of(t.addr)
+        if not self.by_ip.held(ip):
+            self.waiting[ip] = now + self.s.busy_wait_seconds
+            self.waiting.move_to_end(ip)
             while len(self.waiting) > self.s.recent_max:
                 self.waiting.popitem(last=False)
         self._busy(t.addr, now)
@@ -900,7 +925,7 @@ class ServerDispatcher:
         if heavy is not None and heavy != ip and self.by_ip.most() > self._fair_share(ip):
             return min((self.active[a] for a in self.by_ip.by_ip[heavy]), key=self._slowness)
         slow = [t for t in self.active.values()
-                if t.addr[0] != ip and self._kept_alive(t, now)]
+                if client_of(t.addr) != ip and self._kept_alive(t, now)]
         return min(slow, key=self._slowness) if slow else None
 
     def _slowness(self, t):
@@ -943,7 +968,7 @@ class ServerDispatcher:
         # An IP beyond its share is refused at once. Any other request gets its SIZE even when
         # every slot is taken: only its ACK proves the address, and only then may it take a
         # slot from someone else (_activate).
-        if self._refuse_more(addr[0], now):
+        if self._refuse_more(client_of(addr), now):
             return self._busy(addr, now, size_in)
         self._admit_pending(addr)
         cached = self.rtts.get(addr[0])
@@ -953,7 +978,7 @@ class ServerDispatcher:
         t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in,
                            self.ceiling)
         self.pending[addr] = t
-        self.pending_ips[addr[0] in self.known].add(addr)
+        self.pending_ips[client_of(addr) in self.known].add(addr)
         self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
         self._schedule(t)
 
@@ -965,7 +990,7 @@ class ServerDispatcher:
         flood from one IP with many ports evicts itself, whatever the round trip of others."""
         strangers, known = self.pending_ips[False], self.pending_ips[True]
         reserved = int(self.s.max_pending * self.s.pending_reserved)
-        if (addr[0] not in self.known and strangers.size
+        if (client_of(addr) not in self.known and strangers.size
                 and strangers.size >= self.s.max_pending - reserved):
             return self._evict(strangers.oldest_of_heaviest())
         if len(self.pending) < self.s.max_pending:
@@ -1016,8 +1041,8 @@ class ServerDispatcher:
         else:
             self._pending_remove(t)
         if t.outcome == "done":   # a proven, successful client: it keeps a reserved share
-            self.known[t.addr[0]] = None
-            self.known.move_to_end(t.addr[0])
+            self.known[client_of(t.addr)] = None
+            self.known.move_to_end(client_of(t.addr))
             while len(self.known) > self.s.known_max:
                 self.known.popitem(last=False)
         if now is None:           # evicted from the pending pool: nothing more to note

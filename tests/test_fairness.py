@@ -324,6 +324,37 @@ class FairShareTest(unittest.TestCase):
         self.assertIn(Y, h.d.waiting)
 
 
+class Ipv6ClientTest(unittest.TestCase):
+    """An IPv6 host usually has a whole /64: its addresses are one client for fair shares."""
+
+    def test_client_of(self):
+        self.assertEqual(protocol.client_of(("192.0.2.1", 1)), "192.0.2.1")
+        self.assertEqual(protocol.client_of(("::ffff:192.0.2.1", 1, 0, 0)), "192.0.2.1")
+        self.assertEqual(protocol.client_of(("2001:db8:1:2::5", 1, 0, 0)),
+                         protocol.client_of(("2001:db8:1:2:ffff:1:2:3", 9, 0, 0)))
+        self.assertNotEqual(protocol.client_of(("2001:db8:1:2::5", 1, 0, 0)),
+                            protocol.client_of(("2001:db8:1:3::5", 1, 0, 0)))
+
+    def test_one_64_with_many_addresses_gets_one_share(self):
+        h = Harness(max_transfers=4)
+        c = Clients(self, h)
+        hogs = [("2001:db8:1:2::%x" % (i + 1), 1000, 0, 0) for i in range(4)]
+        for addr in hogs:
+            c.start(addr, 0.0)
+        y = ("2001:db8:9:9::1", 5000, 0, 0)
+        self.assertIsInstance(c.start(y, 1.0)[0], protocol.Data)
+        self.assertEqual(h.d.stats["preempted"], 1)
+        self.assertTrue(is_busy(c.start(("2001:db8:1:2::99", 7, 0, 0), 1.5)))
+
+    def test_pending_flood_from_one_64_evicts_itself(self):
+        h = Harness(max_pending=16)
+        real = ("2001:db8:9:9::1", 5000, 0, 0)
+        self.assertIsInstance(parsed(h.request(real, 0.0), real)[0], protocol.Size)
+        for i in range(1000):
+            h.request(("2001:db8:1:2::%x" % (i + 1), 4000, 0, 0), 0.3 * i / 1000)
+        self.assertIsInstance(parsed(ack(h, real, 0, 0.3), real)[0], protocol.Data)
+
+
 # --- Item 5: BUSY sent in one place; the dispatcher uses public properties --------------------
 
 class OnePlaceForBusyTest(unittest.TestCase):
