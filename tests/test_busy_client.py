@@ -191,6 +191,12 @@ class PieceTest(unittest.TestCase):
                     self.assertEqual(f._piece(size), expect)
 
 
+def ack_datagram(size_msg, n):
+    """The ACK of n for a transfer that got size_msg (its SIZE). The one place that builds an
+    ACK here: adapt it if ACKs carry more."""
+    return protocol.format_ack(n)
+
+
 class Hog(threading.Thread):
     """n sockets on one IP: each asks for hog.bin until DATA flows, then acknowledges each DATA
     only `delay` after it came (slow keep-alive, about when the server would send it again)."""
@@ -223,6 +229,7 @@ class Hog(threading.Thread):
                 s.setblocking(False)
                 socks.append(s)
             due = {}                    # sock -> (when, ack datagram)
+            sizes = {}                  # sock -> the SIZE it got
             flowing = set()
             asked = {}                  # sock -> when its request was last sent
             while not self._halt.is_set():
@@ -242,11 +249,12 @@ class Hog(threading.Thread):
                     except (OSError, protocol.ProtocolError):
                         continue
                     if isinstance(m, protocol.Size) and s not in flowing:
-                        s.send(protocol.format_ack(0))
-                    elif isinstance(m, protocol.Data) and s not in due:
+                        sizes[s] = m
+                        s.send(ack_datagram(m, 0))
+                    elif isinstance(m, protocol.Data) and s not in due and s in sizes:
                         flowing.add(s)
                         due[s] = (time.monotonic() + self.delay,
-                                  protocol.format_ack(m.offset + len(m.payload)))
+                                  ack_datagram(sizes[s], m.offset + len(m.payload)))
                     elif isinstance(m, protocol.Error):
                         flowing.discard(s)
                         due.pop(s, None)
