@@ -373,6 +373,11 @@ class MemoryTarget:
 
 # --- The transfer loop ------------------------------------------------------------------------
 
+# ClientTransfer outcomes that mean the range's end-to-end check failed: its bytes are wrong
+# somewhere and must never be claimed by a record nor counted as done.
+FAILED_CHECK = frozenset(("mismatch",))
+
+
 class Part:
     """One range in flight: a socket, its ClientTransfer, and how far its bytes are written
     (t.pos moves when a payload is accepted, a moment before the payload is on disk; records
@@ -381,6 +386,16 @@ class Part:
     def __init__(self, sock, transfer):
         self.sock, self.t = sock, transfer
         self.written = transfer.start
+
+    @property
+    def failed_check(self):
+        """The range's end-to-end check failed: none of its bytes may be trusted."""
+        return self.t.outcome in FAILED_CHECK
+
+    def claimable(self):
+        """The bytes of this part a record may claim: [start, written), or none at all once
+        the check failed (Ctrl-C can land between that and housekeeping)."""
+        return None if self.failed_check else (self.t.start, self.written)
 
 
 class PartsTuner:
@@ -550,6 +565,8 @@ class _Fetch:
         self.not_found = 0
         self.bad_requests = 0
         self._have = -1             # bytes in hand at the last progress check
+        self.attempts = 0           # parts ended without finishing, since the last progress
+        self.busy = 0               # of which the server had no slot for (ERROR BUSY)
 
     # -- planning
 
@@ -562,8 +579,7 @@ class _Fetch:
         if self.plan_parts == 1:
             self.queue = gaps
             return
-        piece = min(max(size // (2 * self.plan_parts), self.s.min_part_size),
-                    self.s.max_part_size)
+        piece = self._piece(size)
         self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
 
     def _end_of(self, t):
@@ -581,9 +597,15 @@ class _Fetch:
         if self.plan_parts == 1:
             return protocol.HUGE
         if self.size_hint:
-            return min(max(self.size_hint // (2 * self.plan_parts), self.s.min_part_size),
-                       self.s.max_part_size)
+            return self._piece(self.size_hint)
         return self.s.min_part_size
+
+    def _piece(self, size):
+        """The length of one range of a file of `size` bytes fetched in plan_parts parts: about
+        size / (2 * parts) so the parts finish together (with automatic parts: for the most the
+        tuner may run), within [min_part_size, max_part_size]."""
+        return min(max(size // (2 * self.plan_parts), self.s.min_part_size),
+                   self.s.max_part_size)
 
     def _start(self, start, length, now):
         expect = (self.target.size, self.target.version) if self.target.version else None
@@ -668,8 +690,8 @@ class _Fetch:
     HOUSEKEEPING = 0.05
 
     def _in_flight(self):
-        """Bytes of running parts that are written, for the record."""
-        return [(p.t.start, p.written) for p in self.active]
+        """Bytes of running parts that are written and not known bad, for the record."""
+        return [r for r in (p.claimable() for p in self.active) if r is not None]
 
     def _next_check(self, now):
         timers = [p.t.get_timer() for p in self.active]
@@ -695,6 +717,9 @@ class _Fetch:
                 break
         self._progress(now)
         if now - self.last_progress > self.give_up:
+            if self.busy and self.busy == self.attempts:
+                raise Failure("server busy (%s had no free transfer slot); gave up after %d s"
+                              % (protocol.format_addr(self.c.server), self.give_up))
             raise Failure("server at %s not answering; gave up after %d s" % (
                 protocol.format_addr(self.c.server), self.give_up))
         if target.size is not None and target.done.covers(target.size) and not self.active:
@@ -716,6 +741,7 @@ class _Fetch:
             self._have = have
             self.last_progress = now
             self.failures = 0
+            self.attempts = self.busy = 0
             if self.warned:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
@@ -774,6 +800,11 @@ class _Fetch:
             return
         if outcome in ("changed", "version"):
             return self._restart("the file changed on the server", now)
+        self.attempts += 1
+        if outcome == "error" and t.error_code == "BUSY":
+            self.busy += 1
+            if self._carry_on_without(part):
+                return
         if outcome == "error" and t.error_code == "BAD_REQUEST" and t.size is None:
             # Our request was valid for the file we know, so either it was damaged on the way
             # or the file shrank under it: the second time in a row, start over.
@@ -788,7 +819,7 @@ class _Fetch:
                 raise Failure("not on the server", retry=False)
         else:
             self.not_found = 0
-        if outcome == "mismatch":
+        if part.failed_check:
             self.c.printer.line("%s: CRC mismatch on [%d, %d); fetching it again" % (
                 self.label, t.start, t.end))
             # A record saved while it ran listed those bytes: replace it at once.
@@ -800,7 +831,7 @@ class _Fetch:
         if self.name is None:
             self.target.reset()
         elif self.target.size is not None:   # else the first range is simply asked again
-            self.queue.insert(0, (part.written if outcome != "mismatch" else t.start,
+            self.queue.insert(0, (t.start if part.failed_check else part.written,
                                   self._end_of(t)))
             self.queue = [r for r in self.queue if r[0] < r[1]]
         self.c.stats["stalls"] += 1
@@ -813,6 +844,24 @@ class _Fetch:
                 self.warned = True
                 self.c.printer.line("%s: server at %s not answering; retrying" % (
                     self.label, protocol.format_addr(self.c.server)))
+
+    def _carry_on_without(self, part):
+        """The server had no slot for this part (ERROR BUSY) while others of the file run:
+        keep its bytes, put the rest of its range back in the queue, and run no more parts
+        than are running now. Not a failure: nothing is wrong, the server is shared. Returns
+        False when no other part runs (then it is retried with back-off like any failure)."""
+        if not self.active or self.name is None or self.target.size is None:
+            return False
+        t = part.t
+        self.target.done.add(t.start, part.written)
+        self.queue.insert(0, (part.written, self._end_of(t)))
+        self.queue = [r for r in self.queue if r[0] < r[1]]
+        self.parts = max(1, len(self.active))
+        if self.tuner is not None:   # the tuner never asks for more than the server gives
+            self.tuner.most = self.tuner.n = self.parts
+        self.c.printer.detail("%s: server busy; going on with %d parts" % (self.label,
+                                                                          self.parts))
+        return True
 
     def _restart(self, why, now):
         self.restarts += 1

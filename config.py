@@ -74,9 +74,15 @@ class ServerSettings:
     rto_initial: float = 0.25
     rto_min: float = 0.002
     rto_max: float = 2.0
-    # Timeouts of one datagram before the transfer is forgotten (about 15 s of silence
-    # with the values above): a client that vanished frees its slot. Early retransmissions
-    # (evidence of a loss, not silence) do not count.
+    # A client that acknowledges nothing for this long is given up and its slot freed: about
+    # when the client gives up itself (ClientSettings.idle_timeout, 5 s: it then asks again on
+    # a new socket, so the old transfer is of no use to anyone).
+    client_silence: float = 5.0
+    # And in any case after this many timeouts of one datagram (early retransmissions, evidence
+    # of a loss and not of silence, do not count). Alone, that would be
+    # 21.75 s of silence from the first RTO (0.25 + 0.5 + 1 + 10 x 2 s) and about 8 s after a
+    # loopback RTT (2 ms doubled up to 2 s); with client_silence it only bounds the datagrams
+    # sent on paths whose RTO is short.
     max_retransmits: int = 12
 
     # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two
@@ -84,6 +90,27 @@ class ServerSettings:
     max_transfers: int = 128
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
     max_pending: int = 96            # smaller than max_transfers (PROTOCOL.md)
+    # IPs that completed a transfer keep this share of the pending pool: requests from other
+    # addresses (a flood, perhaps from forged ones) can never evict them from it.
+    pending_reserved: float = 0.25
+    # Client IPs remembered as having completed a transfer (for pending_reserved).
+    known_max: int = 1024
+
+    # Fairness between client IPs (an IPv6 client is its /64; PROTOCOL.md "Hostile input").
+    # When slots are scarce (no more free than IPs refused one that still wait: none free when
+    # nobody waits), an IP gets at most max_transfers // (IPs holding or waiting for one):
+    # beyond that, BUSY for another.
+    # An IP refused a slot while holding none counts as waiting this long (the client tries
+    # again within ClientSettings.retry_max, 5 s).
+    busy_wait_seconds: float = 10.0
+    # A transfer that acknowledged fewer than slow_acks datagrams in its last slow_window
+    # seconds (fewer than 2 a second: ACKs held back until just before each timeout, or a
+    # round trip over half a second) gives its slot up to a waiting client of another IP.
+    # A transfer younger than slow_window is never judged, so slow ones take turns of at least
+    # that long.
+    slow_window: float = 5.0
+    slow_acks: int = 10
+
     # Everything sent to an address that never acknowledges SIZE, retransmissions included:
     # at most this many bytes; by timer, at most amplification_factor times what it sent or
     # two SIZEs, whichever is more (a spoofed source must not turn the server into an

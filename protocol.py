@@ -21,7 +21,9 @@ loops around them; tests drive them on a virtual clock.
   offset under the running CRC, cumulative ACKs, the end-to-end check on EOF.
 """
 
+import functools
 import heapq
+import ipaddress
 import logging
 import os
 import re
@@ -539,12 +541,14 @@ class ServerTransfer:
         self._current = datagram
         self._tries = 1
         self._timeouts = 0
+        self._first_sent_at = now
         self._emit(datagram, now)
         self._arm(now, self.rtt.rto)
 
     def _arm(self, now, rto):
         self._sent_at = now
-        self._rto_at = now + rto
+        # Wake up at the silence limit at the latest, so the slot is freed on time.
+        self._rto_at = min(now + rto, self._first_sent_at + self.s.client_silence)
         self._early_at = None
         self.deadline = self._rto_at
 
@@ -755,8 +759,8 @@ class ServerTransfer:
             return
         if self._early_at is not None and now < self._rto_at:
             return self._retransmit(now, early=True)
-        if self._timeouts >= self.s.max_retransmits:
-            return self.finish("timeout")   # early resends do not count: they are not silence
+        if self._client_gone(now):
+            return self.finish("timeout")
         self.rtt.backoff()
         self._timeouts += 1
         self._retransmit(now, early=False)
@@ -784,6 +788,14 @@ class ServerTransfer:
         # An early retransmission keeps the backed-off timer running from now: evidence of
         # loss is not evidence of a slower path.
         self._arm(now, self.rtt.rto)
+
+    def _client_gone(self, now):
+        """Give up on a client that acknowledged nothing for client_silence seconds (about when
+        it gives up itself: its idle timeout), or after max_retransmits timeouts of one
+        datagram, whichever comes first. _first_sent_at is when the outstanding datagram was
+        first sent, that is when the transfer last advanced."""
+        return (self._timeouts >= self.s.max_retransmits
+                or now >= self._first_sent_at + self.s.client_silence)
 
     def too_big(self, size, now):
         """The OS refused to send a datagram this big (EMSGSIZE): lower the ceiling for good."""
@@ -826,6 +838,99 @@ class TokenBucket:
         return False
 
 
+@functools.lru_cache(maxsize=4096)
+def _client_of_host(host):
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def client_of(addr):
+    """Who a fair share belongs to: the IPv4 address, or the IPv6 /64 (a host, or a site, is
+    usually given a whole /64, so one IPv6 client can send from 2**64 addresses)."""
+    return _client_of_host(addr[0])
+
+
+class IpCounts:
+    """Entries (client addresses) grouped by client (client_of: IP, or IPv6 /64), oldest first,
+    with the client that holds the most found in O(1): groups[k] holds the clients with at
+    least k entries, in the order they got there (so only the top group can empty when an
+    entry goes). Every operation is O(1)."""
+
+    def __init__(self):
+        self.by_ip = {}        # ip -> {addr: None}, oldest first
+        self.groups = [{}]     # groups[k]: {ip: None} of IPs holding >= k entries (k >= 1)
+        self.size = 0
+
+    def held(self, ip):
+        entries = self.by_ip.get(ip)
+        return len(entries) if entries else 0
+
+    def most(self):
+        """How many entries the IP holding the most has (0 when empty)."""
+        return len(self.groups) - 1
+
+    def heaviest(self):
+        """The IP holding the most entries (of those, the first to get there), or None."""
+        return next(iter(self.groups[-1])) if self.size else None
+
+    def add(self, addr):
+        ip = client_of(addr)
+        entries = self.by_ip.setdefault(ip, {})
+        entries[addr] = None
+        k = len(entries)
+        if k == len(self.groups):
+            self.groups.append({})
+        self.groups[k][ip] = None
+        self.size += 1
+
+    def discard(self, addr):
+        ip = client_of(addr)
+        entries = self.by_ip.get(ip)
+        if entries is None or addr not in entries:
+            return
+        del self.groups[len(entries)][ip]
+        del entries[addr]
+        if not entries:
+            del self.by_ip[ip]
+        if len(self.groups) > 1 and not self.groups[-1]:
+            self.groups.pop()
+        self.size -= 1
+
+    def oldest_of_heaviest(self):
+        """The oldest entry of the IP that holds the most: who is dropped from a full pool."""
+        return next(iter(self.by_ip[self.heaviest()]))
+
+    def clear(self):
+        self.__init__()
+
+
+class Pace:
+    """How much an active transfer advanced lately: datagrams acknowledged in the last complete
+    window of slow_window seconds (None until one window has passed), and when it last moved."""
+
+    __slots__ = ("start", "acks", "pos", "last_acks", "advanced")
+
+    def __init__(self, t, now):
+        self.start = self.advanced = now
+        self.acks = 0
+        self.pos = t.pos
+        self.last_acks = None
+
+    def update(self, t, now, window):
+        if t.pos != self.pos:
+            self.pos, self.advanced = t.pos, now
+            self.acks += 1
+        if now - self.start >= window:
+            self.last_acks, self.acks, self.start = self.acks, 0, now
+
+
 class ServerDispatcher:
     """All transfers of one server socket, keyed by client address (PROTOCOL.md).
 
@@ -851,8 +956,15 @@ class ServerDispatcher:
         self._seq = 0
         self._ahead = []              # transfers that just sent DATA: read their next chunk
         self.ceiling = self.s.datagram_size   # lowered if the OS refuses big datagrams
+        # Fairness (PROTOCOL.md "Hostile input"); see _fair_share, _make_room, _admit_pending.
+        self.by_ip = IpCounts()       # active transfers per client IP
+        self.pace = {}                # addr -> Pace of each active transfer
+        self.waiting = OrderedDict()  # IP refused a slot while holding none -> until when
+        self.known = OrderedDict()    # IPs that completed a transfer (recently used last)
+        self.pending_ips = {False: IpCounts(), True: IpCounts()}   # strangers, known IPs
         self.stats = {"datagrams_in": 0, "malformed": 0, "errors_sent": 0,
-                      "errors_suppressed": 0, "evicted": 0, "busy": 0, "finished": 0}
+                      "errors_suppressed": 0, "evicted": 0, "busy": 0, "finished": 0,
+                      "preempted": 0}
 
     # -- verbs
 
@@ -897,6 +1009,10 @@ class ServerDispatcher:
             t.finish("shutdown")
         self.active.clear()
         self.pending.clear()
+        self.by_ip.clear()
+        self.pace.clear()
+        for counts in self.pending_ips.values():
+            counts.clear()
 
     def receive_datagram(self, data, addr, now):
         self.stats["datagrams_in"] += 1
@@ -946,16 +1062,105 @@ class ServerDispatcher:
             self._after(other, now)
 
     def _activate(self, t, now):
-        del self.pending[t.addr]
+        """The client acknowledged SIZE (so its address is real): give it an active slot, taking
+        one from a transfer that holds it unfairly if need be, or answer BUSY."""
+        self._pending_remove(t)
+        ip = client_of(t.addr)
+        if self._refuse_more(ip, now):
+            return self._refuse(t, now)
         if len(self.active) >= self.s.max_transfers:
-            self.stats["busy"] += 1
-            t.out.append(((format_error("BUSY"),), t.addr))
-            return t.finish("busy")
+            victim = self._make_room(ip, now)
+            if victim is None:
+                return self._refuse(t, now)
+            self._preempt(victim, now)
         self.active[t.addr] = t
+        self.by_ip.add(t.addr)
+        self.waiting.pop(ip, None)
         t.activate(now)
+        self.pace[t.addr] = Pace(t, now)
         self.log.info("%s: start %s [%d, %d) of %d bytes", format_addr(t.addr), t.name,
                       t.start, t.end, t.entry.size)
         self._after(t, now)
+
+    def _refuse(self, t, now):
+        """BUSY for a transfer whose SIZE was acknowledged. If its IP holds no slot, it now
+        waits for one: it counts in the fair share until busy_wait_seconds have passed."""
+        ip = client_of(t.addr)
+        if not self.by_ip.held(ip):
+            self.waiting[ip] = now + self.s.busy_wait_seconds
+            self.waiting.move_to_end(ip)
+            while len(self.waiting) > self.s.recent_max:
+                self.waiting.popitem(last=False)
+        self._busy(t.addr, now)
+        t.finish("busy")
+
+    def _preempt(self, victim, now):
+        self.stats["preempted"] += 1
+        self.log.warning("%s: %s preempted at %d of [%d, %d): its slot goes to a waiting client",
+                         format_addr(victim.addr), victim.name, victim.pos, victim.start,
+                         victim.end)
+        self._busy(victim.addr, now)
+        victim.finish("preempted")
+        self._forget(victim, now)
+
+    def _busy(self, addr, now, size_in=None):
+        """The one place ERROR BUSY is sent. To a mere request (size_in: its size) it is an
+        error to a stranger, within _error's limits: the source may be forged. To an address
+        that acknowledged SIZE (size_in None: refused at activation, or preempted) it always
+        goes, once per transfer: that client is real and waits for an answer."""
+        self.stats["busy"] += 1
+        if size_in is not None:
+            return self._error(addr, "BUSY", now, size_in)
+        self._out.append(((format_error("BUSY"),), addr))
+
+    def _scarce(self, now):
+        """Slots are scarce when the free ones are no more than the IPs refused one that are
+        still waiting (each of those is owed one), all taken included."""
+        while self.waiting and next(iter(self.waiting.values())) < now:
+            self.waiting.popitem(last=False)
+        return len(self.active) + len(self.waiting) >= self.s.max_transfers
+
+    def _fair_share(self, ip):
+        """max_transfers divided among the IPs holding or waiting for a slot (ip included),
+        at least 1. Per IP, not per address: one host with many ports is one client."""
+        n = len(self.by_ip.by_ip) + len(self.waiting)
+        if not self.by_ip.held(ip) and ip not in self.waiting:
+            n += 1
+        return max(1, self.s.max_transfers // n)
+
+    def _refuse_more(self, ip, now):
+        """An IP that holds its fair share gets BUSY for another transfer while slots are
+        scarce, so the others are served; while they are not, it may use the idle ones."""
+        return self._scarce(now) and self.by_ip.held(ip) >= self._fair_share(ip)
+
+    def _make_room(self, ip, now):
+        """All slots are taken and a client of `ip` (below its fair share) needs one: which
+        transfer gives its slot up, or None. First the slowest of the IP holding the most
+        if that is more than its fair share; else the slowest transfer of another IP that is
+        merely kept alive (_kept_alive). Never one of `ip` itself. O(transfers), and only run
+        when a proven client finds every slot taken, never per datagram."""
+        heavy = self.by_ip.heaviest()
+        if heavy is not None and heavy != ip and self.by_ip.most() > self._fair_share(ip):
+            return min((self.active[a] for a in self.by_ip.by_ip[heavy]), key=self._slowness)
+        slow = [t for t in self.active.values()
+                if client_of(t.addr) != ip and self._kept_alive(t, now)]
+        return min(slow, key=self._slowness) if slow else None
+
+    def _slowness(self, t):
+        """Sort key, slowest first: fewest datagrams acknowledged in the last window (a young
+        transfer counts what it did so far), then the longest since it last moved."""
+        p = self.pace[t.addr]
+        return (p.acks if p.last_acks is None else p.last_acks, p.advanced)
+
+    def _kept_alive(self, t, now):
+        """A transfer that acknowledged fewer than slow_acks datagrams in its last complete
+        slow_window: acknowledged just before each timeout, or on a path too slow to justify
+        holding a slot others wait for. A stop-and-wait transfer cannot tell the two apart, so
+        under contention such transfers take turns: each keeps its slot for a window at least
+        (a young one is never judged), and its client asks again later for the rest."""
+        p = self.pace[t.addr]
+        p.update(t, now, self.s.slow_window)
+        return p.last_acks is not None and p.last_acks < self.s.slow_acks
 
     def _on_request(self, req, addr, now, size_in):
         old = self.active.get(addr) or self.pending.get(addr)
@@ -978,13 +1183,12 @@ class ServerDispatcher:
         if old is not None:
             old.finish("replaced")
             self._forget(old, now)
-        if len(self.active) >= self.s.max_transfers:
-            self.stats["busy"] += 1
-            return self._error(addr, "BUSY", now, size_in)
-        if len(self.pending) >= self.s.max_pending:   # flood: drop the oldest unacknowledged
-            _, oldest = self.pending.popitem(last=False)
-            oldest.finish("evicted")
-            self.stats["evicted"] += 1
+        # An IP beyond its share is refused at once. Any other request gets its SIZE even when
+        # every slot is taken: only its ACK proves the address, and only then may it take a
+        # slot from someone else (_activate).
+        if self._refuse_more(client_of(addr), now):
+            return self._busy(addr, now, size_in)
+        self._admit_pending(addr)
         path = self._path(addr[0])
         rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
                            path.rtt.srtt, path.rtt.rttvar)
@@ -992,6 +1196,7 @@ class ServerDispatcher:
         t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in,
                            self.ceiling, self._new_token(), path)
         self.pending[addr] = t
+        self.pending_ips[client_of(addr) in self.known].add(addr)
         self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
         self._schedule(t)
 
@@ -1008,10 +1213,45 @@ class ServerDispatcher:
             self.paths.move_to_end(ip)
         return path
 
+    def _admit_pending(self, addr):
+        """Make room in the pending pool for a request from addr. Strangers may fill it but
+        for a reserved share (pending_reserved) kept for IPs that completed a transfer before,
+        so a flood from forged addresses cannot evict a returning client. The entry dropped is
+        the oldest of the IP holding the most entries (in the class that must give way): a
+        flood from one IP with many ports evicts itself, whatever the round trip of others."""
+        strangers, known = self.pending_ips[False], self.pending_ips[True]
+        reserved = int(self.s.max_pending * self.s.pending_reserved)
+        if (client_of(addr) not in self.known and strangers.size
+                and strangers.size >= self.s.max_pending - reserved):
+            return self._evict(strangers.oldest_of_heaviest())
+        if len(self.pending) < self.s.max_pending:
+            return
+        # Full: known IPs give way only beyond their reserved share (or if nobody else holds any).
+        classes = [c for c in (strangers, known) if c.size and (
+            c is strangers or c.size > reserved or not strangers.size)]
+        if classes:
+            victim_class = max(classes, key=lambda c: c.most())   # ties: strangers first
+            self._evict(victim_class.oldest_of_heaviest())
+
+    def _evict(self, addr):
+        t = self.pending[addr]
+        t.finish("evicted")
+        self.stats["evicted"] += 1
+        self._forget(t, None)
+
+    def _pending_remove(self, t):
+        if self.pending.get(t.addr) is t:
+            del self.pending[t.addr]
+            for counts in self.pending_ips.values():
+                counts.discard(t.addr)
+
     def _after(self, t, now):
         """Bookkeeping after the transfer handled an event."""
         if t.outcome is not None:
             return self._forget(t, now)
+        pace = self.pace.get(t.addr)
+        if pace is not None:
+            pace.update(t, now, self.s.slow_window)
         if t.state == WAIT_DATA and t.tries == 1:
             self._ahead.append(t)
         self._schedule(t)
@@ -1027,8 +1267,17 @@ class ServerDispatcher:
     def _forget(self, t, now):
         if self.active.get(t.addr) is t:
             del self.active[t.addr]
-        elif self.pending.get(t.addr) is t:
-            del self.pending[t.addr]
+            self.by_ip.discard(t.addr)
+            self.pace.pop(t.addr, None)
+        else:
+            self._pending_remove(t)
+        if t.outcome == "done":   # a proven, successful client: it keeps a reserved share
+            self.known[client_of(t.addr)] = None
+            self.known.move_to_end(client_of(t.addr))
+            while len(self.known) > self.s.known_max:
+                self.known.popitem(last=False)
+        if now is None:           # evicted from the pending pool: nothing more to note
+            return
         if t.activated is not None:
             # Late copies of a finished transfer's datagrams are ignored for a while. Not those
             # of a request that was never acknowledged: its client may well ask again.

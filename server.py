@@ -11,6 +11,7 @@ folder (Folder: which names are servable, what their size and version are) and f
 
 import argparse
 import errno
+import hashlib
 import logging
 import os
 import socket
@@ -28,12 +29,19 @@ _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 
 def _identity(st):
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """What must stay the same while a file is served. The change time is in it because no
+    user call can set it back: a rewrite in place with the old size and the old mtime put back
+    (cp -p, touch -r, rsync) still moves st_ctime_ns. (On Windows st_ctime is the creation
+    time, so there such a rewrite goes unnoticed; README.md, "Limits".)"""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _version(st):
-    """Changes whenever the content may have changed: inode, modification time and size."""
-    return "%x-%x-%x" % (st.st_ino & 0xFFFFFFFFFFFF, st.st_mtime_ns, st.st_size)
+    """Changes whenever the content may have changed: inode, size, modification and change
+    time. A digest of them keeps the token a fixed 32 visible characters (the wire allows 1..64)
+    whatever the numbers are (negative or far-future times included)."""
+    fields = "%d %d %d %d" % (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return hashlib.sha256(fields.encode("ascii")).hexdigest()[:32]
 
 
 class FileSource:

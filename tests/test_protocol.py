@@ -847,6 +847,7 @@ class DispatcherBasics(DispatcherCase):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE, "ver-1")}, **SMALL)
         size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000000"))
         self.assertEqual((size.size, size.version), (5000, "ver-1"))
+        self.assertRegex(size.token, b"^[0-9a-f]{16}$")
         self.assertIn(A, srv.d.pending)
         self.assertEqual(srv.ack(1), [])       # not the ACK of SIZE: ignored
         first = one(self, srv.ack(0))
@@ -957,7 +958,8 @@ class DispatcherTimers(DispatcherCase):
         self.assertLessEqual(len(late), 1)
 
     def test_data_schedule_without_sample_then_give_up(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        # The count rule alone (the silence rule is tested in test_fairness.py).
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.05)   # SIZE sent twice: Karn, no sample
         first = srv.ack(0, now=0.1)
@@ -968,7 +970,7 @@ class DispatcherTimers(DispatcherCase):
             self.assertAlmostEqual(srv.d.get_timer(), deadline)
             self.assertEqual(srv.timer(deadline - 1e-6), [])
             self.assertEqual(srv.timer(deadline), first)          # the same DATA, again
-            self.assertEqual(t.retransmissions, k + 1)
+            self.assertEqual((t.retransmissions, t.tries), (k + 1, k + 2))
             rto = min(2 * rto, srv.s.rto_max)
         deadline += rto
         self.assertAlmostEqual(srv.d.get_timer(), deadline)
@@ -982,7 +984,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(len(data_sent), 1 + srv.s.max_retransmits)
 
     def test_rfc6298_after_samples(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         rtts = [0.1, 0.05, 0.2, 0.02, 0.3, 0.3, 0.001]
         now, samples = rtts[0], []
@@ -1015,6 +1017,7 @@ class DispatcherTimers(DispatcherCase):
         count = self.run_to_eof(srv, first, now=0.04, step=0.04)[2]
         srv.ack_eof(now=self.last_now + 0.04)
         self.assertEqual(srv.d.active, {})
+        self.assertIsInstance(srv.d.paths[A[0]], protocol.Path)
         srtt = srv.d.paths[A[0]].rtt.srtt
         self.assertAlmostEqual(srtt, 0.04)
         srv.recv(b"DOWNLOAD a.bin 0 10", B, now=20.0)   # same host, new socket
@@ -1154,6 +1157,10 @@ class DispatcherShrink(DispatcherCase):
         small = resent[-1]
         self.assertEqual(small.offset, 0)
         self.assertEqual(bytes(small.payload), self.DATA[:len(small.payload)])
+        # each copy carries the running CRC of its own payload: crc32(payload, R(0))
+        for copy in [first] + resent:
+            self.assertEqual(copy.crc, zlib.crc32(copy.payload, protocol.crc_start(0)))
+        self.assertNotEqual(first.crc, small.crc)
         self.assertEqual(srv.transfer().shrinks, 1)
         return srv, len(first.payload), len(small.payload)
 
@@ -1218,6 +1225,8 @@ class DispatcherShrink(DispatcherCase):
         srv.d.too_big(A, 65507, 0.0)
         resent = one(self, srv._drain())
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
+        self.assertLessEqual(srv.transfer().ceiling, 65507 // 2)
+        self.assertEqual(resent.crc, zlib.crc32(resent.payload, protocol.crc_start(0)))
         msg = one(self, srv.ack(len(resent.payload)))
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
         self.assertEqual(msg.offset, len(resent.payload))
@@ -1301,12 +1310,16 @@ class DispatcherPools(DispatcherCase):
                 self.assertLess(len(sent), requests)   # far from one SIZE per request
 
     def test_busy_beyond_max_transfers(self):
+        # Two IPs with one transfer each: nobody holds more than a fair share, so a third IP
+        # gets SIZE (its address is not proven yet) and BUSY for its ACK (test_fairness.py).
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_transfers=2, **SMALL)
-        for addr in (A, B):
+        D = ("203.0.113.77", 7000)
+        for addr in (A, D):
             srv.recv(b"DOWNLOAD a.bin 0 100", addr)
             srv.ack(0, addr)
         self.assertEqual(len(srv.d.active), 2)
-        err = one(self, srv.recv(b"DOWNLOAD a.bin 0 100", C), C)
+        srv.recv(b"DOWNLOAD a.bin 0 100", C)
+        err = one(self, srv.ack(0, C), C)
         self.assertIsInstance(err, protocol.Error)
         self.assertEqual(err.code, "BUSY")
         self.assertNotIn(C, srv.d.pending)
@@ -1549,6 +1562,190 @@ class DispatcherTokens(DispatcherCase):
         self.assertEqual(size, protocol.Size(5000, protocol.MemoryEntry(FILE).version, TOKEN))
         self.assertEqual(srv.recv(ack(0, OTHER_TOKEN)), [])
         self.assertIsInstance(one(self, srv.recv(ack(0))), protocol.Data)
+
+
+class DispatcherEarlyRetransmission(DispatcherCase):
+    """PROTOCOL.md "Early retransmission": a transfer's unacknowledged DATA is resent once a DATA
+    sent *later* to the same client IP (on another of its transfers) is acknowledged and more
+    than 9/8 of the smoothed round trip has passed since this one was sent; at most once per
+    such evidence, counted as a retransmission (Karn's rule applies). A and B share an IP; C
+    does not. Every round trip here is 10 ms."""
+
+    def begin(self, b_sent):
+        """A's DATA 1 sent at 0.02, B's first DATA at b_sent; C's first DATA at 0.01. ->
+        (srv, A's DATA 1 as sent, B's first DATA)."""
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", C, 0.0)
+        srv.ack(0, C, 0.01)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
+        a0 = one(self, srv.ack(0, A, 0.01))
+        srv.recv(b"DOWNLOAD a.bin 0 5000", B, b_sent - 0.01)
+        one(self, srv.ack(end_of(a0), A, 0.02))
+        a1 = srv.sent[-1][0]
+        b0 = one(self, srv.ack(0, B, b_sent), B)
+        path = srv.d.paths[A[0]]
+        self.assertAlmostEqual(path.rtt.srtt, 0.01)
+        self.assertAlmostEqual(path.latest_rtt, 0.01)
+        self.assertAlmostEqual(path.loss_threshold(), 9 / 8 * 0.01)
+        self.assertIsNot(srv.d.paths[C[0]], path)
+        return srv, a1, b0
+
+    def test_resent_at_once_when_the_threshold_has_passed(self):
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t, c = srv.transfer(A), srv.transfer(C)
+        rto_at, c_deadline = t.deadline, c.deadline
+        self.assertAlmostEqual(rto_at, 0.02 + t.rtt.rto)
+        # B's DATA (sent 5 ms after A's) acknowledged at 0.035: 15 ms > 9/8 * 10 ms since A's
+        out = srv.ack(end_of(b0), B, 0.035)
+        self.assertLess(0.035, rto_at)                       # before A's timer would fire
+        self.assertEqual(sorted(a for _, a in out), sorted([A, B]))
+        self.assertEqual([b for b, a in out if a == A], [a1])  # the same DATA again
+        self.assertEqual((t.retransmissions, t.early_retransmissions, t.tries), (1, 1, 2))
+        self.assertAlmostEqual(t.deadline, 0.035 + t.rtt.rto)   # timer restarted from now
+        # at most once per evidence: B's ACK again (a duplicate) resends nothing
+        self.assertEqual(srv.ack(end_of(b0), B, 0.036), [])
+        self.assertEqual(t.early_retransmissions, 1)
+        # C, another IP, is never touched by A and B's evidence
+        self.assertEqual((c.retransmissions, c.deadline), (0, c_deadline))
+        self.assertEqual(len(srv.sent_to(C)), 2)            # SIZE, DATA 0
+        # Karn: the ACK of the resent DATA gives no RTT sample, to the transfer or the path
+        path = srv.d.paths[A[0]]
+        before = (t.rtt.srtt, t.rtt.rttvar, path.rtt.srtt, path.rtt.rttvar, path.latest_rtt)
+        nxt = one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.04))
+        self.assertIsInstance(nxt, protocol.Data)
+        self.assertEqual((t.rtt.srtt, t.rtt.rttvar, path.rtt.srtt, path.rtt.rttvar,
+                          path.latest_rtt), before)
+        self.assertEqual(nxt.offset, end_of(protocol.parse_server_message(a1)))
+
+    def test_deadline_moved_when_the_threshold_has_not_passed(self):
+        srv, a1, b0 = self.begin(b_sent=0.02)
+        t, c = srv.transfer(A), srv.transfer(C)
+        rto_at, c_deadline, rto = t.deadline, c.deadline, t.rtt.rto
+        # B's DATA (sent with A's) acknowledged 10 ms later: not yet 9/8 of the round trip
+        out = srv.ack(end_of(b0), B, 0.03)
+        self.assertEqual([a for _, a in out], [B])
+        self.assertEqual(t.retransmissions, 0)
+        early_at = 0.02 + srv.d.paths[A[0]].loss_threshold()
+        self.assertAlmostEqual(early_at, 0.03125)
+        self.assertAlmostEqual(t.deadline, early_at)
+        self.assertLess(early_at + 0.01, rto_at)             # well before A's RTO
+        self.assertAlmostEqual(srv.d.get_timer(), early_at)
+        self.assertEqual(srv.timer(early_at - 1e-6), [])
+        out = srv.timer(early_at)
+        self.assertEqual(out, [(a1, A)])
+        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 1))
+        self.assertEqual((c.retransmissions, c.deadline), (0, c_deadline))
+        # an early resend is evidence of a loss, not of a slower path: the RTO is not backed
+        # off, and the timer runs from the resend
+        self.assertAlmostEqual(t.rtt.rto, rto)
+        self.assertAlmostEqual(t.deadline, early_at + rto)
+        out = srv.timer(early_at + rto - 1e-6)            # (C's and B's own timers may fire)
+        self.assertNotIn(A, [a for _, a in out])
+        self.assertEqual(t.early_retransmissions, 1)
+
+    def test_own_duplicate_and_stale_acks_never_resend(self):
+        srv, a1, b0 = self.begin(b_sent=0.02)
+        t = srv.transfer(A)
+        rto_at = t.deadline
+        a0_end = end_of(protocol.parse_server_message(a1)) - len(
+            protocol.parse_server_message(a1).payload)
+        # long after A's DATA 1 was sent, but before its RTO: A repeats old ACKs, B too
+        for k, (n, addr) in enumerate([(a0_end, A), (a0_end, A), (0, A), (0, B),
+                                       (a0_end - 1, A)] * 3):
+            now = 0.035 + k * 0.0005
+            self.assertLess(now, rto_at)
+            self.assertEqual(srv.ack(n, addr, now), [])
+        self.assertEqual((t.retransmissions, t.early_retransmissions), (0, 0))
+        self.assertEqual(t.deadline, rto_at)                 # A's timer untouched
+
+    def test_another_ip_is_never_affected(self):
+        # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
+        # their own IP only.
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        c = srv.transfer(C)
+        c_deadline = c.deadline
+        srv.ack(end_of(b0), B, 0.035)
+        one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.036))
+        self.assertEqual((c.retransmissions, c.early_retransmissions, c.deadline),
+                         (0, 0, c_deadline))
+        self.assertEqual(len(srv.sent_to(C)), 2)             # SIZE and DATA 0 only
+
+
+class PathSize(DispatcherCase):
+    """protocol.Path's datagram size, chosen from the estimated per-fragment loss rate."""
+
+    S = config.ServerSettings()
+
+    def lossy(self, path, per_fragment_loss, count, seed):
+        """`count` datagrams of the path's current size, each of whose fragments is lost with
+        the given probability (seeded)."""
+        rng = random.Random(seed)
+        for _ in range(count):
+            size = path.size
+            k = protocol.fragments(size, path.per_fragment)
+            path.outcome(size, lost=any(rng.random() < per_fragment_loss for _ in range(k)))
+
+    def test_no_loss_stays_at_the_ceiling(self):
+        for ceiling in (protocol.MAX_DATAGRAM, 9216, 2000, 1000):
+            with self.subTest(ceiling=ceiling):
+                path = protocol.Path(self.S, ceiling)
+                self.assertEqual(path.size, ceiling)
+                for _ in range(5000):
+                    path.outcome(path.size, lost=False)
+                    self.assertEqual(path.size, ceiling)
+                self.assertEqual(path.loss_rate(), 0.0)
+
+    def test_loss_brings_the_size_down_and_no_loss_back_up(self):
+        for seed in (1, 2, 3):
+            with self.subTest(seed=seed):
+                path = protocol.Path(self.S, protocol.MAX_DATAGRAM)
+                self.lossy(path, 0.01, 3000, seed)       # 1% of fragments lost
+                self.assertLess(path.size, protocol.MAX_DATAGRAM)
+                self.assertLess(path.size, 9216)       # a 45-fragment datagram: 36% lost
+                self.assertGreater(path.loss_rate(), 0.004)
+                self.assertLess(path.loss_rate(), 0.025)
+                for n in range(20000):                 # then a long run without loss
+                    path.outcome(path.size, lost=False)
+                    if path.size == protocol.MAX_DATAGRAM:
+                        break
+                self.assertEqual(path.size, protocol.MAX_DATAGRAM)
+                self.assertGreater(n, 100)             # not at the first good datagram
+
+    def test_rare_loss_keeps_big_datagrams(self):
+        path = protocol.Path(self.S, protocol.MAX_DATAGRAM)
+        self.lossy(path, 0.00001, 3000, 4)
+        self.assertEqual(path.size, protocol.MAX_DATAGRAM)
+
+    def test_spurious_undoes_a_loss(self):
+        rng = random.Random(6)
+        history = [(rng.choice((1472, 8000, 65507)), rng.random() < 0.01) for _ in range(500)]
+        clean, undone = protocol.Path(self.S, 65507), protocol.Path(self.S, 65507)
+        for path in (clean, undone):
+            for size, lost in history:
+                path.outcome(size, lost)
+        clean.outcome(65507, lost=False)
+        undone.outcome(65507, lost=True)
+        self.assertGreater(undone.loss_rate(), clean.loss_rate())
+        undone.spurious(False)
+        self.assertAlmostEqual(undone.loss_rate(), clean.loss_rate(), places=12)
+        fresh = protocol.Path(self.S, 65507)
+        fresh.outcome(65507, lost=True)
+        fresh.spurious(False)
+        self.assertEqual(fresh.loss_rate(), 0.0)       # never below no loss
+
+    def test_transfers_use_the_smaller_of_path_size_and_ceiling(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(blob(20000))}, datagram_size=2000)
+        _, first = self.start(srv, ack_at=0.01)
+        self.assertEqual(len(srv.sent[-1][0]), 2000)
+        path = srv.d.paths[A[0]]
+        self.assertIs(srv.transfer().path, path)
+        path.size = 700                                 # as if chosen for a lossy path
+        msg = one(self, srv.ack(end_of(first), now=0.02))
+        self.assertEqual(len(srv.sent[-1][0]), 700)
+        path.size = 65507                               # the transfer's ceiling still holds
+        one(self, srv.ack(end_of(msg), now=0.03))
+        self.assertEqual(len(srv.sent[-1][0]), 2000)
+        self.assertEqual(srv.transfer().ceiling, 2000)
 
 
 class DispatcherChanged(DispatcherCase):
