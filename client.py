@@ -37,6 +37,16 @@ class Failure(Exception):
         self.retry = retry
 
 
+class NoServer(Failure):
+    """Nothing has ever answered at the server's address: the port is closed (the OS reported
+    it at once) or nothing answered within ClientSettings.no_answer_timeout. The cure is on the
+    person's side (start server.py, or fix --host/--port), so it is said once, not per file."""
+
+    def __init__(self, address, why):
+        super().__init__("no server at %s (%s): start server.py first, or give its address "
+                         "with --host and --port" % (protocol.format_addr(address), why))
+
+
 # --- Small helpers ----------------------------------------------------------------------------
 
 def human(n):
@@ -397,6 +407,10 @@ class Client:
         self.view = memoryview(self.buf)
         self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
         self._ports = OrderedDict()   # local port -> when it was last used
+        # Whether the server ever answered (SIZE or ERROR): until then a refused port or
+        # silence means "no server here" and ends a fetch early (NoServer); once it has
+        # answered, silence is a restart or a lossy path and is waited out patiently.
+        self.answered = False
 
     # A port used this recently is not used again: the server remembers finished transfers
     # for a few seconds (config.ServerSettings.recent_seconds) and ignores their late copies.
@@ -441,8 +455,16 @@ class Client:
         for datagram in part.t.datagrams_to_send():
             try:
                 part.sock.send(datagram)
-            except OSError:
-                pass   # e.g. ICMP refused from a server that is down: the timers handle it
+            except OSError as exc:
+                self.refused(exc)   # else the timers handle it (e.g. a server restarting)
+
+    def refused(self, exc):
+        """A send or receive failed. A refusal (ICMP port unreachable: ECONNREFUSED, or
+        ConnectionResetError on Windows) from a server that never answered means nothing
+        listens there: raise NoServer. Anything else is left to the timers."""
+        if not self.answered and isinstance(exc, (ConnectionRefusedError,
+                                                  ConnectionResetError)):
+            raise NoServer(self.server, "nothing is listening there") from None
 
     # -- listing
 
@@ -576,8 +598,9 @@ class _Fetch:
                     part = key.data
                     try:
                         n = part.sock.recv_into(buf)
-                    except OSError:
-                        continue   # spurious wake-up, or ICMP refused: the server is not there
+                    except OSError as exc:   # spurious wake-up, or ICMP refused
+                        c.refused(exc)
+                        continue
                     t = part.t
                     payload = t.receive_datagram(view[:n], time.monotonic())
                     c._flush(part)
@@ -614,6 +637,8 @@ class _Fetch:
     def _housekeeping(self, now):
         """Everything but moving bytes. Returns True when the file is complete and saved."""
         target = self.target
+        if not self.c.answered:
+            self._check_answered(now)
         for part in list(self.active):
             if part not in self.active:
                 continue   # a restart closed it
@@ -643,6 +668,16 @@ class _Fetch:
             self.last_save = now
             target.save(self._in_flight(), wait=False)
         return False
+
+    def _check_answered(self, now):
+        """Until the server first answers: NoServer after no_answer_timeout (or give_up if
+        shorter) of silence, for systems and firewalls that report no ICMP refusal."""
+        if any(p.t.size is not None or p.t.error_code is not None for p in self.active):
+            self.c.answered = True
+        else:
+            limit = min(self.s.no_answer_timeout, self.give_up)
+            if now - self.started >= limit:
+                raise NoServer(self.c.server, "no answer in %g s" % limit)
 
     def _progress(self, now):
         have = self.target.done.total() + sum(p.t.received for p in self.active)
@@ -820,6 +855,8 @@ class App:
         try:
             target = PartialFile(self.args.out, name)
             seconds = self.client.fetch(name, target, self.s.parts, size, give_up)
+        except NoServer:
+            raise   # not about this file: main() says it once
         except Failure as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
             if exc.retry:
@@ -925,6 +962,8 @@ def main(argv=None):
         if args.list or args.once:
             try:
                 app.show_listing(settings.give_up, always=args.list)
+            except NoServer:
+                raise
             except Failure as exc:
                 printer.line("cannot get the list: %s" % exc, always=True)
                 return 1
@@ -932,10 +971,15 @@ def main(argv=None):
                 return 0
             return 0 if app.run_names(read_names(args.input)) else 1
         delay = settings.retry_initial
+        waiting = False
         while True:   # watch mode: keep asking for the list until the server answers
             try:
                 app.show_listing(settings.give_up)
                 break
+            except NoServer as exc:
+                if not waiting:   # said once; then the client waits quietly
+                    printer.line("%s; waiting for it (Ctrl-C to stop)" % exc, always=True)
+                    waiting = True
             except Failure as exc:
                 if not exc.retry:
                     printer.line("cannot get the list: %s" % exc, always=True)
@@ -944,6 +988,9 @@ def main(argv=None):
             time.sleep(delay)
             delay = min(2 * delay, settings.retry_max)
         app.watch()
+    except NoServer as exc:
+        printer.line(str(exc), always=True)
+        return 1
     except KeyboardInterrupt:
         printer.line("interrupted; partial downloads are kept and resume on the next run",
                      always=True)

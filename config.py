@@ -101,6 +101,10 @@ class ClientSettings:
     # Nothing new from the server for this long: the transfer is stalled and is asked again.
     # Longer than the server's largest RTO, so a slow but live server is not abandoned.
     idle_timeout: float = 5.0
+    # A server that never answered (no SIZE, no ERROR) after this long is reported as missing
+    # ("no server at HOST:PORT"), where the OS did not already say the port is closed (ICMP
+    # may be filtered). Six requests go out meanwhile; one that answered once is waited for.
+    no_answer_timeout: float = 4.0
     # Back-off between attempts after a stall or BUSY.
     retry_initial: float = 0.25
     retry_max: float = 5.0
