@@ -808,6 +808,7 @@ class ServerDispatcher:
         self.stats["finished"] += 1
         seconds = max(now - t.activated, 1e-9)
         moved = t.pos - t.start
+        self.stats["bytes_served"] = self.stats.get("bytes_served", 0) + moved
         level = logging.INFO if t.outcome == "done" else logging.WARNING
         self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions%s",
                      format_addr(t.addr), t.outcome, t.name, moved, seconds, moved / seconds / 1e6,

@@ -158,5 +158,65 @@ class NoServerTest(Case):
         self.assertEqual(self.tmp.downloaded("w.bin"), data)
 
 
+# --- The server's command line ----------------------------------------------------------------
+
+def _default_sigint():
+    # A test runner started in the background has SIGINT ignored, and a child inherits that;
+    # Python then never raises KeyboardInterrupt. Ctrl-C is what is being tested: restore it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class ServerCommandLineTest(Case):
+
+    def server_args(self, *more):
+        return ["--dir", self.tmp.files, "--file-list", os.path.join(self.tmp.root, "list.txt"),
+                "--quiet"] + list(more)
+
+    def test_port_in_use_says_what_it_means_and_what_to_do(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            proc = self.popen("server.py", *self.server_args("--port", str(port)))
+            out, err = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 2, err)
+        self.assertEqual(out, b"")
+        err = err.decode("utf-8", "replace")
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("port %d is already in use" % port, err)
+        self.assertIn("another server.py", err)
+        self.assertIn("--port 0", err)
+        self.assertNotIn("Errno", err)
+
+    @unittest.skipIf(os.name == "nt", "Ctrl-C cannot be sent to one process on Windows")
+    def test_ctrl_c_prints_what_was_served(self):
+        data = self.tmp.make_file("s.bin", 300000, seed=4)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "server.py"), "--port", "0"]
+            + self.server_args(), cwd=self.tmp.root, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+        self.addCleanup(stop)
+        lines = read_lines(proc.stdout)
+        m = re.match(r"listening on (\S+):(\d+)\s*$", lines.get(timeout=10) or "")
+        self.assertTrue(m)
+        address = (m.group(1), int(m.group(2)))
+        support.download(address, "s.bin", self.tmp.downloads)
+        again = os.path.join(self.tmp.root, "again")
+        os.mkdir(again)
+        support.download(address, "s.bin", again)   # twice: 2 x 300000 bytes served
+        self.assertEqual(self.tmp.downloaded("s.bin"), data)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        self.assertEqual(proc.returncode, 0)
+        last = lines.get(timeout=5)
+        self.assertRegex(last, r"^stopped after 0:00:\d\d: \d+ transfers finished, "
+                               r"585\.9 KiB served\s*$")
+        self.assertIsNone(lines.get(timeout=5), "one line only")
+
+
 if __name__ == "__main__":
     unittest.main()
