@@ -916,7 +916,9 @@ def build_parser():
                     "the server's files, download every name in the input file and keep "
                     "watching it for new names until Ctrl-C.")
     p.add_argument("names", nargs="*", metavar="NAME", help="download these names and exit")
-    p.add_argument("--host", default=config.HOST, help="server address (default %(default)s)")
+    p.add_argument("--host", default=config.HOST,
+                   help="server address: a name, an IPv4 address or an IPv6 one such as ::1 "
+                        "(default %(default)s)")
     p.add_argument("--port", type=int, default=config.PORT,
                    help="server port (default %(default)s)")
     p.add_argument("--input", default=config.INPUT_FILE,

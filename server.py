@@ -349,8 +349,9 @@ def _uptime(seconds):
 def build_parser():
     p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v1).")
     p.add_argument("--host", default=config.HOST,
-                   help="address to listen on (default %(default)s; 0.0.0.0 or :: for other "
-                        "machines)")
+                   help="address to listen on (default %(default)s: this machine only; "
+                        "0.0.0.0: every IPv4 address; ::1: IPv6 loopback; ::: every IPv6 "
+                        "address, and IPv4 too where the OS allows)")
     p.add_argument("--port", type=int, default=config.PORT,
                    help="UDP port (default %(default)s; 0 picks a free one)")
     p.add_argument("--dir", default=config.FILES_DIR,

@@ -218,5 +218,35 @@ class ServerCommandLineTest(Case):
         self.assertIsNone(lines.get(timeout=5), "one line only")
 
 
+# --- IPv6 -------------------------------------------------------------------------------------
+
+@unittest.skipUnless(ipv6_loopback(), "this machine has no IPv6 loopback")
+class IPv6Test(Case):
+
+    def check(self, server_host):
+        data = self.tmp.make_file("six.bin", 200000, seed=6)
+        with support.served(self.tmp, host=server_host) as st:
+            address = ("::1", st.address[1])
+            code, out, err, _ = self.run_main(self.argv(address, "--list"))
+            self.assertEqual(code, 0, out + err)
+            self.assertIn("1 files on [::1]:%d" % address[1], out)
+            code, out, err, _ = self.run_main(self.argv(address, "six.bin", "--parts", "2"))
+            self.assertEqual(code, 0, out + err)
+        self.assertEqual(self.tmp.downloaded("six.bin"), data)
+
+    def test_server_on_ipv6_loopback(self):
+        self.check("::1")
+
+    def test_server_on_every_ipv6_address(self):
+        self.check("::")
+
+    def test_nothing_listening_on_ipv6_is_said_at_once(self):
+        port = free_port(socket.AF_INET6, "::1")
+        code, out, err, seconds = self.run_main(self.argv(("::1", port), "--list"))
+        self.assertEqual(code, 1, out)
+        self.assertRegex(out, r"^no server at \[::1\]:%d \(" % port)
+        self.assertLess(seconds, 5.0)
+
+
 if __name__ == "__main__":
     unittest.main()
