@@ -124,3 +124,7 @@ class ClientSettings:
     max_list_bytes: int = 16 * MiB
     # Restarts of one file because it changed on the server, before giving up.
     max_restarts: int = 20
+    # --limit-rate: bytes per second this process receives, all parts and files together
+    # (0: no cap). At least 64 KiB/s, and files then run at most rate / 64 KiB parts at once,
+    # so that an ACK is never held back long (client.Pacer explains why).
+    limit_rate: int = 0
