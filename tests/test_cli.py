@@ -248,5 +248,163 @@ class IPv6Test(Case):
         self.assertLess(seconds, 5.0)
 
 
+# --- --limit-rate -----------------------------------------------------------------------------
+
+class RateParsingTest(unittest.TestCase):
+
+    def test_rates_like_curl_and_wget(self):
+        for text, value in (("500K", 500 * 1024), ("500k", 500 * 1024), ("10M", 10 * MiB),
+                            ("10m", 10 * MiB), ("1G", 1024 ** 3), ("1g", 1024 ** 3),
+                            ("250000", 250000), ("1.5M", int(1.5 * MiB)), (" 64K ", 65536)):
+            self.assertEqual(client.parse_rate(text), value, text)
+        for text in ("", "K", "-5M", "10MB", "10 MiB", "1e6", "ten"):
+            with self.assertRaises(ValueError, msg=text):
+                client.parse_rate(text)
+
+    def test_command_line_refuses_nonsense_and_tiny_caps(self):
+        for bad in ("fast", "10K", "65535"):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+                client.main(["--limit-rate", bad, "--list"])
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn("--limit-rate", err.getvalue())
+
+    def test_pacer_schedule(self):
+        """On a virtual clock: ACKs are spaced len / rate once the burst is used; time spent
+        idle is not saved up beyond the burst; parts are limited so a hold stays short."""
+        rate, n = 4 * MiB, 65536
+        p = client.Pacer(rate)
+        self.assertEqual(p.max_parts, 64)
+        self.assertEqual(client.Pacer(65536).max_parts, 1)
+        self.assertEqual(client.Pacer(500 * 1024).max_parts, 7)
+        now = 100.0
+        dues = [p.take(n, now) for _ in range(10)]   # ten datagrams arrive together
+        self.assertLessEqual(dues[0], now)            # within the burst: at once
+        for a, b in zip(dues, dues[1:]):
+            self.assertAlmostEqual(b - a, n / rate)
+        # 9 s of silence, then a datagram: at most the burst is available at once.
+        now = 110.0
+        first = p.take(n, now)
+        self.assertLessEqual(first, now)
+        later = [p.take(n, now) for _ in range(3)]
+        self.assertGreater(later[-1] - now, 2 * n / rate - p.burst - 1e-9)
+        with self.assertRaises(ValueError):
+            client.Pacer(1000)
+
+
+class RateLimitTest(Case):
+    """Measured on loopback, whose speed without a cap is a hundred times this one. The rate is
+    taken from the client's own --json seconds (start of the request to the last byte; the
+    fsync of the finished file is excluded, so a slow disk under other tests does not count),
+    and the wall clock around client.main must not show a higher rate either. At 4 MiB/s a
+    datagram is due every 16 ms and the pacer absorbs a late wake-up of up to 31 ms without
+    losing pace, so a loaded machine does not fall below 0.9x; the burst lets the first
+    128 KiB through at once, 3% of 4 MiB, so the cap is above 1.0x but well within 1.1x."""
+
+    CAP = "4M"
+
+    def check(self, names, parts):
+        total = sum(os.path.getsize(os.path.join(self.tmp.files, n)) for n in names)
+        with support.served(self.tmp) as st:
+            started = time.monotonic()
+            code, out, err, _ = self.run_main(self.argv(
+                st.address, "--limit-rate", self.CAP, "--parts", str(parts), "--json",
+                *names))
+            wall = time.monotonic() - started
+        self.assertEqual(code, 0, out + err)
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([r["result"] for r in records], ["ok"] * len(names))
+        self.assertEqual(sum(r["bytes"] for r in records), total)
+        cap = client.parse_rate(self.CAP)
+        measured = total / sum(r["seconds"] for r in records) / cap
+        self.assertGreaterEqual(measured, 0.9, "%.3f x the cap" % measured)
+        self.assertLessEqual(measured, 1.1, "%.3f x the cap" % measured)
+        self.assertLessEqual(total / wall / cap, 1.1)
+        if os.environ.get("UDPXFER_TEST_REPORT"):
+            print("\n  --limit-rate %s, %d part(s): %.3f x the cap (wall clock %.3f x)"
+                  % (self.CAP, parts, measured, total / wall / cap), file=sys.stderr)
+        return records
+
+    def test_one_part(self):
+        self.tmp.make_file("one.bin", 4 * MiB, seed=11)
+        records = self.check(["one.bin"], 1)
+        self.assertEqual(records[0]["parts"], 1)
+
+    def test_four_parts_and_two_files_share_one_cap(self):
+        self.tmp.make_file("a.bin", 2 * MiB + 1000, seed=12)
+        self.tmp.make_file("b.bin", 2 * MiB - 1000, seed=13)
+        records = self.check(["a.bin", "b.bin"], 4)
+        for r in records:   # ranges are 1 MiB at least: 2 or 3 of them
+            self.assertIn(r["parts"], (2, 3))
+
+
+# --- The last line and --json -----------------------------------------------------------------
+
+class ResultsTest(Case):
+
+    def setUp(self):
+        super().setUp()
+        self.data = {"x.bin": self.tmp.make_file("x.bin", 300000, seed=21),
+                     "y.txt": self.tmp.make_file("y.txt", data=b"why\n")}
+
+    def test_summary_line_after_names_and_once(self):
+        with support.served(self.tmp) as st:
+            code, out, err, _ = self.run_main(self.argv(st.address, "x.bin", "nope.bin",
+                                                        "y.txt"))
+            self.assertEqual(code, 1, out)
+            self.assertRegex(out.splitlines()[-1],
+                             r"^done: 2 files, 1 failed, 293\.0 KiB in \d+\.\d\d s, "
+                             r"\S+ \S*B/s$")
+            self.write_input("x.bin", "y.txt")
+            code, out, err, _ = self.run_main(self.argv(st.address, "--once", "-q"))
+            self.assertEqual(code, 0, out)
+            self.assertRegex(out.splitlines()[-1],
+                             r"^done: 2 files \(2 already here\), 0 failed, 0 B in ")
+
+    def test_json_lines_on_stdout_and_the_rest_on_stderr(self):
+        self.write_input("x.bin", "nope.bin", "y.txt")
+        with support.served(self.tmp) as st:
+            code, out, err, _ = self.run_main(self.argv(st.address, "--once", "--json"))
+        self.assertEqual(code, 1)
+        records = [json.loads(line) for line in out.splitlines()]   # nothing else on stdout
+        self.assertEqual([(r["name"], r["result"]) for r in records],
+                         [("x.bin", "ok"), ("nope.bin", "failed"), ("y.txt", "ok")])
+        x, nope, y = records
+        self.assertEqual((x["size"], x["bytes"], x["resumed"]), (300000, 300000, 0))
+        for r in records:
+            self.assertEqual(set(r) - {"error"}, {"name", "result", "size", "bytes", "resumed",
+                                                  "seconds", "rate", "parts",
+                                                  "retransmissions"})
+            self.assertIsInstance(r["retransmissions"], int)
+            self.assertGreaterEqual(r["parts"], 1)
+        self.assertGreater(x["rate"], 0)
+        self.assertIn("not on the server", nope["error"])
+        self.assertNotIn("error", x)
+        self.assertIn("x.bin: ", err)                      # the lines for people: on stderr
+        self.assertRegex(err.splitlines()[-1], r"^done: 2 files, 1 failed, ")
+        self.assertEqual(self.tmp.downloaded("x.bin"), self.data["x.bin"])
+
+    def test_list_json(self):
+        with support.served(self.tmp) as st:
+            code, out, err, _ = self.run_main(self.argv(st.address, "--list", "--json"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([json.loads(line) for line in out.splitlines()],
+                         [{"name": "x.bin", "size": 300000}, {"name": "y.txt", "size": 4}])
+
+    def test_retransmissions_seen_are_counted(self):
+        from tests.impair import ImpairProxy, Impairment
+        with support.served(self.tmp) as st, \
+                ImpairProxy(st.address, to_client=Impairment(duplicate=1.0)) as proxy:
+            proxy.start()
+            code, out, err, _ = self.run_main(self.argv(proxy.address, "--json", "--parts",
+                                                        "1", "x.bin"))
+        self.assertEqual(code, 0, err)
+        record = json.loads(out.splitlines()[0])
+        # Every DATA came twice: 300000 bytes are 5 datagrams, so at least 5 copies brought
+        # nothing new.
+        self.assertGreaterEqual(record["retransmissions"], 5)
+        self.assertEqual(self.tmp.downloaded("x.bin"), self.data["x.bin"])
+
+
 if __name__ == "__main__":
     unittest.main()
