@@ -910,11 +910,12 @@ class App:
         self.retry = set()
         self.started = time.monotonic()
         self.results = []   # one dict per file tried: see result()
+        self.json = getattr(args, "json", False)   # args may be a bare Namespace (tests)
 
     def show_listing(self, give_up, always=False):
         entries = self.client.listing(give_up=give_up)
         self.sizes = dict(entries)
-        if always and self.args.json:   # --list --json: one object per file on the server
+        if always and self.json:   # --list --json: one object per file on the server
             for name, size in entries:
                 print(json.dumps({"name": name, "size": size}), flush=True)
             return entries
@@ -990,7 +991,7 @@ class App:
         if error is not None:
             record["error"] = error
         self.results.append(record)
-        if self.args.json:
+        if self.json:
             print(json.dumps(record), flush=True)
         return error is None
 
