@@ -1085,11 +1085,11 @@ def build_parser():
     p.add_argument("--limit-rate", type=_rate_arg, metavar="RATE",
                    help="receive at most RATE bytes per second, all parts and files together, "
                         "e.g. 500K, 10M, 1G (K = 1024, M = 1024^2, G = 1024^3, as in curl and "
-                        "wget; plain bytes too); at least 64K (default: no cap)")
+                        "wget; lowercase and plain bytes too); at least 64K (default: no cap)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per finished file on stdout (name, result, "
-                        "size, bytes, resumed, seconds, rate, parts, retransmissions, error); "
-                        "the lines meant for people go to stderr")
+                        "size, bytes, resumed, seconds, rate, parts, retransmissions; error or "
+                        "skipped); the lines meant for people go to stderr")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true",
                    help="print only result lines and errors")
