@@ -463,6 +463,7 @@ class Client:
         # answered, silence is a restart or a lossy path and is waited out patiently.
         self.answered = False
         self.pacer = Pacer(self.s.limit_rate) if self.s.limit_rate else None
+        self.last_fetch = None   # the _Fetch of the last fetch(), for its counters
 
     # A port used this recently is not used again: the server remembers finished transfers
     # for a few seconds (config.ServerSettings.recent_seconds) and ignores their late copies.
@@ -1102,6 +1103,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.names and (args.list or args.once):
         parser.error("names cannot be combined with --list or --once")
+    if not 1 <= args.port <= 65535:
+        parser.error("--port must be between 1 and 65535")
     if not 1 <= args.parts <= 64:
         parser.error("--parts must be between 1 and 64")
     if args.give_up <= 0:
@@ -1161,6 +1164,10 @@ def main(argv=None):
         printer.line("interrupted; partial downloads are kept and resume on the next run",
                      always=True)
         return 130
+    except socket.gaierror as exc:
+        printer.line("client: cannot resolve --host %s: %s" % (args.host, exc.strerror or exc),
+                     always=True)
+        return 1
     except (OSError, protocol.ProtocolError) as exc:
         printer.line("client: %s" % exc, always=True)
         return 1
