@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import selectors
 import shutil
 import socket
@@ -38,6 +39,16 @@ class Failure(Exception):
         self.retry = retry
 
 
+class NoServer(Failure):
+    """Nothing has ever answered at the server's address: the port is closed (the OS reported
+    it at once) or nothing answered within ClientSettings.no_answer_timeout. The cure is on the
+    person's side (start server.py, or fix --host/--port), so it is said once, not per file."""
+
+    def __init__(self, address, why):
+        super().__init__("no server at %s (%s): start server.py first, or give its address "
+                         "with --host and --port" % (protocol.format_addr(address), why))
+
+
 # --- Small helpers ----------------------------------------------------------------------------
 
 def human(n):
@@ -51,6 +62,57 @@ def duration(seconds):
     seconds = int(seconds + 0.5)
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60) \
         if seconds >= 3600 else "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_rate(text):
+    """A --limit-rate value in bytes per second: "500K", "10M", "1G" or plain bytes ("250000");
+    K, M and G are 1024, 1024**2 and 1024**3, as in curl and wget, lowercase too."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise ValueError("not a rate: %r (examples: 500K, 10M, 1G, 250000)" % text)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class Pacer:
+    """--limit-rate: when each ACK may go, so that the bytes this process receives (every part
+    and every file together, the listing too) keep to `rate` bytes per second.
+
+    Stop-and-wait makes a cap simple: a part gets its next datagram only after its ACK, so an
+    ACK held back slows the server down; nothing is dropped. The schedule is a virtual clock:
+    the bytes received so far are due at `due`, and each datagram moves it on by len / rate.
+    A wake-up that came late (the loop, the OS timer) is caught up as long as the clock is less
+    than `slack` behind (two datagrams' time, or 20 ms at high rates), so pace is not lost to
+    timer granularity; further behind means the link was idle (between files), and then the
+    schedule starts afresh from now: idle time is never saved up for a burst.
+
+    Held ACKs stay short: the cap is at least MIN_RATE and a file runs at most max_parts parts
+    at a time, so each part hears from the server at least about once a second. That keeps a
+    held ACK far below the client's stall timer (idle_timeout, 5 s) and below the server's
+    largest retransmission timeout (2 s), which then learns the pace as a longer round trip
+    instead of resending.
+    """
+
+    MIN_RATE = 64 * 1024     # one full datagram a second
+
+    def __init__(self, rate):
+        if rate < self.MIN_RATE:
+            raise ValueError("a rate cap below %s/s is not possible: the server sends "
+                             "datagrams of up to 64 KiB" % human(self.MIN_RATE))
+        self.rate = float(rate)
+        self.slack = max(2 * 65536, 0.02 * rate) / self.rate
+        self.max_parts = max(1, int(rate // self.MIN_RATE))
+        self.due = 0.0
+
+    def take(self, n, now):
+        """n bytes arrived at `now`: the time their ACK may be sent (if <= now: at once)."""
+        due = self.due
+        if due < now - self.slack:
+            due = now   # idle: start afresh
+        self.due = due = due + n / self.rate
+        return due
 
 
 class RangeSet:
@@ -386,6 +448,8 @@ class Part:
     def __init__(self, sock, transfer):
         self.sock, self.t = sock, transfer
         self.written = transfer.start
+        self.held_until = 0.0   # --limit-rate: what it sends is held until then (Pacer)
+        self.held = []
 
     @property
     def failed_check(self):
@@ -470,6 +534,12 @@ class Client:
         self.view = memoryview(self.buf)
         self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
         self._ports = OrderedDict()   # local port -> when it was last used
+        # Whether the server ever answered (SIZE or ERROR): until then a refused port or
+        # silence means "no server here" and ends a fetch early (NoServer); once it has
+        # answered, silence is a restart or a lossy path and is waited out patiently.
+        self.answered = False
+        self.pacer = Pacer(self.s.limit_rate) if self.s.limit_rate else None
+        self.last_fetch = None   # the _Fetch of the last fetch(), for its counters
 
     # A port used this recently is not used again: the server remembers finished transfers
     # for a few seconds (config.ServerSettings.recent_seconds) and ignores their late copies.
@@ -510,12 +580,31 @@ class Client:
             for r in rejected:
                 r.close()
 
-    def _flush(self, part):
-        for datagram in part.t.datagrams_to_send():
+    def _flush(self, part, datagrams=None):
+        """Send what the part's transfer has to send (or `datagrams`), unless it is held."""
+        if datagrams is None:
+            datagrams = part.t.datagrams_to_send()
+            if part.held_until:   # --limit-rate: its ACK waits (see Pacer); so does the rest
+                part.held += datagrams
+                return
+        for datagram in datagrams:
             try:
                 part.sock.send(datagram)
-            except OSError:
-                pass   # e.g. ICMP refused from a server that is down: the timers handle it
+            except OSError as exc:
+                self.refused(exc)   # else the timers handle it (e.g. a server restarting)
+
+    def _release(self, part):
+        """Send what a part held back: its ACK is due, or the part is being closed."""
+        held, part.held, part.held_until = part.held, [], 0.0
+        self._flush(part, dict.fromkeys(held))   # repeats of one ACK go once
+
+    def refused(self, exc):
+        """A send or receive failed. A refusal (ICMP port unreachable: ECONNREFUSED, or
+        ConnectionResetError on Windows) from a server that never answered means nothing
+        listens there: raise NoServer. Anything else is left to the timers."""
+        if not self.answered and isinstance(exc, (ConnectionRefusedError,
+                                                  ConnectionResetError)):
+            raise NoServer(self.server, "nothing is listening there") from None
 
     # -- listing
 
@@ -528,9 +617,13 @@ class Client:
 
     def fetch(self, name, target, parts=1, size_hint=None, give_up=None, label=None):
         """Fetch `name` (None: the listing) into `target`. Returns seconds spent moving bytes.
-        Raises Failure with a reason for the person."""
-        return _Fetch(self, name, target, parts, size_hint,
-                      self.s.give_up if give_up is None else give_up, label).run()
+        Raises Failure with a reason for the person. Afterwards (also after a Failure)
+        self.last_fetch.unneeded counts the DATA datagrams that brought no new byte."""
+        if self.pacer is not None:   # under a cap, no more parts than the cap can feed
+            parts = min(parts, self.pacer.max_parts) if parts else self.pacer.max_parts
+        self.last_fetch = _Fetch(self, name, target, parts, size_hint,
+                                 self.s.give_up if give_up is None else give_up, label)
+        return self.last_fetch.run()
 
 
 class _Fetch:
@@ -567,6 +660,8 @@ class _Fetch:
         self._have = -1             # bytes in hand at the last progress check
         self.attempts = 0           # parts ended without finishing, since the last progress
         self.busy = 0               # of which the server had no slot for (ERROR BUSY)
+        self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
+        self.most_parts = 0         # the most parts that ran at once
 
     # -- planning
 
@@ -614,6 +709,7 @@ class _Fetch:
         part = Part(self.c._socket(), t)
         self.sel.register(part.sock, selectors.EVENT_READ, part)
         self.active.append(part)
+        self.most_parts = max(self.most_parts, len(self.active))
         self.c.stats["transfers"] += 1
         self.c._flush(part)
         self.c.printer.detail("%s: asking for [%d, %s)" % (
@@ -650,6 +746,7 @@ class _Fetch:
             self._check_space(target.size - target.done.total())
             self._plan()
         buf, view, select = c.buf, c.view, self.sel.select
+        pacer = c.pacer
         next_check = 0.0
         try:
             while True:
@@ -665,10 +762,17 @@ class _Fetch:
                     part = key.data
                     try:
                         n = part.sock.recv_into(buf)
-                    except OSError:
-                        continue   # spurious wake-up, or ICMP refused: the server is not there
+                    except OSError as exc:   # spurious wake-up, or ICMP refused
+                        c.refused(exc)
+                        continue
                     t = part.t
-                    payload = t.receive_datagram(view[:n], time.monotonic())
+                    now = time.monotonic()
+                    payload = t.receive_datagram(view[:n], now)
+                    if pacer is not None and payload is not None:
+                        due = pacer.take(len(payload), now)
+                        if due > now:   # _flush holds the ACK; housekeeping sends it then
+                            part.held_until = due
+                            next_check = min(next_check, due)
                     c._flush(part)
                     if payload is not None:
                         target.write(t.pos - len(payload), payload)
@@ -676,6 +780,8 @@ class _Fetch:
                     elif t.state == protocol.FINISHED or (t.size is not None
                                                           and target.size is None):
                         next_check = 0.0
+                    elif buf.startswith(b"DATA", 0, n):
+                        self.unneeded += 1   # a retransmission (or a damaged copy)
         finally:   # also on Ctrl-C: keep every accepted byte for the next run
             if target.size is not None:
                 try:
@@ -695,6 +801,7 @@ class _Fetch:
 
     def _next_check(self, now):
         timers = [p.t.get_timer() for p in self.active]
+        timers += [p.held_until for p in self.active if p.held_until]
         if self.retry_at > now:
             timers.append(self.retry_at)
         return min(timers + [now + self.HOUSEKEEPING])
@@ -702,6 +809,11 @@ class _Fetch:
     def _housekeeping(self, now):
         """Everything but moving bytes. Returns True when the file is complete and saved."""
         target = self.target
+        for part in self.active:
+            if part.held_until and part.held_until <= now:
+                self.c._release(part)   # --limit-rate: its ACK is due
+        if not self.c.answered:
+            self._check_answered(now)
         for part in list(self.active):
             if part not in self.active:
                 continue   # a restart closed it
@@ -734,6 +846,16 @@ class _Fetch:
             self.last_save = now
             target.save(self._in_flight(), wait=False)
         return False
+
+    def _check_answered(self, now):
+        """Until the server first answers: NoServer after no_answer_timeout (or give_up if
+        shorter) of silence, for systems and firewalls that report no ICMP refusal."""
+        if any(p.t.size is not None or p.t.error_code is not None for p in self.active):
+            self.c.answered = True
+        else:
+            limit = min(self.s.no_answer_timeout, self.give_up)
+            if now - self.started >= limit:
+                raise NoServer(self.c.server, "no answer in %g s" % limit)
 
     def _progress(self, now):
         have = self.target.done.total() + sum(p.t.received for p in self.active)
@@ -781,6 +903,8 @@ class _Fetch:
                                                                   self.c.out_dir))
 
     def _close(self, part):
+        if part.held_until:   # a held ACK still goes out (Ctrl-C, a failure, a restart)
+            self.c._release(part)
         self.sel.unregister(part.sock)
         part.sock.close()
 
@@ -905,10 +1029,17 @@ class App:
         self.sizes = {}
         self.seen = set()
         self.retry = set()
+        self.started = time.monotonic()
+        self.results = []   # one dict per file tried: see result()
+        self.json = getattr(args, "json", False)   # args may be a bare Namespace (tests)
 
     def show_listing(self, give_up, always=False):
         entries = self.client.listing(give_up=give_up)
         self.sizes = dict(entries)
+        if always and self.json:   # --list --json: one object per file on the server
+            for name, size in entries:
+                print(json.dumps({"name": name, "size": size}), flush=True)
+            return entries
         width = max([len(n) for n, _ in entries] + [4])
         self.p.line("%d files on %s:" % (len(entries), protocol.format_addr(self.client.server)),
                     always)
@@ -920,9 +1051,10 @@ class App:
         """One name, start to end, with its result line. True if the file is here and whole;
         a name worth trying again later goes into self.retry."""
         p = self.p
+        started = time.monotonic()
         if not protocol.is_servable_name(name):
             p.line("%s: not a valid file name; skipped" % name, always=True)
-            return False
+            return self.result(name, started, error="not a valid file name")
         final = os.path.join(self.args.out, name)
         if os.path.isfile(final) and name not in self.sizes:
             try:   # a file here already: is it complete? Ask for a fresh listing once.
@@ -932,19 +1064,22 @@ class App:
         size = self.sizes.get(name)
         if os.path.isfile(final) and os.path.getsize(final) == size:
             p.line("%s: already in %s; skipped" % (name, self.args.out))
-            return True
+            return self.result(name, started, size=size, skipped=True)
         target = None
+        self.client.last_fetch = None
         try:
             target = PartialFile(self.args.out, name)
             seconds = self.client.fetch(name, target, self.s.parts, size, give_up)
+        except NoServer:
+            raise   # not about this file: main() says it once
         except Failure as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
             if exc.retry:
                 self.retry.add(name)
-            return False
+            return self.result(name, started, target, error=str(exc))
         except OSError as exc:
             p.line("%s: FAILED: %s" % (name, exc), always=True)
-            return False
+            return self.result(name, started, target, error=str(exc))
         finally:
             if target is not None:
                 target.release()
@@ -952,7 +1087,46 @@ class App:
         p.line("%s: %s in %.2f s, %s/s, verified (CRC-32)%s" % (
             name, human(target.size), seconds, human(rate),
             ", resumed" if target.resumed else ""), always=True)
-        return True
+        return self.result(name, started, target, seconds=seconds)
+
+    def result(self, name, started, target=None, seconds=None, error=None, size=None,
+               skipped=False):
+        """Record how one file went (for the summary line, and printed as one JSON line with
+        --json); returns whether it is here and whole. "bytes" are those fetched in this run
+        (not those resumed), "retransmissions" the DATA datagrams that brought no new byte."""
+        fetch = self.client.last_fetch if target is not None else None
+        if seconds is None:
+            seconds = time.monotonic() - started
+        moved = resumed = 0
+        if target is not None:
+            size, resumed = target.size, target.resumed
+            moved = target.size - resumed if error is None else max(
+                target.done.total() - resumed, 0)
+        record = {"name": name, "result": "ok" if error is None else "failed", "size": size,
+                  "bytes": moved, "resumed": resumed, "seconds": round(seconds, 3),
+                  "rate": int(moved / max(seconds, 1e-6)),
+                  "parts": fetch.most_parts if fetch else 0,
+                  "retransmissions": fetch.unneeded if fetch else 0}
+        if skipped:
+            record["skipped"] = "already here"
+        if error is not None:
+            record["error"] = error
+        self.results.append(record)
+        if self.json:
+            print(json.dumps(record), flush=True)
+        return error is None
+
+    def summary(self):
+        """The last line after --once or names: the outcome at a glance."""
+        ok = [r for r in self.results if r["result"] == "ok"]
+        skipped = sum(1 for r in ok if r.get("skipped"))
+        moved = sum(r["bytes"] for r in self.results)
+        seconds = time.monotonic() - self.started
+        return "done: %d file%s%s, %d failed, %s in %.2f s, %s/s" % (
+            len(ok), "" if len(ok) == 1 else "s",
+            " (%d already here)" % skipped if skipped else "",
+            len(self.results) - len(ok), human(moved), seconds,
+            human(moved / max(seconds, 1e-6)))
 
     def run_names(self, names):
         ok = True
@@ -990,13 +1164,27 @@ class App:
             time.sleep(self.s.poll_interval)
 
 
+def _rate_arg(text):
+    try:
+        rate = parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if rate < Pacer.MIN_RATE:
+        raise argparse.ArgumentTypeError(
+            "%s is below the smallest cap, 64K: the server sends datagrams of up to 64 KiB and "
+            "resends one not acknowledged within 2 s" % text)
+    return rate
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Download files from a UDP file server (protocol v2). With no names, show "
                     "the server's files, download every name in the input file and keep "
                     "watching it for new names until Ctrl-C.")
     p.add_argument("names", nargs="*", metavar="NAME", help="download these names and exit")
-    p.add_argument("--host", default=config.HOST, help="server address (default %(default)s)")
+    p.add_argument("--host", default=config.HOST,
+                   help="server address: a name, an IPv4 address or an IPv6 one such as ::1 "
+                        "(default %(default)s)")
     p.add_argument("--port", type=int, default=config.PORT,
                    help="server port (default %(default)s)")
     p.add_argument("--input", default=config.INPUT_FILE,
@@ -1015,6 +1203,14 @@ def build_parser():
     mode.add_argument("--once", action="store_true",
                       help="download the names in the input file now, then exit")
     mode.add_argument("--list", action="store_true", help="show the server's files and exit")
+    p.add_argument("--limit-rate", type=_rate_arg, metavar="RATE",
+                   help="receive at most RATE bytes per second, all parts and files together, "
+                        "e.g. 500K, 10M, 1G (K = 1024, M = 1024^2, G = 1024^3, as in curl and "
+                        "wget; lowercase and plain bytes too); at least 64K (default: no cap)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per finished file on stdout (name, result, "
+                        "size, bytes, resumed, seconds, rate, parts, retransmissions; error or "
+                        "skipped); the lines meant for people go to stderr")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true",
                    help="print only result lines and errors")
@@ -1027,6 +1223,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.names and (args.list or args.once):
         parser.error("names cannot be combined with --list or --once")
+    if not 1 <= args.port <= 65535:
+        parser.error("--port must be between 1 and 65535")
     if args.parts == "auto":
         args.parts = 0
     elif not args.parts.isdigit() or not 1 <= int(args.parts) <= 64:
@@ -1036,27 +1234,45 @@ def main(argv=None):
     if args.give_up <= 0:
         parser.error("--give-up must be more than 0")
     settings = config.ClientSettings(parts=args.parts, give_up=args.give_up,
-                                     watch_give_up=10 * args.give_up)
-    printer = Printer(quiet=args.quiet, verbose=args.verbose)
+                                     watch_give_up=10 * args.give_up,
+                                     limit_rate=args.limit_rate or 0)
+    # --json: stdout holds only JSON lines; what a person reads goes to stderr.
+    printer = Printer(quiet=args.quiet, verbose=args.verbose,
+                      stream=sys.stderr if args.json else None)
     try:
         os.makedirs(args.out, exist_ok=True)
         app = App(args, settings, printer)
+        pacer = app.client.pacer
+        if pacer is not None and pacer.max_parts < args.parts:
+            printer.line("--limit-rate %s/s: at most %d part%s at a time" % (
+                human(pacer.rate), pacer.max_parts, "" if pacer.max_parts == 1 else "s"))
         if args.names:
-            return 0 if app.run_names(args.names) else 1
+            ok = app.run_names(args.names)
+            printer.line(app.summary(), always=True)
+            return 0 if ok else 1
         if args.list or args.once:
             try:
                 app.show_listing(settings.give_up, always=args.list)
+            except NoServer:
+                raise
             except Failure as exc:
                 printer.line("cannot get the list: %s" % exc, always=True)
                 return 1
             if args.list:
                 return 0
-            return 0 if app.run_names(read_names(args.input)) else 1
+            ok = app.run_names(read_names(args.input))
+            printer.line(app.summary(), always=True)
+            return 0 if ok else 1
         delay = settings.retry_initial
+        waiting = False
         while True:   # watch mode: keep asking for the list until the server answers
             try:
                 app.show_listing(settings.give_up)
                 break
+            except NoServer as exc:
+                if not waiting:   # said once; then the client waits quietly
+                    printer.line("%s; waiting for it (Ctrl-C to stop)" % exc, always=True)
+                    waiting = True
             except Failure as exc:
                 if not exc.retry:
                     printer.line("cannot get the list: %s" % exc, always=True)
@@ -1065,10 +1281,17 @@ def main(argv=None):
             time.sleep(delay)
             delay = min(2 * delay, settings.retry_max)
         app.watch()
+    except NoServer as exc:
+        printer.line(str(exc), always=True)
+        return 1
     except KeyboardInterrupt:
         printer.line("interrupted; partial downloads are kept and resume on the next run",
                      always=True)
         return 130
+    except socket.gaierror as exc:
+        printer.line("client: cannot resolve --host %s: %s" % (args.host, exc.strerror or exc),
+                     always=True)
+        return 1
     except (OSError, protocol.ProtocolError) as exc:
         printer.line("client: %s" % exc, always=True)
         return 1

@@ -161,6 +161,10 @@ class ClientSettings:
     # Nothing new from the server for this long: the transfer is stalled and is asked again.
     # Longer than the server's largest RTO, so a slow but live server is not abandoned.
     idle_timeout: float = 5.0
+    # A server that never answered (no SIZE, no ERROR) after this long is reported as missing
+    # ("no server at HOST:PORT"), where the OS did not already say the port is closed (ICMP
+    # may be filtered). Six requests go out meanwhile; one that answered once is waited for.
+    no_answer_timeout: float = 4.0
     # Back-off between attempts after a stall or BUSY.
     retry_initial: float = 0.25
     retry_max: float = 5.0
@@ -180,3 +184,7 @@ class ClientSettings:
     max_list_bytes: int = 16 * MiB
     # Restarts of one file because it changed on the server, before giving up.
     max_restarts: int = 20
+    # --limit-rate: bytes per second this process receives, all parts and files together
+    # (0: no cap). At least 64 KiB/s, and files then run at most rate / 64 KiB parts at once,
+    # so that an ACK is never held back long (client.Pacer explains why).
+    limit_rate: int = 0

@@ -1058,8 +1058,9 @@ class ServerDispatcher:
         transfers are lost once the reordering threshold has passed (PROTOCOL.md "Early
         retransmission"). Each is looked at once per such evidence."""
         for seq, other in path.overtaken():
-            other.overtaken(seq, now)
-            self._after(other, now)
+            if other.outcome is None:   # entries of finished transfers linger: skip them
+                other.overtaken(seq, now)
+                self._after(other, now)
 
     def _activate(self, t, now):
         """The client acknowledged SIZE (so its address is real): give it an active slot, taking
@@ -1292,6 +1293,7 @@ class ServerDispatcher:
         self.stats["finished"] += 1
         seconds = max(now - t.activated, 1e-9)
         moved = t.pos - t.start
+        self.stats["bytes_served"] = self.stats.get("bytes_served", 0) + moved
         level = logging.INFO if t.outcome == "done" else logging.WARNING
         self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions"
                      "%s%s; path: %d-byte datagrams, %.2f%% loss", format_addr(t.addr), t.outcome,

@@ -229,6 +229,25 @@ def path_mtu(ip):
         return None
 
 
+def explain_bind_error(exc, host, port):
+    """One line saying what a failed bind means and what to do about it."""
+    where = "%s port %d" % (host, port)
+    code = getattr(exc, "winerror", None) or exc.errno   # Windows: WSAEADDRINUSE is 10048
+    if code in (errno.EADDRINUSE, 10048):
+        return ("%s is already in use (another server.py running?): stop it, or choose "
+                "another port with --port N (--port 0 picks a free one)" % where)
+    if code in (errno.EACCES, 10013):
+        return ("not allowed to use %s (ports below 1024 need administrator rights, and "
+                "some are reserved): choose another with --port N (--port 0 picks a free one)"
+                % where)
+    if code in (errno.EADDRNOTAVAIL, 10049):
+        return ("%s is not an address of this machine: use --host 127.0.0.1 (this machine "
+                "only), 0.0.0.0 (all IPv4) or :: (all IPv6)" % host)
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve --host %s: %s" % (host, exc.strerror or exc)
+    return "cannot listen on %s: %s" % (where, exc.strerror or exc)
+
+
 def _bind(host, port):
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
@@ -259,6 +278,8 @@ class Server:
                                                     path_mtu=path_mtu)
         self._stop = False
         self.send_errors = 0
+        self.started = time.monotonic()
+        self.unfinished_bytes = 0   # acknowledged bytes of transfers cut short by the stop
 
     def shutdown(self):
         """Ask serve_forever() to return (from another thread), and wake it up."""
@@ -286,7 +307,7 @@ class Server:
                 if exc.errno == errno.EMSGSIZE:   # e.g. macOS refuses > 9216 bytes by default
                     self.dispatcher.too_big(addr, sum(map(len, datagram)), now)
                 else:
-                    log.warning("send to %s failed: %s", addr, exc)
+                    log.debug("send to %s failed: %s", addr, exc)
 
     def serve_forever(self):
         d = self.dispatcher
@@ -329,18 +350,39 @@ class Server:
                 except Exception:
                     log.exception("internal error on a datagram from %s", addr)
         finally:
+            self.unfinished_bytes = sum(t.pos - t.start for t in d.active.values())
             d.close()
+
+    def summary(self):
+        """One line on what this server did, for the person stopping it."""
+        st = self.dispatcher.stats
+        served = st.get("bytes_served", 0) + self.unfinished_bytes
+        return "stopped after %s: %d transfers finished, %s served" % (
+            _uptime(time.monotonic() - self.started), st.get("finished", 0), _human(served))
 
     def close(self):
         self.dispatcher.close()
         self.sock.close()
 
 
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+def _uptime(seconds):
+    seconds = int(seconds + 0.5)
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v2).")
     p.add_argument("--host", default=config.HOST,
-                   help="address to listen on (default %(default)s; 0.0.0.0 or :: for other "
-                        "machines)")
+                   help="address to listen on (default %(default)s: this machine only; "
+                        "0.0.0.0: every IPv4 address; ::1: IPv6 loopback; ::: every IPv6 "
+                        "address, and IPv4 too where the OS allows)")
     p.add_argument("--port", type=int, default=config.PORT,
                    help="UDP port (default %(default)s; 0 picks a free one)")
     p.add_argument("--dir", default=config.FILES_DIR,
@@ -355,26 +397,34 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535 (0 picks a free one)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
         folder = Folder(args.dir, args.file_list)
-        server = Server(folder, args.host, args.port)
     except (OSError, ValueError) as exc:
         print("server: %s" % exc, file=sys.stderr)
         return 2
+    try:
+        server = Server(folder, args.host, args.port)
+    except OSError as exc:
+        print("server: %s" % explain_bind_error(exc, args.host, args.port), file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     print("listening on %s:%d" % ("[%s]" % host if ":" in host else host, port), flush=True)
-    found = folder.scan()
-    log.info("serving %d files from %s", len(found), folder.root)
     try:
+        found = folder.scan()
+        log.info("serving %d files from %s", len(found), folder.root)
         server.serve_forever()
     except KeyboardInterrupt:
-        log.info("stopped")
+        pass
     finally:
         server.close()
+        print(server.summary(), flush=True)
     return 0
 
 

@@ -191,6 +191,19 @@ class RetransmissionTest(unittest.TestCase):
         self.assertIsNone(t.outcome)
         self.assertGreater(t.early_retransmissions, srv.s.max_retransmits)
 
+    def test_a_finished_transfer_is_not_forgotten_twice_by_later_evidence(self):
+        # A's last DATA is acknowledged after B's DATA was sent, so A's entry is still in the
+        # path's send order when A finishes; B's ACK then reveals it, and it must be skipped.
+        srv = Server({"f": blob(1000), "g": blob(4 << 20)}, mtu=65536)
+        out_a = self.start(srv, A, 0.0, "f")
+        out_b = self.start(srv, B, 0.0001, "g")
+        srv.ack(len(out_a[0][0].payload), A, 0.0002)          # A: EOF comes back
+        srv.recv(protocol.format_ack_eof(srv.tokens[A]), A, 0.0003)
+        self.assertEqual(srv.d.stats["finished"], 1)
+        srv.ack(len(out_b[0][0].payload), B, 0.01)
+        self.assertEqual(srv.d.stats["finished"], 1)
+        self.assertEqual(srv.d.stats["bytes_served"], 1000)
+
 
 if __name__ == "__main__":
     unittest.main()
