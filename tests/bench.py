@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Benchmark of the UDP file-transfer tool: `python3 tests/bench.py [--quick]`, from the project.
 
-Not a unittest. It prints one row per scenario, then the targets, each marked PASS or MISS.
+Not a unittest. It prints one row per loopback scenario, a side-by-side table per path scenario,
+then the targets, each marked PASS, MISS or SKIP (not measurable here).
 
 How it measures
 - The server runs in a child process (server.Server on 127.0.0.1:0, default ServerSettings) and
-  the client in another (client.Client(...).fetch(), default ClientSettings), so the two sides
-  use the two cores as they do in real use. Children are this script run with --child-*; they talk
-  JSON lines over stdout and are told to start over stdin, so interpreter start-up is never timed.
-  The impairment proxy (tests/impair.py), when used, runs in a thread of this process.
+  the client in another (client.Client(...).fetch(), default ClientSettings but for the parts,
+  which each row names: 1, 4, or "default": 0 = automatic, client.PartsTuner, the default of
+  client.py), so the two sides use the two cores as they do in real use. Children are this
+  script run with --child-*; they talk JSON lines over stdout and are told to start over stdin,
+  so interpreter start-up is never timed. The impairment proxy (tests/impair.py), when used,
+  runs in a thread of this process.
 - seconds: the client's wall time around fetch(), from its request until the file has its real
   name (the final fsync and rename included). MB/s uses 1 MB = 10^6 bytes.
 - sent / retx: datagrams the server's dispatcher handed to the socket, and the sum of its
@@ -16,15 +19,41 @@ How it measures
 - srvRSS / cliRSS: peak resident memory of each child in MB (10^6 bytes). On Linux VmHWM from
   /proc/self/status, because ru_maxrss there keeps the parent's peak across fork+exec; elsewhere
   getrusage(RUSAGE_SELF).ru_maxrss (bytes on macOS); n/a where `resource` is missing (Windows).
+- CPU per datagram (1-part row, and in the targets' notes): each child's process_time() over the
+  transfer divided by the datagrams the server sent (the client receives about as many).
 - Baselines, same file, same run: shutil.copyfile, and a bare stop-and-wait floor: one child
   sends datagrams of ServerSettings().datagram_size bytes of the file (read with readinto into
   one preallocated buffer) and waits for a 1-byte ACK after each; the other receives with
-  recv_into, ACKs, writes. No header, checksum, digest, fsync or state machine.
+  recv_into, ACKs, writes. No header, CRC, fsync or state machine.
   vs floor = MB/s / floor MB/s, for the rows that run directly over loopback.
-- Runs are repeated (--repeat, default 3): the floor, 1 part, 4 parts (interleaved), one client
-  alone and 20 clients show the best run; the proxy runs, lossless and 5% loss (each lossy run
-  with its own seed), the median one. The notes list every run.
+  As root with atftp and tftp-hpa installed, also atftp (--option "blksize 65464") against
+  in.tftpd on loopback (target F); otherwise that row is skipped with a note.
+- Runs are repeated (--repeat, default 3): the floor, 1 part, 4 parts, default (automatic parts)
+  and atftp (interleaved), one client alone and 20 clients show the best run; the proxy runs,
+  lossless and 5% loss (each lossy run with its own seed), the median one. The notes list every
+  run. Scenario 4 (10 ms round trip through the proxy, 32 MiB, 1 part and default) runs once.
 - Every download is compared with its source by SHA-256; a mismatch stops the run (exit 1).
+
+Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips them)
+- A real two-host path: two network namespaces joined by a veth pair with MTU 1500, 198.18.7.1
+  (server) and 198.18.7.2 (client), from the benchmarking range 198.18.0.0/15: they exist only
+  inside the namespaces, which are deleted at the end (also on Ctrl-C or SIGTERM). Segmentation
+  offloads are off (ethtool -K tso/gso/gro off: TCP crosses as MTU-sized packets, as on a
+  wire); loss is per packet at each end's netdev ingress (nftables numgen random), so a lost IP
+  fragment loses its whole datagram; B limits each end's egress with htb (1gbit, burst 256k).
+  A: no loss, 64 MiB; B: 1 Gbit/s, 64 MiB; C: 1% loss each way, 32 MiB; D: 5%, 16 MiB.
+- Tools, side by side on the same random file, run after run (--path-runs, default 3, median
+  shown; a failed run counts as 0 MB/s): ours with default settings (client.py ... -q f.bin,
+  automatic parts) and with --parts 1, each against a fresh server child in the server
+  namespace; atftp against tftp-hpa (in.tftpd -B 65464); HTTP over TCP (python3 -m http.server
+  and curl). Each time is the wall time of the client command run with `ip netns exec`:
+  process start-up included (for ours that of Python, printed as a note). Client CPU comes from
+  getrusage(RUSAGE_CHILDREN); for ours also server and client CPU per datagram the server sent.
+- Each download is compared with its source byte for byte; a timeout (--path-timeout, default
+  60 s), an error exit or a mismatch is shown as "fails (...)" and that tool is not run again in
+  that path after a timeout. Our client exiting 0 with wrong bytes makes the exit status 1.
+- Skipped with one line when not root, when ip/nft/tc/ethtool are missing; the atftp column when
+  atftp or in.tftpd are missing, the HTTP column without curl. Nothing is ever installed.
 Everything lives in one tempfile.mkdtemp() folder, removed at the end; children are killed on exit.
 """
 
@@ -103,9 +132,10 @@ def sha256_file(path):
 
 # --- Child: server --------------------------------------------------------------------------
 
-def child_server(folder_path):
-    """server.Server on 127.0.0.1:0; counts what its dispatcher sends and its transfers'
-    retransmissions; stops on 'stop' (or EOF) on stdin and prints its stats."""
+def child_server(folder_path, host=LOOPBACK):
+    """server.Server on host:0 (127.0.0.1, or the server address of a path scenario); counts
+    what its dispatcher sends and its transfers' retransmissions; stops on 'stop' (or EOF) on
+    stdin and prints its stats."""
     import logging
 
     import server
@@ -114,7 +144,7 @@ def child_server(folder_path):
                         format="server %(levelname)s %(message)s")
     settings = config.ServerSettings()
     folder = server.Folder(folder_path, None, settings)
-    srv = server.Server(folder, LOOPBACK, 0, settings)
+    srv = server.Server(folder, host, 0, settings)
     d = srv.dispatcher
     c = {"datagrams": 0, "bytes": 0, "retransmissions": 0, "payload_bytes": 0, "shrinks": 0,
          "transfers": 0, "outcomes": {}}
@@ -183,17 +213,18 @@ def child_client(spec_text):
     spec = json.loads(spec_text)
     prepared = []
     for job in spec["jobs"]:
-        settings = config.ClientSettings(parts=job.get("parts", 1))
+        # Default settings, automatic parts (0) included, unless the job names its parts.
+        settings = config.ClientSettings(parts=job.get("parts", config.ClientSettings.parts))
         printer = client.Printer(quiet=True, stream=sys.stderr)
         c = client.Client(spec["host"], spec["port"], settings, printer, job.get("out_dir"))
         target = client.PartialFile(job["out_dir"], job["name"]) if job.get("name") else None
         if target is not None:
             _time_calls(target, ("save", "finish"))
-        prepared.append((job, c, target))
+        prepared.append((job, c, target, settings))
     results = [None] * len(prepared)
 
     def run(i):
-        job, c, target = prepared[i]
+        job, c, target, settings = prepared[i]
         t0w, t0 = time.time(), time.perf_counter()
         try:
             if job.get("listing"):
@@ -207,7 +238,7 @@ def child_client(spec_text):
                 results[i] = {"ok": True, "times": times, "count": len(entries),
                               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 return
-            fetch_s = c.fetch(job["name"], target, job["parts"], job.get("size_hint"))
+            fetch_s = c.fetch(job["name"], target, settings.parts, job.get("size_hint"))
             t1 = time.perf_counter()
             final = os.path.join(job["out_dir"], job["name"])
             results[i] = {"ok": True, "seconds": t1 - t0, "fetch_seconds": fetch_s,
@@ -314,9 +345,9 @@ def child_floor_recv(path, size, port):
 
 
 # --- Parent: children -----------------------------------------------------------------------
-# queue, subprocess and tempfile are imported by main() for the parent only: every module a child
-# imports adds to the peak RSS it reports.
-queue = subprocess = tempfile = None
+# queue, signal, subprocess and tempfile are imported by main() for the parent only: every module
+# a child imports adds to the peak RSS it reports.
+queue = signal = subprocess = tempfile = None
 
 class Child:
     """A child process of this script; JSON lines from its stdout, read by a thread so that
@@ -325,12 +356,12 @@ class Child:
     live = []
     _n = 0
 
-    def __init__(self, tag, args, log_dir):
+    def __init__(self, tag, args, log_dir, prefix=()):
         Child._n += 1
         self.tag = tag
         self.err_path = os.path.join(log_dir, "%03d-%s.stderr" % (Child._n, tag))
         self._err = open(self.err_path, "wb")
-        self.p = subprocess.Popen([sys.executable, SCRIPT] + args, cwd=ROOT,
+        self.p = subprocess.Popen(list(prefix) + [sys.executable, SCRIPT] + args, cwd=ROOT,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self._err, universal_newlines=True, bufsize=1)
         Child.live.append(self)
@@ -484,6 +515,234 @@ def max_or_none(values):
     return max(values) if values else None
 
 
+def is_root():
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def make_check(name, value, op, limit, detail=""):
+    """One target line: (name, value, target, PASS/MISS/SKIP, detail); value None: SKIP."""
+    if value is None:
+        return (name, "n/a", "%s %s" % (op, limit), "SKIP", detail)
+    ok = {">=": value >= limit, ">": value > limit, "<=": value <= limit,
+          "<": value < limit}[op]
+    if not ok:
+        miss = abs(value - limit) / limit * 100
+        detail = ("%.0f%% short" % miss if op in (">=", ">") else "%.0f%% over" % miss) \
+            + ("; " + detail if detail else "")
+    return (name, "%.2f" % value, "%s %s" % (op, limit), "PASS" if ok else "MISS", detail)
+
+
+def print_checks(checks, indent="  "):
+    if not checks:
+        return
+    w = max(len(c[0]) for c in checks)
+    for name, value, target, verdict, detail in checks:
+        print("%s%-*s  %7s  (target %-6s)  %s%s" % (indent, w, name, value, target, verdict,
+                                                  "  " + detail if detail else ""))
+
+
+# --- Parent: a two-host path in network namespaces (root only) --------------------------------
+# Addresses of the benchmarking range 198.18.0.0/15 (RFC 2544): they exist only inside the two
+# namespaces this script makes and deletes.
+PATH_SRV, PATH_CLI = "198.18.7.1", "198.18.7.2"
+HTTP_PORT, TFTP_PORT = 8080, 6969
+TFTP_BLKSIZE = 65464                 # the largest TFTP block (RFC 2348): datagrams as big as ours
+TFTPD_CANDIDATES = ("/usr/sbin/in.tftpd",)
+ATFTP_HINT = "atftp not installed (apt-get install atftp tftpd-hpa)"
+# Path scenarios: (key, title, loss % per packet at each end's ingress, egress rate, MiB).
+PATH_SCENARIOS = (
+    ("A", "MTU 1500, no loss", 0.0, None, 64),
+    ("B", "MTU 1500, 1 Gbit/s each way", 0.0, "1gbit", 64),
+    ("C", "MTU 1500, 1% loss each way", 1.0, None, 32),
+    ("D", "MTU 1500, 5% loss each way", 5.0, None, 16),
+)
+# Targets: path key -> [(ours default / which tool, at least)].
+PATH_TARGETS = {"A": [("atftp", 0.8), ("http", 0.4)], "B": [("http", 0.85)],
+                "C": [("http", 0.25)], "D": [("http", 0.25)]}
+PATH_TOOLS = (("ours", "ours (auto)"), ("ours1", "ours --parts 1"),
+              ("atftp", "atftp+tftp-hpa"), ("http", "HTTP (curl)"))
+
+
+def run_cmd(args, timeout=30, input=None):
+    """A short command, bounded: (exit code or None, output). Never raises."""
+    try:
+        r = subprocess.run(args, input=input, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=timeout)
+        return r.returncode, r.stdout
+    except subprocess.TimeoutExpired:
+        return None, "no answer within %s s" % timeout
+    except OSError as exc:
+        return None, str(exc)
+
+
+class Spawned:
+    """A background process (in.tftpd, http.server) in its own session, so that killing its
+    process group also kills what it forked. Every live one is killed by Bench.cleanup()."""
+
+    live = []
+
+    def __init__(self, args, log_path):
+        with open(log_path, "ab") as log:
+            self.p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        Spawned.live.append(self)
+
+    def kill(self):
+        kill_group(self.p)
+        if self in Spawned.live:
+            Spawned.live.remove(self)
+
+    @classmethod
+    def kill_all(cls):
+        for s in list(cls.live):
+            s.kill()
+
+
+def kill_group(p):
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            p.kill()
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def timed_command(args, timeout, log_path):
+    """Runs one download command; (exit code, or None on timeout; wall seconds; CPU seconds of
+    the command and what it waited for, from getrusage(RUSAGE_CHILDREN))."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log_path, "ab") as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        except BaseException:   # Ctrl-C: do not leave it running
+            kill_group(p)
+            raise
+        seconds = time.perf_counter() - t0
+        kill_group(p)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return rc, seconds, cpu
+
+
+def compare_files(src, dst):
+    """None if dst has the very bytes of src; else what is wrong."""
+    if not os.path.isfile(dst):
+        return "no file"
+    a, b = os.path.getsize(src), os.path.getsize(dst)
+    if a != b:
+        return "size %d, expected %d" % (b, a)
+    with open(src, "rb") as f, open(dst, "rb") as g:
+        offset = 0
+        while True:
+            x, y = f.read(MiB), g.read(MiB)
+            if x != y:
+                at = next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
+                return "differs from byte %d" % (offset + at)
+            if not x:
+                return None
+            offset += len(x)
+
+
+def wait_listening(prefix, proto, port, timeout=10.0):
+    """Until something listens on port (`ss` run with prefix); False if not in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rc, out = run_cmd(list(prefix) + ["ss", "-Hln" + proto, "sport = :%d" % port], 5)
+        if rc is None or rc != 0:   # no ss: give it a moment
+            time.sleep(1.0)
+            return True
+        if out.strip():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def atftp_missing():
+    """Why atftp against tftp-hpa cannot run here, or None."""
+    if shutil.which("atftp") is None or tftpd_path() is None:
+        return ATFTP_HINT
+    return None
+
+
+def tftpd_path():
+    found = shutil.which("in.tftpd")
+    if found:
+        return found
+    return next((p for p in TFTPD_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+class NetPath:
+    """Two network namespaces (server, client) joined by a veth pair with the given MTU;
+    segmentation offloads off (TCP crosses as MTU-sized packets, as on a wire: otherwise a
+    dropped "packet" would be a 64 KB super-packet); per-packet random loss at each end's
+    netdev ingress (nftables), so a lost IP fragment loses its whole datagram, as on a real
+    network; optional htb egress rate limit at each end. close() deletes both namespaces."""
+
+    def __init__(self, tag, mtu, loss, rate):
+        self.ns = ("ubS%s" % tag, "ubC%s" % tag)
+        self.devs = ("ubs%s" % tag, "ubc%s" % tag)
+        self.made = []
+        try:
+            self._setup(mtu, loss, rate)
+        except BaseException:
+            self.close()
+            raise
+
+    def prefix(self, side):
+        return ["ip", "netns", "exec", self.ns[side]]
+
+    def _must(self, args, input=None):
+        rc, out = run_cmd(args, input=input)
+        if rc != 0:
+            raise BenchError("path setup failed: %s: %s" % (" ".join(args), out.strip()))
+
+    def _setup(self, mtu, loss, rate):
+        for ns in self.ns:
+            self._must(["ip", "netns", "add", ns])
+            self.made.append(ns)
+        self._must(["ip", "link", "add", self.devs[0], "netns", self.ns[0], "type", "veth",
+                    "peer", "name", self.devs[1], "netns", self.ns[1]])
+        for side, addr in ((0, PATH_SRV), (1, PATH_CLI)):
+            ns, dev, ex = self.ns[side], self.devs[side], self.prefix(side)
+            self._must(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._must(["ip", "-n", ns, "link", "set", dev, "mtu", str(mtu), "up"])
+            self._must(["ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev])
+            self._must(ex + ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
+            if loss > 0:
+                self._must(ex + ["nft", "-f", "-"], input=(
+                    "table netdev udpxfer_bench {\n chain c {\n  type filter hook ingress device"
+                    " %s priority 0; policy accept;\n  numgen random mod 100000 < %d counter "
+                    "drop\n }\n}\n" % (dev, round(loss * 1000))))
+            if rate:
+                self._must(ex + ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
+                                 "default", "1"])
+                self._must(ex + ["tc", "class", "add", "dev", dev, "parent", "1:", "classid",
+                                 "1:1", "htb", "rate", rate, "burst", "256k"])
+
+    def dropped(self):
+        """Packets the nftables rules dropped, (at the server, at the client)."""
+        out = []
+        for side in (0, 1):
+            _, text = run_cmd(self.prefix(side) + ["nft", "list", "ruleset"], 10)
+            out.append(sum(int(t.split()[0]) for t in text.split("packets ")[1:]
+                           if t.split() and t.split()[0].isdigit()))
+        return tuple(out)
+
+    def close(self):
+        for ns in self.made:
+            run_cmd(["ip", "netns", "del", ns], 30)
+        self.made = []
+
+
 # --- Parent: the benchmark ------------------------------------------------------------------
 
 class Bench:
@@ -497,7 +756,16 @@ class Bench:
         self.clients = 20
         self.list_count = 5000 // scale
         self.sparse_size = 2 * GiB // scale
+        self.rtt_size = 32 * MiB // scale
         self.repeat = args.repeat if args.repeat else (1 if args.quick else 3)
+        # Path scenarios A-D: 8 MiB, 1 run and 10 s per download with --quick.
+        self.path_runs = args.path_runs or (1 if args.quick else 3)
+        self.path_timeout = args.path_timeout or (10.0 if args.quick else 60.0)
+        self.path_size = args.path_size_mib * MiB if args.path_size_mib else (
+            8 * MiB if args.quick else None)
+        self.netpaths = []     # NetPath objects alive: closed by cleanup()
+        self.path_checks = []  # target lines of the path scenarios
+        self.mismatches = []   # our client said it succeeded with wrong bytes (exit status 1)
         self.datagram_size = config.ServerSettings().datagram_size
         self.root = tempfile.mkdtemp(prefix="udpxfer-bench-")
         self.logs = self._mkdir("logs")
@@ -518,6 +786,10 @@ class Bench:
 
     def cleanup(self):
         Child.kill_all()
+        Spawned.kill_all()
+        for path in list(self.netpaths):
+            path.close()   # the processes inside are dead: the veth pair goes with them
+        self.netpaths = []
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- files
@@ -741,28 +1013,76 @@ class Bench:
                 "load average %.2f at the start: other processes are using the CPUs, so the "
                 "numbers are lower (and noisier) than on an idle machine" % self.load_before)
         t_start = time.perf_counter()
+        if not a.paths_only:
+            self.loopback_scenarios()
+        if a.no_paths:
+            self.warnings.append("path scenarios A-D skipped (--no-paths)")
+        else:
+            self.path_scenarios()
+
+        if product_fingerprint() != fingerprint:
+            self.warnings.append("the product's source files changed during the run: the rows "
+                                 "may measure different versions")
+        if self.quick:
+            self.warnings.append("--quick: sizes are 1/16 of the real run (path scenarios "
+                                 "8 MiB, once), too small for the targets to mean much")
+        if self.rows:
+            self.print_table()
+        else:
+            print()
+            for w in self.warnings:
+                print("note: " + w)
+        self.print_targets()
+        for m in self.mismatches:
+            print("MISMATCH: " + m)
+        load = load_average()
+        print("total %.0f s%s" % (time.perf_counter() - t_start, "" if load is None else
+                                  "; load average (1 min) %.2f at the start, %.2f at the end"
+                                  % (self.load_before, load)))
+
+    def loopback_scenarios(self):
+        a = self.args
         big = self.make_random(self.files, "big.bin", self.big_size)
         self.make_random(self.files, "mid.bin", self.mid_size)
+        self.make_random(self.files, "rtt.bin", self.rtt_size)
         self.make_random(self.files, "each.bin", self.each_size)
 
-        # Baselines and loopback scenarios 1 and 2, interleaved, best of --repeat.
+        # Baselines and loopback scenarios 1 and 2, interleaved, best of --repeat; with them
+        # (target F) default settings (automatic parts) and atftp against tftp-hpa.
         copy_s = min(self.copy_baseline(big) for _ in range(self.repeat))
         self.add_row("copy", "baseline: shutil.copyfile", self.big_size, copy_s, floor=True,
                      notes="best of %d" % self.repeat)
-        runs = {"floor": [], "p1": [], "p4": []}
-        for _ in range(self.repeat):
-            runs["floor"].append(self.floor_run(big))
-            runs["p1"].append(self.fetch(self.files, "big.bin", 1, add=False))
-            runs["p4"].append(self.fetch(self.files, "big.bin", 4, add=False))
+        why_no_atftp = ("not root" if not is_root() else atftp_missing())
+        tftpd = None if why_no_atftp else self.start_tftpd(self.files, LOOPBACK, [])
+        runs = {"floor": [], "p1": [], "p4": [], "auto": [], "atftp": []}
+        try:
+            for _ in range(self.repeat):
+                runs["floor"].append(self.floor_run(big))
+                runs["p1"].append(self.fetch(self.files, "big.bin", 1, add=False))
+                runs["p4"].append(self.fetch(self.files, "big.bin", 4, add=False))
+                runs["auto"].append(self.fetch(self.files, "big.bin", 0, add=False))
+                if tftpd is not None:
+                    runs["atftp"].append(self.atftp_loopback(big, tftpd[1]))
+        finally:
+            if tftpd is not None:
+                tftpd[0].kill()
+        big_h = human(self.big_size)
         for key, label in (("floor", "baseline: stop-and-wait floor"),
-                           ("p1", "1. %s loopback, 1 part" % human(self.big_size)),
-                           ("p4", "2. %s loopback, 4 parts" % human(self.big_size))):
+                           ("p1", "1. %s loopback, 1 part" % big_h),
+                           ("p4", "2. %s loopback, 4 parts" % big_h),
+                           ("auto", "2. %s loopback, default (auto parts)" % big_h),
+                           ("atftp", "2. %s loopback, atftp+tftp-hpa" % big_h)):
+            if not runs[key]:
+                self.warnings.append("loopback atftp+tftp-hpa skipped: %s" % why_no_atftp)
+                continue
             best = self.summarize(key, label, runs[key], "best", floor=True)
             if key == "floor":
                 self.floor_mbps = self.r["floor"]["mbps"]
-            else:   # CPU per datagram explains the distance to the floor
+            elif key != "atftp":   # CPU per datagram explains the distance to the floor
+                self.r[key]["srv_us"] = best["srv_cpu"] / best["sent"] * 1e6
+                self.r[key]["cli_us"] = best["cli_cpu"] / best["sent"] * 1e6
                 self.r[key]["cpu"] = "per datagram: server CPU %.0f us, client CPU %.0f us" % (
-                    best["srv_cpu"] / best["sent"] * 1e6, best["cli_cpu"] / best["sent"] * 1e6)
+                    self.r[key]["srv_us"], self.r[key]["cli_us"])
 
         # 3. Loss (a different loss pattern each run), and the same through a lossless proxy.
         # The median run of each is shown: one unlucky drop (the first SIZE) costs 0.25 s.
@@ -782,12 +1102,13 @@ class Bench:
                 mid, parts, plural), lossy, "median", what="seeds %d..%d" % (
                 a.seed, a.seed + self.repeat - 1))
 
-        # 4. 10 ms round trip (timing dominated by the delay: one run each).
-        for parts in (1, 4):
-            self.fetch(self.files, "mid.bin", parts,
+        # 4. (target E) 10 ms round trip, 1 part and default settings (automatic parts);
+        # timing dominated by the delay: one run each.
+        rtt = human(self.rtt_size)
+        for parts, what, key in ((1, "1 part", "rtt1"), (0, "default (auto parts)", "rttauto")):
+            self.fetch(self.files, "rtt.bin", parts,
                        impair=(Impairment(delay=0.005), Impairment(delay=0.005)),
-                       label="4. %s 10 ms RTT, %d part%s" % (mid, parts, "s" * (parts > 1)),
-                       key="rtt%d" % parts)
+                       label="4. %s 10 ms RTT, %s" % (rtt, what), key=key)
 
         # 5. One client alone, and 20 clients at once (best of --repeat: one alone is short).
         ones, manys = [], []
@@ -808,20 +1129,8 @@ class Bench:
             self.warnings.append("scenario 7 skipped (--skip-sparse)")
         else:
             self.sparse()
-
-        if product_fingerprint() != fingerprint:
-            self.warnings.append("the product's source files changed during the run: the rows "
-                                 "may measure different versions")
-        if self.quick:
-            self.warnings.append("--quick: sizes are 1/16 of the real run, too small for the "
-                                 "targets to mean much (parts=4 of %s is a single range)"
-                                 % human(self.mid_size))
-        self.print_table()
-        self.print_targets()
-        load = load_average()
-        print("total %.0f s%s" % (time.perf_counter() - t_start, "" if load is None else
-                                  "; load average (1 min) %.2f at the start, %.2f at the end"
-                                  % (self.load_before, load)))
+        for name in ("big.bin", "mid.bin", "rtt.bin", "each.bin"):
+            os.remove(os.path.join(self.files, name))   # room for the path scenarios' files
 
     def many_clients(self):
         src = os.path.join(self.files, "each.bin")
@@ -917,6 +1226,260 @@ class Bench:
         row["notes"] = ", ".join(x for x in ("floor of this file %.0f MB/s (%.2f of it)" % (
             floor_mbps, row["mbps"] / floor_mbps), row["notes"]) if x)
 
+    # -- atftp against tftp-hpa, and the path scenarios A-D (root only)
+
+    def start_tftpd(self, folder, host, prefix):
+        """in.tftpd (tftp-hpa) serving folder (chroot) on host, in the namespace of prefix;
+        (the process, its port)."""
+        if prefix:
+            port = TFTP_PORT
+        else:   # a free port on loopback
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        proc = Spawned(list(prefix) + [tftpd_path(), "-L", "-s", folder, "-a", "%s:%d" % (
+            host, port), "-B", str(TFTP_BLKSIZE), "-u", "root"],
+            os.path.join(self.logs, "tftpd-%s.log" % host))
+        if not wait_listening(prefix, "u", port):
+            proc.kill()
+            raise BenchError("in.tftpd did not listen on %s:%d within 10 s" % (host, port))
+        return proc, port
+
+    def atftp_loopback(self, src, port):
+        """One atftp download of src over loopback (target F); None if it fails."""
+        out = self.tmpdir("atftp-")
+        dst = os.path.join(out, os.path.basename(src))
+        size = os.path.getsize(src)
+        try:
+            rc, seconds, cpu = timed_command(
+                [shutil.which("atftp"), "--get", "-r", os.path.basename(src), "-l", dst,
+                 "--option", "blksize %d" % TFTP_BLKSIZE, LOOPBACK, str(port)],
+                self.timeout_for(size), os.path.join(self.logs, "atftp-loopback.log"))
+            wrong = compare_files(src, dst) if rc == 0 else None
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if rc != 0 or wrong:
+            self.warnings.append("loopback atftp run failed: %s" % (
+                "timeout" if rc is None else "exit %d" % rc if rc else "MISMATCH, " + wrong))
+            return None
+        return {"bytes": size, "seconds": seconds, "sent": None, "retx": None,
+                "srv_rss": None, "cli_rss": None, "notes": ["client CPU %.2f s" % cpu]}
+
+    def path_scenarios(self):
+        """A-D: each tool downloads the same random file over a two-namespace path."""
+        why = None if is_root() else "not root"
+        if why is None:
+            missing = [t for t in ("ip", "nft", "tc", "ethtool") if shutil.which(t) is None]
+            if missing:
+                why = "ip/nft/tc/ethtool missing (%s not found)" % ", ".join(missing)
+        if why:
+            print("\npath scenarios A-D: skipped: %s" % why, flush=True)
+            return
+        skips = {}
+        if atftp_missing():
+            skips["atftp"] = atftp_missing()
+        if shutil.which("curl") is None:
+            skips["http"] = "curl not installed"
+        for tool, why in skips.items():
+            print("\npath scenarios, %s column: skipped: %s" % (dict(PATH_TOOLS)[tool], why),
+                  flush=True)
+        # Our client is a Python program: its times include starting Python and imports.
+        _, py_start, py_cpu = timed_command([sys.executable, os.path.join(ROOT, "client.py"),
+                                             "--help"], 30, os.devnull)
+        py_start = (py_start, py_cpu)
+        for key, title, loss, rate, mib in PATH_SCENARIOS:
+            size = self.path_size or mib * MiB
+            try:
+                self.path_scenario(key, title, loss, rate, size, skips, py_start)
+            except BenchError as exc:
+                if not str(exc).startswith("path setup failed"):
+                    raise
+                print("path scenarios A-D: skipped: cannot build the path: %s" % exc,
+                      flush=True)
+                self.warnings.append("path scenarios skipped: %s" % exc)
+                return
+
+    def path_scenario(self, key, title, loss, rate, size, skips, py_start):
+        folder = self.tmpdir("path%s-" % key)
+        files = os.path.join(folder, "files")   # tftpd's chroot and http.server's folder
+        os.mkdir(files)
+        src = os.path.join(files, "f.bin")
+        with open(src, "wb") as f:
+            for off in range(0, size, MiB):
+                f.write(os.urandom(min(MiB, size - off)))
+        results = {tool: [] for tool, _ in PATH_TOOLS}
+        path = None
+        procs = []
+        try:
+            path = NetPath("%d%s" % (os.getpid() % 1000000, key), 1500, loss, rate)
+            self.netpaths.append(path)
+            srv_ns = path.prefix(0)
+            tftpd_port = None
+            if "atftp" not in skips:
+                proc, tftpd_port = self.start_tftpd(files, PATH_SRV, srv_ns)
+                procs.append(proc)
+            if "http" not in skips:
+                procs.append(Spawned(srv_ns + [sys.executable, "-m", "http.server",
+                                               str(HTTP_PORT), "--bind", PATH_SRV,
+                                               "--directory", files],
+                                     os.path.join(self.logs, "http-%s.log" % key)))
+                if not wait_listening(srv_ns, "t", HTTP_PORT):
+                    raise BenchError("http.server did not listen within 10 s")
+            for i in range(self.path_runs):   # the tools side by side, run after run
+                for tool, _ in PATH_TOOLS:
+                    if tool in skips or any(r["fail"] == "timeout" for r in results[tool]):
+                        continue   # a timeout is not repeated: the run stays bounded
+                    run = self.path_run(key, tool, path, files, src, i, tftpd_port)
+                    results[tool].append(run)
+                    if self.args.verbose:
+                        print("  %s %-16s run %d: %s" % (
+                            key, tool, i + 1, run["fail"] or "%.3f s %.1f MB/s" % (
+                                run["seconds"], size / run["seconds"] / MB)), flush=True)
+            dropped = path.dropped() if loss else None
+        finally:
+            for proc in procs:
+                proc.kill()
+            if path is not None:
+                path.close()
+                if path in self.netpaths:
+                    self.netpaths.remove(path)
+            shutil.rmtree(folder, ignore_errors=True)
+        self.print_path(key, title, rate, size, results, skips, dropped, py_start)
+
+    def path_run(self, key, tool, path, files, src, i, tftpd_port):
+        """One download by one tool over the path; a dict with "fail" None or why."""
+        srv_ns, cli_ns = path.prefix(0), path.prefix(1)
+        out = self.tmpdir("pdl-")
+        dst = os.path.join(out, "f.bin")
+        srv = stats = None
+        try:
+            if tool in ("ours", "ours1"):
+                srv = Child("path-server", ["--child-server", files, "--child-host", PATH_SRV],
+                            self.logs, prefix=srv_ns)
+                port = srv.recv(30)["port"]
+                cmd = cli_ns + [sys.executable, os.path.join(ROOT, "client.py"),
+                                "--host", PATH_SRV, "--port", str(port), "--out", out, "-q"]
+                cmd += (["--parts", "1"] if tool == "ours1" else []) + ["f.bin"]
+            elif tool == "atftp":
+                cmd = cli_ns + [shutil.which("atftp"), "--get", "-r", "f.bin", "-l", dst,
+                                "--option", "blksize %d" % TFTP_BLKSIZE, PATH_SRV,
+                                str(tftpd_port)]
+            else:
+                cmd = cli_ns + [shutil.which("curl"), "-s", "-o", dst,
+                                "http://%s:%d/f.bin" % (PATH_SRV, HTTP_PORT)]
+            log = os.path.join(self.logs, "path-%s-%s-%d.log" % (key, tool, i + 1))
+            rc, seconds, cpu = timed_command(cmd, self.path_timeout, log)
+            if srv is not None:
+                stats = self.stop_server(srv)
+                srv = None
+            wrong = compare_files(src, dst) if rc == 0 else None
+        finally:
+            if srv is not None:
+                srv.kill()
+            shutil.rmtree(out, ignore_errors=True)
+        run = {"seconds": seconds, "cpu": cpu, "fail": None}
+        if rc is None:
+            run["fail"] = "timeout"
+        elif rc != 0:
+            run["fail"] = "exit %d" % rc
+            self.warnings.append("%s. %s run %d: exit %d (log %s)" % (key, tool, i + 1, rc,
+                                                                       log))
+        elif wrong:
+            run["fail"] = "MISMATCH"
+            what = "%s. %s run %d: exit 0 but the file %s" % (key, tool, i + 1, wrong)
+            self.warnings.append(what)
+            if tool.startswith("ours"):
+                self.mismatches.append(what)
+        if stats is not None:
+            run.update(sent=stats["server"]["datagrams"],
+                       retx=stats["server"]["retransmissions"], srv_cpu=stats["cpu"])
+        return run
+
+    def print_path(self, key, title, rate, size, results, skips, dropped, py_start):
+        print()
+        print("%s. %s%s: %s of random data, median of %d, at most %.0f s per download" % (
+            key, title, "" if rate else ", no rate limit", human(size), self.path_runs,
+            self.path_timeout))
+        med = {}
+        for tool, _ in PATH_TOOLS:
+            rs = results[tool]
+            if rs:   # the median run by MB/s, a failed run counting as 0
+                rs_sorted = sorted(rs, key=lambda r: 0.0 if r["fail"] else -size / r["seconds"])
+                med[tool] = rs_sorted[(len(rs_sorted) - 1) // 2]
+
+        def cell(tool, f):
+            if tool in skips:
+                return "skipped"
+            if tool not in med:
+                return ""
+            return f(med[tool], results[tool])
+
+        def mbps_med(m, rs):
+            return "fails (%s)" % m["fail"] if m["fail"] else "%.1f" % (size / m["seconds"] / MB)
+
+        def mbps_runs(m, rs):
+            text = "/".join(r["fail"] or "%.0f" % (size / r["seconds"] / MB) for r in rs)
+            return text + ("/-" * (self.path_runs - len(rs)))
+
+        def ours_only(f):
+            return lambda m, rs: f(m) if "sent" in m and not m["fail"] and m["sent"] else ""
+
+        lines = [
+            ("MB/s, median", mbps_med),
+            ("MB/s, every run", mbps_runs),
+            ("seconds, median", lambda m, rs: "" if m["fail"] else "%.2f" % m["seconds"]),
+            ("client CPU s, median", lambda m, rs: "" if m["fail"] else "%.2f" % m["cpu"]),
+            ("server CPU us/datagram", ours_only(lambda m: "%.0f" % (
+                m["srv_cpu"] / m["sent"] * 1e6))),
+            ("client CPU us/datagram, start-up incl.", ours_only(lambda m: "%.0f" % (
+                m["cpu"] / m["sent"] * 1e6))),
+            ("datagrams sent / retx", ours_only(lambda m: "%d/%d" % (m["sent"], m["retx"]))),
+        ]
+        head = [""] + [name for _, name in PATH_TOOLS]
+        table = [head] + [[label] + [cell(tool, f) for tool, _ in PATH_TOOLS]
+                          for label, f in lines]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        for row in table:
+            print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
+        def rate_of(tool):
+            if tool in skips or tool not in med:
+                return None
+            return 0.0 if med[tool]["fail"] else size / med[tool]["seconds"] / MB
+
+        ours = rate_of("ours")
+        ratios = {}
+        for tool, name in (("atftp", "ours/atftp"), ("http", "ours/HTTP")):
+            other = rate_of(tool)
+            ratios[tool] = (None if ours is None or other is None else
+                            float("inf") if other == 0 else ours / other)
+        print("  ours/atftp %s, ours/HTTP %s (ours: default settings, automatic parts)" % tuple(
+            "n/a" if ratios[t] is None else "%.2f" % ratios[t] for t in ("atftp", "http")))
+        notes = ["ours' times and client CPU include starting Python and importing client.py "
+                 "(client.py --help here: %.2f s, %.2f s of CPU)" % py_start]
+        if dropped is not None:
+            notes.append("nftables dropped %d packets at the server, %d at the client" % dropped)
+        not_repeated = [dict(PATH_TOOLS)[t] for t, rs in results.items()
+                        if t not in skips and len(rs) < self.path_runs]
+        if not_repeated:
+            notes.append("not repeated after a timeout: " + ", ".join(not_repeated))
+        for n in notes:
+            print("  note: " + n)
+        checks = []
+        for tool, limit in PATH_TARGETS.get(key, ()):
+            other = "atftp" if tool == "atftp" else "HTTP"
+            detail = ""
+            if tool in skips:
+                detail = skips[tool]
+            elif tool in med and med[tool]["fail"]:
+                detail = "%s fails (%s)" % (other, med[tool]["fail"])
+            checks.append(make_check("%s. %s: ours vs %s" % (key, title, other), ratios[tool],
+                                     ">=", limit, detail))
+        print_checks(checks, indent="  ")
+        self.path_checks += checks
+        sys.stdout.flush()
+
     # -- output
 
     def print_table(self):
@@ -948,6 +1511,10 @@ class Bench:
         for x in lines:
             print(fmt(x))
         print("(MB = 10^6 bytes; RSS = peak resident memory of the server / client process)")
+        if "srv_us" in self.r.get("p1", {}):
+            print("%s (best run): server CPU us/datagram %.0f, client CPU us/datagram %.0f "
+                  "(per datagram the server sent: the client receives about as many)" % (
+                      self.r["p1"]["label"], self.r["p1"]["srv_us"], self.r["p1"]["cli_us"]))
         for w in self.warnings:
             print("note: " + w)
 
@@ -959,17 +1526,7 @@ class Bench:
             return r[a]["mbps"] / r[b]["mbps"] if a in r and b in r else None
 
         def check(name, value, op, limit, detail=""):
-            if value is None:
-                checks.append((name, "n/a", "%s %s" % (op, limit), "SKIP", detail))
-                return
-            ok = {">=": value >= limit, ">": value > limit, "<=": value <= limit,
-                  "<": value < limit}[op]
-            if not ok:
-                miss = abs(value - limit) / limit * 100
-                detail = ("%.0f%% short" % miss if op in (">=", ">") else "%.0f%% over" % miss) \
-                    + ("; " + detail if detail else "")
-            checks.append((name, "%.2f" % value, "%s %s" % (op, limit),
-                           "PASS" if ok else "MISS", detail))
+            checks.append(make_check(name, value, op, limit, detail))
 
         def no_finish(key):
             """The ratio without the client's finish() (final fsync and rename), which the
@@ -981,35 +1538,37 @@ class Bench:
                 x["bytes"] / (x["seconds"] - x["finish"]) / MB / r["floor"]["mbps"],
                 x["finish"])
 
-        floor_rt = (r["floor"]["seconds"] / r["floor"]["sent"] * 1e6) if "floor" in r else 0
-        check("1 part vs floor", ratio("p1", "floor"), ">=", 0.9,
-              "%s; floor %.0f us per round trip%s" % (r["p1"].get("cpu", ""), floor_rt,
-                                                     no_finish("p1")) if "p1" in r else "")
-        check("4 parts vs floor", ratio("p4", "floor"), ">", 1.0,
-              r["p4"].get("cpu", "") + no_finish("p4") if "p4" in r else "")
-        check("5% loss vs lossless, 4 parts", ratio("loss4", "clean4"), ">=", 0.25)
-        check("5% loss vs lossless, 1 part", ratio("loss1", "clean1"), ">=", 0.25)
-        check("10 ms RTT: 4 parts vs 1 part", ratio("rtt4", "rtt1"), ">=", 3.0)
-        check("20 clients: total vs 1 client alone", ratio("many", "one"), ">=", 0.7)
-        check("20 clients: slowest / fastest", r.get("many", {}).get("slow_fast"), "<=", 3.0)
-        single = [x for x in self.rows if x["key"] not in ("copy", "many")]
-        srv_peak = max_or_none([x["srv_rss"] for x in self.rows])
-        cli_peak = max_or_none([x["cli_rss"] for x in single])
-        check("peak RSS server, MB (all rows)", srv_peak, "<", 50)
-        check("peak RSS client, MB (1-client rows)", cli_peak, "<", 50)
-        if "many" in r:
-            check("peak RSS of the 20-client row, MB", r["many"]["cli_rss"], "<", 50,
-                  "one process per client" if self.args.clients_procs
-                  else "all 20 clients in one process")
-        if "sparse" in r:
-            check("7. sparse file: peak RSS server, MB", r["sparse"]["srv_rss"], "<", 50)
-            check("7. sparse file: peak RSS client, MB", r["sparse"]["cli_rss"], "<", 50)
+        if self.rows:   # the loopback scenarios ran (not --paths-only)
+            floor_rt = (r["floor"]["seconds"] / r["floor"]["sent"] * 1e6) if "floor" in r else 0
+            check("1 part vs floor", ratio("p1", "floor"), ">=", 0.9,
+                  "%s; floor %.0f us per round trip%s" % (r["p1"].get("cpu", ""), floor_rt,
+                                                         no_finish("p1")) if "p1" in r else "")
+            check("4 parts vs floor", ratio("p4", "floor"), ">", 1.0,
+                  r["p4"].get("cpu", "") + no_finish("p4") if "p4" in r else "")
+            check("5% loss vs lossless, 4 parts", ratio("loss4", "clean4"), ">=", 0.25)
+            check("5% loss vs lossless, 1 part", ratio("loss1", "clean1"), ">=", 0.25)
+            check("E. 10 ms RTT: default (auto) vs 1 part", ratio("rttauto", "rtt1"), ">=", 10)
+            check("F. loopback: default (auto) vs atftp", ratio("auto", "atftp"), ">=", 1.0,
+                  "" if "atftp" in r else "atftp not run (root, atftp and tftpd-hpa needed)")
+            check("F. loopback: default (auto) vs 1 part", ratio("auto", "p1"), ">=", 1.0)
+            check("20 clients: total vs 1 client alone", ratio("many", "one"), ">=", 0.7)
+            check("20 clients: slowest / fastest", r.get("many", {}).get("slow_fast"), "<=", 3.0)
+            single = [x for x in self.rows if x["key"] not in ("copy", "many", "atftp")]
+            srv_peak = max_or_none([x["srv_rss"] for x in self.rows])
+            cli_peak = max_or_none([x["cli_rss"] for x in single])
+            check("peak RSS server, MB (all rows)", srv_peak, "<", 50)
+            check("peak RSS client, MB (1-client rows)", cli_peak, "<", 50)
+            if "many" in r:
+                check("peak RSS of the 20-client row, MB", r["many"]["cli_rss"], "<", 50,
+                      "one process per client" if self.args.clients_procs
+                      else "all 20 clients in one process")
+            if "sparse" in r:
+                check("7. sparse file: peak RSS server, MB", r["sparse"]["srv_rss"], "<", 50)
+                check("7. sparse file: peak RSS client, MB", r["sparse"]["cli_rss"], "<", 50)
+        checks += self.path_checks
         print()
         print("targets:")
-        w = max(len(c[0]) for c in checks)
-        for name, value, target, verdict, detail in checks:
-            print("  %-*s  %7s  (target %-6s)  %s%s" % (w, name, value, target, verdict,
-                                                      "  " + detail if detail else ""))
+        print_checks(checks)
         misses = sum(c[3] == "MISS" for c in checks)
         print("%d of %d targets met%s" % (sum(c[3] == "PASS" for c in checks), len(checks),
                                           ", %d missed" % misses if misses else ""))
@@ -1026,9 +1585,23 @@ def build_parser():
                    help="scenario 5 with one client process each instead of 20 threads in one")
     p.add_argument("--skip-sparse", action="store_true", help="skip scenario 7 (2 GiB)")
     p.add_argument("--seed", type=int, default=1, help="seed of the loss pattern")
+    paths = p.add_mutually_exclusive_group()
+    paths.add_argument("--paths-only", action="store_true",
+                       help="run only the path scenarios A-D (network namespaces, root only)")
+    paths.add_argument("--no-paths", action="store_true", help="skip the path scenarios A-D")
+    p.add_argument("--path-runs", type=int, default=0, metavar="N",
+                   help="runs of each tool in each path scenario, median shown "
+                        "(default 3, 1 with --quick)")
+    p.add_argument("--path-size-mib", type=int, default=0, metavar="MIB",
+                   help="file size of every path scenario (default 64/64/32/16 MiB for A/B/C/D, "
+                        "8 MiB with --quick)")
+    p.add_argument("--path-timeout", type=float, default=0, metavar="SECONDS",
+                   help="time allowed to each download in the path scenarios "
+                        "(default 60, 10 with --quick)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each row as it is done")
     p.add_argument("--child-server", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-client", metavar="JSON", help=argparse.SUPPRESS)
+    p.add_argument("--child-host", default=LOOPBACK, help=argparse.SUPPRESS)
     p.add_argument("--child-floor-send", nargs=2, metavar=("FILE", "SIZE"),
                    help=argparse.SUPPRESS)
     p.add_argument("--child-floor-recv", nargs=3, metavar=("FILE", "BYTES", "PORT"),
@@ -1039,7 +1612,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.child_server:
-        return child_server(args.child_server)
+        return child_server(args.child_server, args.child_host)
     if args.child_client:
         return child_client(args.child_client)
     if args.child_floor_send:
@@ -1047,10 +1620,16 @@ def main(argv=None):
     if args.child_floor_recv:
         f = args.child_floor_recv
         return child_floor_recv(f[0], int(f[1]), int(f[2]))
-    global queue, subprocess, tempfile
+    global queue, signal, subprocess, tempfile
     import queue
+    import signal
     import subprocess
     import tempfile
+
+    def terminated(signum, frame):   # kill: clean up as on Ctrl-C (namespaces, children)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     bench = Bench(args)
     try:
         bench.run()
@@ -1062,7 +1641,7 @@ def main(argv=None):
         return 130
     finally:
         bench.cleanup()
-    return 0
+    return 1 if bench.mismatches else 0
 
 
 if __name__ == "__main__":
