@@ -402,7 +402,7 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535 (0 picks a free one)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+    logging.basicConfig(level=level, format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
         folder = Folder(args.dir, args.file_list)
