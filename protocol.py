@@ -452,6 +452,11 @@ class Path:
     def sent(self, transfer):
         self.seq += 1
         self.outstanding.append((self.seq, transfer))
+        live = len(self.outstanding) - self._head
+        if live > self.s.max_transfers * 4:
+            # Nothing acknowledged at first try for long (a client that answers only
+            # retransmissions): the oldest entries are only evidence candidates; drop them.
+            self._head += live - self.s.max_transfers * 4
         if self._head > 64 and self._head * 2 > len(self.outstanding):
             del self.outstanding[:self._head]
             self._head = 0
@@ -691,6 +696,11 @@ class ServerTransfer:
             # retransmission, which was needless (the idea of DSACK, RFC 3708).
             self._spurious_check = False
             self.path.spurious(self._spurious_check_early)
+            if not self._spurious_check_early:
+                # The timer fired too early: the ACK that came answered the first copy, so
+                # its time is a true round trip (the Eifel response, RFC 4015): learn it.
+                self.rtt.sample(self._spurious_rtt)
+                self.path.sample(self._spurious_rtt)
             return
         crc = self._crcs.get(n - self.pos) if self.state == WAIT_DATA else None
         if crc is None:
@@ -704,6 +714,7 @@ class ServerTransfer:
                 self.path.acked = self._seq
         self._spurious_check = not first_try
         self._spurious_check_early = self._last_early
+        self._spurious_rtt = now - self._first_sent_at
         self._adjust_size(length)
         self._r = crc
         self.pos = n

@@ -204,6 +204,42 @@ class RetransmissionTest(unittest.TestCase):
         self.assertEqual(srv.d.stats["finished"], 1)
         self.assertEqual(srv.d.stats["bytes_served"], 1000)
 
+    def test_a_needless_timeout_teaches_the_timer_the_longer_round_trip(self):
+        # Round trips of 1 ms, then one of 20 ms (a queue on the path): the timer fires, the
+        # client gets both copies and acknowledges the first one twice. That second ACK proves
+        # the timeout needless, and the 20 ms the first copy took becomes a sample (RFC 4015).
+        srv = Server({"f": blob(4 << 20)}, mtu=65536)
+        out = self.start(srv, A, 0.0, "f")
+        now, pos = 0.001, 0
+        for _ in range(20):                               # settle at 1 ms
+            pos = out[0][0].offset + len(out[0][0].payload)
+            out = srv.ack(pos, A, now + 0.001)
+            now += 0.001
+        t = srv.d.active[A]
+        sent = now
+        deadline = srv.d.get_timer()
+        self.assertLess(deadline - sent, 0.02)
+        again = srv.timer(deadline)                       # needless retransmission
+        self.assertEqual(again[0][0].offset, out[0][0].offset)
+        pos = out[0][0].offset + len(out[0][0].payload)
+        srtt_before = t.path.rtt.srtt
+        srv.ack(pos, A, sent + 0.02)                      # the first copy's ACK, late
+        self.assertEqual(t.path.rtt.srtt, srtt_before, "Karn: no sample yet")
+        srv.ack(pos, A, sent + 0.021)                     # the second copy's: proof
+        self.assertGreater(t.path.rtt.srtt, srtt_before)
+        self.assertGreater(t.rtt.rto, 0.02)
+
+
+class PathMemoryTest(unittest.TestCase):
+
+    def test_send_order_stays_bounded_when_nothing_is_acknowledged_at_first_try(self):
+        s = config.ServerSettings()
+        p = protocol.Path(s, 65507)
+        for _ in range(100000):
+            p.sent(None)
+        self.assertLessEqual(len(p.outstanding), 2 * 4 * s.max_transfers + 64)
+        self.assertEqual(p.outstanding[-1][0], 100000)
+
 
 if __name__ == "__main__":
     unittest.main()
