@@ -680,12 +680,17 @@ def tftpd_path():
     return next((p for p in TFTPD_CANDIDATES if os.access(p, os.X_OK)), None)
 
 
+PATH_MACS = ("02:00:c6:12:07:01", "02:00:c6:12:07:02")   # locally administered, per side
+
+
 class NetPath:
     """Two network namespaces (server, client) joined by a veth pair with the given MTU;
     segmentation offloads off (TCP crosses as MTU-sized packets, as on a wire: otherwise a
     dropped "packet" would be a 64 KB super-packet); per-packet random loss at each end's
     netdev ingress (nftables), so a lost IP fragment loses its whole datagram, as on a real
-    network; optional htb egress rate limit at each end. close() deletes both namespaces."""
+    network; optional htb egress rate limit at each end; fixed MAC addresses and permanent
+    neighbour entries, so no run waits for ARP (lost like any packet here). close() deletes
+    both namespaces."""
 
     def __init__(self, tag, mtu, loss, rate):
         self.ns = ("ubS%s" % tag, "ubC%s" % tag)
@@ -714,8 +719,13 @@ class NetPath:
         for side, addr in ((0, PATH_SRV), (1, PATH_CLI)):
             ns, dev, ex = self.ns[side], self.devs[side], self.prefix(side)
             self._must(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._must(["ip", "-n", ns, "link", "set", dev, "address", PATH_MACS[side]])
             self._must(["ip", "-n", ns, "link", "set", dev, "mtu", str(mtu), "up"])
             self._must(["ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev])
+            # A permanent neighbour entry: with packet loss, ARP itself gets lost and costs
+            # whichever tool runs next a 1 s resolution retry, which would measure ARP.
+            self._must(["ip", "-n", ns, "neigh", "add", (PATH_CLI, PATH_SRV)[side], "lladdr",
+                        PATH_MACS[1 - side], "dev", dev, "nud", "permanent"])
             self._must(ex + ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
             if loss > 0:
                 self._must(ex + ["nft", "-f", "-"], input=(
