@@ -63,6 +63,10 @@ class ProtocolError(Exception):
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 _CRC = re.compile(rb"[0-9a-f]{8}")
 _TOKEN = re.compile(rb"[0-9a-f]{16}")
+# "DATA <offset> <crc>\n", the header before a DATA's payload.
+_DATA = re.compile(rb"DATA (0|[1-9][0-9]*) ([0-9a-f]{8})\n")
+# "ACK <n> <token>" or "ACK EOF <token>", one optional trailing \n or \r\n (PROTOCOL.md).
+_ACK = re.compile(rb"ACK (EOF|0|[1-9][0-9]*) ([0-9a-f]{16})(?:\r?\n)?")
 _VERSION = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_VERSION)
 _CODE = re.compile(r"[A-Z][A-Z_]{0,30}")
 
@@ -117,13 +121,14 @@ class Ack(NamedTuple):
 
 def parse_client_message(data):
     """LIST, DOWNLOAD or ACK, as sent to the server. Raises ProtocolError."""
-    if data[:4] == b"ACK ":   # the hot path: bytes only, no UTF-8 decoding
-        fields = _strip_newline(data)[4:].split(b" ")
-        if len(fields) != 2 or not _TOKEN.fullmatch(fields[1]):
+    if data[:4] == b"ACK ":   # the hot path: one match on the bytes, no copy, no decoding
+        m = _ACK.fullmatch(data)
+        if m is None:
             raise ProtocolError("bad ACK")
-        if fields[0] == b"EOF":
-            return Ack(None, fields[1])
-        return Ack(parse_number(fields[0].decode("ascii", "replace")), fields[1])
+        n, token = m.groups()
+        if n == b"EOF":
+            return Ack(None, token)
+        return Ack(HUGE if len(n) > MAX_DIGITS else int(n), token)
     text = _control_text(data)
     if text == "LIST":
         return ListRequest()
@@ -208,17 +213,15 @@ def parse_server_message(data):
     the only one who knows R(offset): ClientTransfer.
     """
     view = memoryview(data)
-    if view[:5] == b"DATA ":
-        head = bytes(view[:MAX_DATA_HEADER])
-        newline = head.find(b"\n")
-        fields = head[5:newline].split(b" ") if newline > 0 else ()
-        if len(fields) != 2 or not _CRC.fullmatch(fields[1]):
+    if view[:5] == b"DATA ":   # the hot path: one match on the header, no copy
+        m = _DATA.match(view, 0, MAX_DATA_HEADER)
+        if m is None:
             raise ProtocolError("bad DATA header")
-        offset = parse_number(fields[0].decode("ascii", "replace"))
-        payload = view[newline + 1:]
+        offset, crc = m.groups()
+        payload = view[m.end():]
         if not payload:
             raise ProtocolError("empty DATA")
-        return Data(offset, int(fields[1], 16), payload)
+        return Data(HUGE if len(offset) > MAX_DIGITS else int(offset), int(crc, 16), payload)
     text = _control_text(view)
     word, _, rest = text.partition(" ")
     if word == "SIZE":
@@ -608,8 +611,8 @@ class ServerTransfer:
                 n = min(self.end - self.pos, self._payload_limit_for(size, self.pos))
                 if (ahead is not None and ahead[0] == self.pos and ahead[1] == self._r
                         and len(ahead[2][1]) == n):
-                    if not self.source.unchanged():
-                        raise Changed()
+                    # Checked against the announced version when it was read (_read); a
+                    # change since then shows at the next read, and before EOF at the latest.
                     datagram, crc = ahead[2], ahead[3]
                 else:
                     datagram, crc = self._build(self.pos, self._r, size)
@@ -744,14 +747,16 @@ class ServerTransfer:
 
     def overtaken(self, seq, now):
         """A DATA sent later to the same IP was acknowledged: if `seq` is still the outstanding
-        DATA, it is lost once the reordering threshold has passed since it was sent."""
+        DATA, it is lost once the reordering threshold has passed since it was sent. Returns
+        whether that changed anything (a resend, or an earlier deadline)."""
         if self.outcome is not None or self.state != WAIT_DATA or seq != self._seq:
-            return
+            return False
         self._early_at = self._sent_at + self.path.loss_threshold()
         if self._early_at <= now:
             self._retransmit(now, early=True)
         else:
             self.deadline = min(self._rto_at, self._early_at)
+        return True
 
     def on_timer(self, now):
         """A timer expired: an early retransmission, the retransmission timer, or giving up."""
@@ -1069,8 +1074,8 @@ class ServerDispatcher:
         transfers are lost once the reordering threshold has passed (PROTOCOL.md "Early
         retransmission"). Each is looked at once per such evidence."""
         for seq, other in path.overtaken():
-            if other.outcome is None:   # entries of finished transfers linger: skip them
-                other.overtaken(seq, now)
+            # Entries of earlier DATAs, and of finished transfers, linger: they change nothing.
+            if other.overtaken(seq, now):
                 self._after(other, now)
 
     def _activate(self, t, now):

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -310,28 +311,24 @@ class Server:
                     log.debug("send to %s failed: %s", addr, exc)
 
     def serve_forever(self):
+        """Receive without blocking while datagrams are waiting (one system call each); when
+        none is, do the idle work (timers, read-ahead, the folder check) and sleep in select()
+        until the next deadline. Timers that fall due under load are handled between
+        datagrams."""
         d = self.dispatcher
         sock = self.sock
+        sock.setblocking(False)
         buf = bytearray(protocol.RECV_BUFSIZE)
         view = memoryview(buf)
-        self.folder.maybe_rescan(time.monotonic())   # scans unless main() just did
+        recv, monotonic = sock.recvfrom_into, time.monotonic
+        self.folder.maybe_rescan(monotonic())   # scans unless main() just did
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             while not self._stop:
-                now = time.monotonic()
                 try:
-                    d.handle_timer(now)
-                    self._send(now)
-                    d.read_ahead()
-                    self.folder.maybe_rescan(now)
-                except Exception:   # a bug must not take down every other transfer
-                    log.exception("internal error while handling timers")
-                deadline = d.get_timer()
-                timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                sock.settimeout(max(timeout, 0.0))
-                try:
-                    n, addr = sock.recvfrom_into(buf)
-                except (socket.timeout, BlockingIOError):
+                    n, addr = recv(buf)
+                except BlockingIOError:
+                    self._idle()
                     continue
                 except ConnectionResetError:
                     # Windows: ICMP port unreachable from a client that went away.
@@ -343,15 +340,41 @@ class Server:
                     break
                 if debug:
                     log.debug("<- %s %r", addr, bytes(view[:min(n, 40)]))
-                now = time.monotonic()
+                now = monotonic()
                 try:
                     d.receive_datagram(view[:n], addr, now)
                     self._send(now)
-                except Exception:
+                    d.read_ahead()   # the next chunk, while the client handles this one
+                    deadline = d.get_timer()
+                    if deadline is not None and deadline <= now:
+                        d.handle_timer(now)
+                        self._send(now)
+                except Exception:   # a bug must not take down every other transfer
                     log.exception("internal error on a datagram from %s", addr)
+                self.folder.maybe_rescan(now)
         finally:
             self.unfinished_bytes = sum(t.pos - t.start for t in d.active.values())
             d.close()
+
+    def _idle(self):
+        """Nothing to receive: timers, read-ahead, the folder check, then wait (at most 0.5 s,
+        so a stop is noticed) until a datagram comes or the next deadline."""
+        d = self.dispatcher
+        now = time.monotonic()
+        try:
+            d.handle_timer(now)
+            self._send(now)
+            d.read_ahead()
+            self.folder.maybe_rescan(now)
+        except Exception:
+            log.exception("internal error while handling timers")
+        deadline = d.get_timer()
+        timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if timeout > 0:
+            try:
+                select.select([self.sock], [], [], timeout)
+            except (OSError, ValueError):   # the socket was closed under us: stop
+                self._stop = True
 
     def summary(self):
         """One line on what this server did, for the person stopping it."""
