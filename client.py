@@ -51,11 +51,7 @@ class NoServer(Failure):
 
 # --- Small helpers ----------------------------------------------------------------------------
 
-def human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
-        n /= 1024.0
+human = protocol.human
 
 
 def duration(seconds):

@@ -55,6 +55,11 @@ class ServerSettings:
     # protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in the
     # prior's worth of fragments cross it; a spurious timeout, once recognised, does not count.
     fragment_loss_limit: float = 0.0008
+    # On such a path, datagrams of at most this many fragments (each loss leaves one orphan
+    # fragment in the receiver's reassembly buffer), and none fragmented for this long once
+    # most of them are lost (the buffer is full: Linux frees it after ipfrag_time, 30 s).
+    lossy_max_fragments: int = 2
+    reassembly_backoff: float = 30.0
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order).

@@ -22,7 +22,9 @@ loops around them; tests drive them on a virtual clock.
 """
 
 import functools
+import hashlib
 import heapq
+import hmac
 import ipaddress
 import logging
 import os
@@ -99,6 +101,21 @@ def new_token():
     return os.urandom(8).hex().encode("ascii")
 
 
+def token_maker(secret=None):
+    """The server's tokens (PROTOCOL.md "Address validation"): the first 8 bytes of an
+    HMAC-SHA256, under a secret drawn at start-up, of the client's address and its request.
+    Nobody off the path can guess one, and a repeated request gets the same token even after
+    its unacknowledged entry was forgotten and made anew: the client's ACK, which echoes the
+    token of the first SIZE it got, still fits."""
+    key = secret or os.urandom(32)
+
+    def token(addr, request):
+        text = b"%s %d " % (str(addr[0]).encode("ascii", "replace"), addr[1])
+        return hmac.new(key, text + format_request(request), hashlib.sha256).hexdigest()[
+            :16].encode("ascii")
+    return token
+
+
 def crc_start(start):
     """R(start) of PROTOCOL.md "The running CRC": the CRC-32 of the ASCII decimal start."""
     return zlib.crc32(b"%d" % start)
@@ -143,6 +160,13 @@ def parse_client_message(data):
 
 def format_list():
     return b"LIST"
+
+
+def format_request(request):
+    """A parsed request (ListRequest or DownloadRequest) as it goes on the wire."""
+    if isinstance(request, ListRequest):
+        return format_list()
+    return format_download(request.name, request.offset, request.chunk_size)
 
 
 def format_download(name, offset, chunk_size):
@@ -367,8 +391,9 @@ class Path:
       loss-detection delay. The path estimates p from what it sends (an exponentially weighted
       count of lost datagrams per fragment sent, starting from a prior of no loss) and uses the
       size from size_ladder() that moves the most bytes per second: size * (1-p)^k / (cost per
-      datagram + (1-(1-p)^k) * delay), but no fragmented size at all once p is above
-      fragment_loss_limit (see _choose_size). With no loss that is the largest size; as losses
+      datagram + (1-(1-p)^k) * delay), but at most lossy_max_fragments fragments once p is
+      above fragment_loss_limit, and none for a while if most of those are lost (see
+      _choose_size). With no loss that is the largest size; as losses
       stop, the estimate decays and the size climbs back. Where nothing fragments (loopback),
       every size is one packet and the largest always wins.
     - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
@@ -388,6 +413,8 @@ class Path:
         self._lost = 0.0                            # weighted lost datagrams ...
         self._frags = float(settings.loss_prior)    # ... per weighted fragment sent
         self._events = 0
+        self._frag_lost = 0.0                       # recent fragmented datagrams lost
+        self._unfragmented_until = 0.0
         self.reorder_mult = 1                       # widened after needless early resends
         self._clean = 0
         self.seq = 0                                # last sequence number given out
@@ -402,9 +429,17 @@ class Path:
     def loss_rate(self):
         return self._lost / self._frags
 
-    def outcome(self, size, lost):
+    def outcome(self, size, lost, now=0.0):
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
         k = fragments(size, self.per_fragment, self.whole)
+        if k > 1:
+            # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
+            # reassembly buffer is full of the fragments of lost ones (see _choose_size).
+            self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
+            if self._frag_lost > 0.5:
+                self._frag_lost = 0.0
+                self._unfragmented_until = now + self.s.reassembly_backoff
+                lost = True
         decay = self.s.loss_decay ** k
         self._lost = self._lost * decay + (1.0 if lost else 0.0)
         self._frags = self._frags * decay + k
@@ -414,27 +449,31 @@ class Path:
             if self._clean >= self.s.reorder_reset_after:
                 self.reorder_mult, self._clean = 1, 0
         if lost or self._events % 32 == 0:
-            self._choose_size()
+            self._choose_size(now)
 
     def spurious(self, early):
         """A retransmission turned out needless (the client got both copies): not a loss.
         After an early one, widen the reordering window, as RACK does (RFC 8985 6.2): a busy
         client answers its transfers out of order."""
         self._lost = max(0.0, self._lost - 1.0)
+        self._frag_lost = max(0.0, self._frag_lost - 1.0 / 64)   # about undone, if counted
         if early:
             self.reorder_mult = min(self.reorder_mult * 2, self.s.reorder_mult_max)
             self._clean = 0
 
-    def _choose_size(self):
+    def _choose_size(self, now=0.0):
         p = min(self.loss_rate(), 0.5)
         ladder = size_ladder(self.per_fragment, self.ceiling, self.whole)
         if p > self.s.fragment_loss_limit:
             # Each lost fragment leaves its siblings in the receiver's reassembly buffer for
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
-            # every fragmented datagram is dropped: at sustained rates even 0.1% loss fills it
-            # within a second. On a lossy path only unfragmented datagrams keep working.
+            # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
+            # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
+            # (one orphan per loss: twice the bytes per datagram for seconds of transfer), and
+            # none fragmented for reassembly_backoff once most of them are lost.
+            most = 1 if now < self._unfragmented_until else self.s.lossy_max_fragments
             self.size = max(size for size in ladder
-                            if fragments(size, self.per_fragment, self.whole) == 1)
+                            if fragments(size, self.per_fragment, self.whole) <= most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
         best, best_rate = self.ceiling, -1.0
@@ -712,7 +751,7 @@ class ServerTransfer:
         first_try = self._tries == 1
         self._sample(now)
         if first_try:
-            self.path.outcome(len(self._current[1]) + len(self._current[0]), lost=False)
+            self.path.outcome(len(self._current[1]) + len(self._current[0]), False, now)
             if self._seq > self.path.acked:
                 self.path.acked = self._seq
         self._spurious_check = not first_try
@@ -786,7 +825,7 @@ class ServerTransfer:
         self._tries += 1
         self.retransmissions += 1
         if self.state == WAIT_DATA:
-            self.path.outcome(len(self._current[1]) + len(self._current[0]), lost=True)
+            self.path.outcome(len(self._current[1]) + len(self._current[0]), True, now)
             if early:
                 self.early_retransmissions += 1
             big = len(self._current[1]) > self._payload_limit_for(self.s.safe_datagram_size,
@@ -956,7 +995,7 @@ class ServerDispatcher:
     get_timer(), handle_timer(now), read_ahead(), too_big(addr, size, now), close().
     """
 
-    def __init__(self, catalog, settings=None, logger=None, new_token=new_token, path_mtu=None):
+    def __init__(self, catalog, settings=None, logger=None, new_token=None, path_mtu=None):
         self.catalog = catalog
         self.s = settings or ServerSettings()
         self.log = logger or log
@@ -965,7 +1004,7 @@ class ServerDispatcher:
         self.recent = OrderedDict()   # addr -> (request, forget_at): finished transfers
         self.paths = OrderedDict()    # client IP -> Path: round trip, datagram size, send order
         self.errors = TokenBucket(self.s.error_rate, self.s.error_burst)
-        self._new_token = new_token
+        self._new_token = new_token or token_maker()   # (addr, request) -> token
         self._path_mtu = path_mtu     # client IP -> the MTU towards it, or None (unknown)
         self._out = []
         self._timers = []             # heap of (deadline, seq, transfer); stale entries skipped
@@ -1211,7 +1250,7 @@ class ServerDispatcher:
                            path.rtt.srtt, path.rtt.rttvar)
         end = min(entry.size, start + length)
         t = ServerTransfer(addr, req, entry, start, end, now, self.s, rtt, self._out, size_in,
-                           self.ceiling, self._new_token(), path)
+                           self.ceiling, self._new_token(addr, req), path)
         self.pending[addr] = t
         self.pending_ips[client_of(addr) in self.known].add(addr)
         self.log.debug("%s: %r -> SIZE %d", format_addr(addr), req, entry.size)
@@ -1338,6 +1377,14 @@ class ServerDispatcher:
         self._out.append(((msg,), addr))
 
 
+def human(n):
+    """A byte count for people: 512 B, 1.5 KiB, 12.4 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
 def format_addr(addr):
     """host:port, or [v6-host]:port, for people."""
     return "[%s]:%d" % addr[:2] if ":" in addr[0] else "%s:%d" % addr[:2]
@@ -1435,8 +1482,13 @@ class ClientTransfer:
 
     def _on_size(self, msg, now):
         if self.state == RECEIVING:
-            if msg == (self.size, self.version, self.token):
-                self._out.append(format_ack(self.pos, self.token))   # our ACK of SIZE was lost
+            if (msg.size, msg.version) == (self.size, self.version):
+                if msg.token != self.token and not self._flowing:
+                    # Our ACK was lost and the server forgot the request meanwhile: this SIZE
+                    # answers our repeated request with a transfer made anew, its own token.
+                    self.token = msg.token
+                if msg.token == self.token:
+                    self._out.append(format_ack(self.pos, self.token))   # our ACK was lost
             return
         if self.state != REQUESTING:
             return

@@ -381,18 +381,11 @@ class Server:
         st = self.dispatcher.stats
         served = st.get("bytes_served", 0) + self.unfinished_bytes
         return "stopped after %s: %d transfers finished, %s served" % (
-            _uptime(time.monotonic() - self.started), st.get("finished", 0), _human(served))
+            _uptime(time.monotonic() - self.started), st.get("finished", 0), protocol.human(served))
 
     def close(self):
         self.dispatcher.close()
         self.sock.close()
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
-        n /= 1024.0
 
 
 def _uptime(seconds):

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import threading
 
@@ -93,6 +94,18 @@ class TempDirs:
 
     def cleanup(self):
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def ipv6_loopback():
+    """Whether this machine can bind ::1 (IPv6 tests are skipped where it cannot)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def make_client(address, out_dir, settings=None):

@@ -34,17 +34,6 @@ def free_port(family=socket.AF_INET, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def ipv6_loopback():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 class Case(unittest.TestCase):
     def setUp(self):
         self.tmp = support.TempDirs()
@@ -220,7 +209,7 @@ class ServerCommandLineTest(Case):
 
 # --- IPv6 -------------------------------------------------------------------------------------
 
-@unittest.skipUnless(ipv6_loopback(), "this machine has no IPv6 loopback")
+@unittest.skipUnless(support.ipv6_loopback(), "this machine has no IPv6 loopback")
 class IPv6Test(Case):
 
     def check(self, server_host):

@@ -125,15 +125,48 @@ class PathSizeTest(unittest.TestCase):
             p.outcome(65507, lost=(i % 10 == 0))
         self.assertEqual(p.size, 65507)
 
-    def test_a_lossy_fragmenting_path_gets_unfragmented_datagrams_then_big_ones_again(self):
+    def test_a_lossy_fragmenting_path_gets_two_fragment_datagrams_then_big_ones_again(self):
         p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
         rng = random.Random(3)
         for _ in range(300):
             p.outcome(p.size, lost=rng.random() > 0.99 ** protocol.fragments(p.size, 1480))
-        self.assertEqual(p.size, 1472)
+        self.assertEqual(p.size, 2952)
+        self.assertEqual(protocol.fragments(2952, 1480, 1480), 2)
         for _ in range(20000):
             p.outcome(p.size, lost=False)
         self.assertEqual(p.size, 65507)
+
+    def test_a_full_reassembly_buffer_means_unfragmented_datagrams_for_a_while(self):
+        s = config.ServerSettings()
+        p = protocol.Path(s, 65507, mtu=1500)
+        rng = random.Random(4)
+        now = 0.0
+        for _ in range(300):                 # 1% loss: two-fragment datagrams
+            now += 0.0001
+            p.outcome(p.size, rng.random() > 0.99 ** protocol.fragments(p.size, 1480), now)
+        self.assertEqual(p.size, 2952)
+        for _ in range(200):                 # now every fragmented datagram is lost
+            now += 0.0001
+            k = protocol.fragments(p.size, 1480, 1480)
+            p.outcome(p.size, k > 1 or rng.random() > 0.99, now)
+        self.assertEqual(p.size, 1472)
+        until = now + s.reassembly_backoff
+        while now < until - 0.01:            # unfragmented ones keep working meanwhile
+            now += 0.01
+            p.outcome(p.size, rng.random() > 0.99, now)
+            self.assertEqual(p.size, 1472)
+        for _ in range(100):
+            now += 0.01
+            p.outcome(p.size, rng.random() > 0.99, now)
+        self.assertEqual(p.size, 2952, "two fragments are tried again after the backoff")
+
+    def test_a_few_lost_fragmented_datagrams_are_not_a_full_buffer(self):
+        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        now = 0.0
+        for i in range(3000):                # 10% of datagrams lost, in bursts of 8
+            now += 0.0001
+            p.outcome(p.size, i % 80 < 8, now)
+        self.assertEqual(p.size, 2952)
 
     def test_ipv6_fragments_carry_less(self):
         self.assertEqual(protocol.fragment_payload(1500), 1480)
@@ -161,11 +194,11 @@ class RetransmissionTest(unittest.TestCase):
         path = srv.d.paths[A[0]]
         for _ in range(3):                     # the path turns out lossy meanwhile
             path.outcome(65507, lost=True)
-        self.assertEqual(path.size, 1472)
+        self.assertEqual(path.size, 2952)
         out = srv.timer(srv.d.get_timer())
         again = out[0][0]
         self.assertEqual(again.offset, 0)
-        self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), 1472)
+        self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), 2952)
         self.assertEqual(again.crc, zlib.crc32(bytes(again.payload), protocol.crc_start(0)))
         # Either copy's ACK is good.
         out = srv.ack(len(again.payload), A, srv.d.get_timer())
@@ -228,6 +261,49 @@ class RetransmissionTest(unittest.TestCase):
         srv.ack(pos, A, sent + 0.021)                     # the second copy's: proof
         self.assertGreater(t.path.rtt.srtt, srtt_before)
         self.assertGreater(t.rtt.rto, 0.02)
+
+
+class ForgottenRequestTest(unittest.TestCase):
+    """A request whose SIZE is never acknowledged (its ACK lost) is forgotten after a few timer
+    expiries; the client's repeated request makes it anew. Its ACK must still fit."""
+
+    def test_a_request_made_anew_gets_the_same_token(self):
+        srv = Server({"f": blob(100000)})
+        first = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)[0][0]
+        now = 0.0
+        while srv.d.pending and now < 10:
+            now = srv.d.get_timer()
+            srv.timer(now)
+        self.assertFalse(srv.d.pending, "the unacknowledged request was forgotten")
+        again = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, now + 0.1)[0][0]
+        self.assertEqual(again.token, first.token)
+        out = srv.recv(protocol.format_ack(0, first.token), A, now + 0.2)
+        self.assertIsInstance(out[0][0], protocol.Data)
+
+    def test_tokens_differ_by_address_and_request_and_server(self):
+        make = protocol.token_maker(b"k" * 32)
+        req = protocol.DownloadRequest("f", 0, 10)
+        tokens = {make(A, req), make(B, req), make(A, protocol.DownloadRequest("f", 1, 10)),
+                  make(A, protocol.ListRequest()), protocol.token_maker()(A, req)}
+        self.assertEqual(len(tokens), 5)
+        self.assertEqual(make(A, req), make(A, req))
+        self.assertTrue(all(len(t) == 16 and t == t.lower() for t in tokens))
+
+    def test_the_client_takes_the_token_of_a_transfer_made_anew_before_data(self):
+        t = protocol.ClientTransfer("f", 0, 100, 0.0)
+        t.datagrams_to_send()
+        t.receive_datagram(protocol.format_size(100, "v", b"1" * 16), 0.01)
+        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"1" * 16)])
+        t.receive_datagram(protocol.format_size(100, "v", b"2" * 16), 0.2)
+        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"2" * 16)])
+        payload = b"x" * 100
+        crc = zlib.crc32(payload, protocol.crc_start(0))
+        self.assertEqual(bytes(t.receive_datagram(
+            protocol.format_data_header(0, crc) + payload, 0.3)), payload)
+        t.datagrams_to_send()
+        # Once data flows the token is fixed: a SIZE with another one is not answered.
+        t.receive_datagram(protocol.format_size(100, "v", b"3" * 16), 0.4)
+        self.assertEqual(t.datagrams_to_send(), [])
 
 
 class PathMemoryTest(unittest.TestCase):

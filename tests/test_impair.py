@@ -9,6 +9,7 @@ import threading
 import time
 import unittest
 
+from tests import support
 from tests.impair import ImpairProxy, Impairment
 
 RECV_TIMEOUT = 1.0      # when a datagram is expected
@@ -407,18 +408,9 @@ class TestControls(ProxyTestCase):
         self.assertEqual(proxy._listen.fileno(), -1)
 
 
-def _ipv6_loopback_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
-@unittest.skipUnless(_ipv6_loopback_available(), "no IPv6 loopback")
+@unittest.skipUnless(support.ipv6_loopback(), "no IPv6 loopback")
 class TestIPv6(ProxyTestCase):
     def test_ipv6_round_trip(self):
         echo6 = EchoServer("::1", socket.AF_INET6)

@@ -1557,7 +1557,7 @@ class DispatcherTokens(DispatcherCase):
         self.assertIsInstance(one(self, srv.ack(0, A, 0.04)), protocol.Data)
 
     def test_deterministic_token(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, new_token=lambda: TOKEN, **SMALL)
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, new_token=lambda addr, req: TOKEN, **SMALL)
         size = one(self, srv.recv(self.REQ))
         self.assertEqual(size, protocol.Size(5000, protocol.MemoryEntry(FILE).version, TOKEN))
         self.assertEqual(srv.recv(ack(0, OTHER_TOKEN)), [])
