@@ -1188,7 +1188,7 @@ def build_parser():
                         "project folder)")
     p.add_argument("--out", default=config.DOWNLOADS_DIR,
                    help="folder to save into (default: downloads/ in the project folder)")
-    p.add_argument("--parts", default="auto",
+    p.add_argument("--parts", default="auto", metavar="N|auto",
                    help="ranges of one file fetched at the same time: 1 to 64, or auto "
                         "(default: auto, which opens more while they make the download faster)")
     p.add_argument("--give-up", type=float, default=config.ClientSettings.give_up,
