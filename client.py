@@ -483,6 +483,11 @@ class PartsTuner:
         self._settle = False
         self._held = 0
 
+    def cap(self, n):
+        """Never more than n parts from now on (the server had no slot for more)."""
+        self.most = self.n = n
+        self._before, self._settle = None, False
+
     def update(self, now, have, rtt):
         """Called from housekeeping with the bytes in hand; returns the number of parts."""
         rtt = rtt or 0.0
@@ -918,8 +923,12 @@ class _Fetch:
             self.target.done.add(t.start, part.written)
             self.bad_requests = self.not_found = 0
             return
-        if outcome in ("changed", "version"):
+        if outcome == "version" or (outcome == "changed" and self.name is None):
             return self._restart("the file changed on the server", now)
+        # ERROR CHANGED: the bytes this part accepted were read before the change (the server
+        # checks the file after every read), so they stay; its range is asked again, and that
+        # request expects the known size and version: a real change then starts the file over
+        # ("version"), while a forged ERROR costs only a round trip.
         self.attempts += 1
         if outcome == "error" and t.error_code == "BUSY":
             self.busy += 1
@@ -978,7 +987,7 @@ class _Fetch:
         self.queue = [r for r in self.queue if r[0] < r[1]]
         self.parts = max(1, len(self.active))
         if self.tuner is not None:   # the tuner never asks for more than the server gives
-            self.tuner.most = self.tuner.n = self.parts
+            self.tuner.cap(self.parts)
         self.c.printer.detail("%s: server busy; going on with %d parts" % (self.label,
                                                                           self.parts))
         return True

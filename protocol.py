@@ -754,7 +754,8 @@ class ServerTransfer:
             self.path.outcome(len(self._current[1]) + len(self._current[0]), False, now)
             if self._seq > self.path.acked:
                 self.path.acked = self._seq
-        self._spurious_check = not first_try
+        # Exactly one resend: if the client acknowledges again, the first copy got through.
+        self._spurious_check = self._tries == 2
         self._spurious_check_early = self._last_early
         self._spurious_rtt = now - self._first_sent_at
         self._adjust_size(length)
@@ -1087,9 +1088,7 @@ class ServerDispatcher:
 
     def _on_ack(self, ack, addr, now, size_in):
         t = self.active.get(addr)
-        if t is not None:
-            if ack.token != t.token:
-                return   # forged or damaged: ignored like a malformed datagram
+        if t is not None and ack.token == t.token:
             if ack.n is None:
                 t.on_ack_eof(now)
             else:
@@ -1098,11 +1097,13 @@ class ServerDispatcher:
                 if t.path.acked != acked:
                     self._detect_losses(t.path, now)
             return self._after(t, now)
-        t = self.pending.get(addr)
-        if t is not None:
-            if ack.token == t.token and ack.n is not None and t.acknowledges_size(ack.n):
-                self._activate(t, now)
+        p = self.pending.get(addr)
+        if p is not None:
+            if ack.token == p.token and ack.n is not None and p.acknowledges_size(ack.n):
+                self._activate(p, now)
             return
+        if t is not None:
+            return   # forged or damaged: ignored like a malformed datagram
         if self._is_recent(addr, now):
             return   # late copy of a finished transfer's ACK: ignore quietly
         self.log.debug("ACK from %s, which has no transfer", format_addr(addr))
@@ -1121,6 +1122,10 @@ class ServerDispatcher:
         """The client acknowledged SIZE (so its address is real): give it an active slot, taking
         one from a transfer that holds it unfairly if need be, or answer BUSY."""
         self._pending_remove(t)
+        old = self.active.get(t.addr)
+        if old is not None:   # the client proved it moved on to this request: the old one ends
+            old.finish("replaced")
+            self._forget(old, now)
         ip = client_of(t.addr)
         if self._refuse_more(ip, now):
             return self._refuse(t, now)
@@ -1219,14 +1224,16 @@ class ServerDispatcher:
         return p.last_acks is not None and p.last_acks < self.s.slow_acks
 
     def _on_request(self, req, addr, now, size_in):
-        old = self.active.get(addr) or self.pending.get(addr)
-        if old is not None:
-            if old.request == req:                   # the client retransmitted its request
+        active, pending = self.active.get(addr), self.pending.get(addr)
+        for old in (pending, active):
+            if old is not None and old.request == req:   # the client retransmitted it
                 return old.resend_size(now, size_in)
-        elif self._is_recent(addr, now, req):
+        if active is None and pending is None and self._is_recent(addr, now, req):
             return
-        # A different valid request ends the old transfer; one that is refused (perhaps a
-        # damaged copy) leaves it running.
+        # A different valid request replaces an unacknowledged one at once, but ends a running
+        # transfer only when its SIZE is acknowledged with its token (_activate): a forged
+        # request must not end someone's transfer. One that is refused (perhaps a damaged
+        # copy) changes nothing.
         if isinstance(req, ListRequest):
             entry, start, length = self.catalog.listing(), 0, HUGE
         else:
@@ -1236,9 +1243,9 @@ class ServerDispatcher:
             start, length = req.offset, req.chunk_size
         if start > entry.size:
             return self._error(addr, "BAD_REQUEST", now, size_in)
-        if old is not None:
-            old.finish("replaced")
-            self._forget(old, now)
+        if pending is not None:
+            pending.finish("replaced")
+            self._forget(pending, now)
         # An IP beyond its share is refused at once. Any other request gets its SIZE even when
         # every slot is taken: only its ACK proves the address, and only then may it take a
         # slot from someone else (_activate).
@@ -1483,10 +1490,12 @@ class ClientTransfer:
     def _on_size(self, msg, now):
         if self.state == RECEIVING:
             if (msg.size, msg.version) == (self.size, self.version):
-                if msg.token != self.token and not self._flowing:
+                if (msg.token != self.token and not self._flowing
+                        and self._requests > self._token_requests):
                     # Our ACK was lost and the server forgot the request meanwhile: this SIZE
                     # answers our repeated request with a transfer made anew, its own token.
                     self.token = msg.token
+                    self._token_requests = self._requests
                 if msg.token == self.token:
                     self._out.append(format_ack(self.pos, self.token))   # our ACK was lost
             return
@@ -1497,6 +1506,7 @@ class ClientTransfer:
         if self.start > msg.size:
             return self._finish("error", "BAD_REQUEST")
         self.size, self.version, self.token = msg
+        self._token_requests = self._requests   # requests sent when the token was taken
         self.end = min(msg.size, self.start + self.length) if self.length is not None else msg.size
         if self._requests == 1:
             self.rtt_sample = now - self._sent_at
@@ -1533,7 +1543,11 @@ class ClientTransfer:
         # until its retry limit; the server ignores the spare copy.
         ack = format_ack_eof(self.token)
         self._out += (ack, ack)
-        good = self.pos == self.end and msg.crc == self._r
+        if self.pos != self.end:
+            # No server sends EOF before every byte is acknowledged: a forged or broken one.
+            # Keep the verified bytes and wait for data (a stall asks again).
+            return
+        good = msg.crc == self._r
         self._finish("done" if good else "mismatch")
 
     @property

@@ -335,6 +335,7 @@ class Server:
                     continue
                 except OSError as exc:
                     log.warning("receive failed: %s", exc)
+                    self._idle()   # waits (or stops, if the socket is gone): no spinning
                     continue
                 if self._stop:
                     break

@@ -100,6 +100,20 @@ class PartsTunerTest(unittest.TestCase):
         self.assertLessEqual(max(seen), 4, "a doubling that did not pay is undone")
         self.assertLessEqual(sum(seen[-100:]) / 100, 2.5, "it holds the smaller number")
 
+    def test_a_cap_holds_even_while_a_doubling_is_being_judged(self):
+        tuner = client.PartsTuner(2, 64)
+        now, have = 0.0, 0.0
+        tuner.update(now, have, 0.01)                 # long path: 8 parts
+        while tuner.n < 16:                           # it doubles ...
+            now += 0.005
+            have += tuner.n * 6.5e6 * 0.005
+            tuner.update(now, have, 0.01)
+        tuner.cap(5)                                  # ... and the server says BUSY
+        for _ in range(400):
+            now += 0.005
+            have += 1e6 * 0.005                       # the rate fell: "undo the doubling"
+            self.assertLessEqual(tuner.update(now, have, 0.01), 5)
+
     def test_never_more_than_the_maximum(self):
         seen = self.drive(lambda n: n * 1e6, rtt=0.05, seconds=30)
         self.assertEqual(max(seen), 64)
@@ -224,6 +238,23 @@ class RetransmissionTest(unittest.TestCase):
         self.assertIsNone(t.outcome)
         self.assertGreater(t.early_retransmissions, srv.s.max_retransmits)
 
+    def test_no_sample_when_the_first_copy_was_lost_and_two_resends_arrived(self):
+        srv = Server({"f": blob(4 << 20)}, mtu=65536)
+        out = self.start(srv, A, 0.0, "f")
+        now = 0.001
+        for _ in range(10):
+            out = srv.ack(out[0][0].offset + len(out[0][0].payload), A, now + 0.001)
+            now += 0.001
+        t = srv.d.active[A]
+        pos = out[0][0].offset + len(out[0][0].payload)
+        srv.timer(srv.d.get_timer())                  # the first copy is lost: resend
+        srv.timer(srv.d.get_timer())                  # and again
+        srtt, lost = t.path.rtt.srtt, t.path.loss_rate()
+        srv.ack(pos, A, now + 0.05)                   # the second copy's ACK
+        srv.ack(pos, A, now + 0.051)                  # the third copy's: not a needless resend
+        self.assertEqual(t.path.rtt.srtt, srtt)
+        self.assertEqual(t.path.loss_rate(), lost)
+
     def test_a_finished_transfer_is_not_forgotten_twice_by_later_evidence(self):
         # A's last DATA is acknowledged after B's DATA was sent, so A's entry is still in the
         # path's send order when A finishes; B's ACK then reveals it, and it must be skipped.
@@ -294,6 +325,11 @@ class ForgottenRequestTest(unittest.TestCase):
         t.datagrams_to_send()
         t.receive_datagram(protocol.format_size(100, "v", b"1" * 16), 0.01)
         self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"1" * 16)])
+        # Another token before we asked again: not ours (forged, or a stray): not answered.
+        t.receive_datagram(protocol.format_size(100, "v", b"9" * 16), 0.02)
+        self.assertEqual(t.datagrams_to_send(), [])
+        t.handle_timer(t.get_timer())                 # no data: the request is repeated
+        self.assertEqual(t.datagrams_to_send(), [t.request])
         t.receive_datagram(protocol.format_size(100, "v", b"2" * 16), 0.2)
         self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"2" * 16)])
         payload = b"x" * 100
@@ -304,6 +340,34 @@ class ForgottenRequestTest(unittest.TestCase):
         # Once data flows the token is fixed: a SIZE with another one is not answered.
         t.receive_datagram(protocol.format_size(100, "v", b"3" * 16), 0.4)
         self.assertEqual(t.datagrams_to_send(), [])
+
+    def test_an_eof_before_the_end_is_acknowledged_and_ignored(self):
+        t = protocol.ClientTransfer("f", 0, 100, 0.0)
+        t.receive_datagram(protocol.format_size(100, "v", b"1" * 16), 0.01)
+        payload = b"y" * 40
+        crc = zlib.crc32(payload, protocol.crc_start(0))
+        t.receive_datagram(protocol.format_data_header(0, crc) + payload, 0.02)
+        t.datagrams_to_send()
+        t.receive_datagram(protocol.format_eof(crc), 0.03)
+        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack_eof(b"1" * 16)] * 2)
+        self.assertEqual((t.state, t.pos), (protocol.RECEIVING, 40))
+
+
+class ForgedRequestTest(unittest.TestCase):
+
+    def test_a_forged_request_from_the_victims_address_does_not_end_its_transfer(self):
+        srv = Server({"f": blob(300000), "g": blob(10)})
+        out = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)
+        token = out[0][0].token
+        data = srv.ack(0, A, 0.001)[0][0]
+        victim = srv.d.active[A]
+        srv.recv(b"LIST", A, 0.002)                                  # forged: a stranger
+        srv.recv(protocol.format_download("g", 0, 10), A, 0.003)     # ... and again
+        srv.recv(protocol.format_ack(0, b"0" * 16), A, 0.004)         # without the token
+        self.assertIs(srv.d.active[A], victim)
+        self.assertIsNone(victim.outcome)
+        out = srv.recv(protocol.format_ack(len(data.payload), token), A, 0.005)
+        self.assertEqual(out[0][0].offset, len(data.payload), "the victim's ACKs still count")
 
 
 class PathMemoryTest(unittest.TestCase):

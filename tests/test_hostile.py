@@ -1019,6 +1019,31 @@ class HostileServerTest(unittest.TestCase):
         report("hostile server, wrong content and digest: Failure after %.2f s, %d requests"
                % (seconds, len(srv.requests())))
 
+    def test_g_a_forged_error_changed_costs_a_round_trip_not_the_download(self):
+        """ERROR CHANGED carries nothing a stranger could not know. The client keeps the bytes
+        it verified, asks again for the rest expecting the same size and version, and starts
+        over only if they differ; here they do not, so it never asks for offset 0 again."""
+        content = bytes(range(256)) * 40
+        serve = range_server({"f.bin": content})
+        forged = []
+
+        def handler(srv, data, addr):
+            if data.startswith(b"ACK 2100 ") and not forged:
+                forged.append(addr)
+                return [protocol.format_error("CHANGED")]
+            return serve(srv, data, addr)
+
+        srv = self.fake(handler)
+        _, error, _ = self.fetch(srv, "f.bin", 8)
+        self.assertIsNone(error)
+        self.assertTrue(forged)
+        with open(os.path.join(self.out, "f.bin"), "rb") as f:
+            self.assertEqual(f.read(), content)
+        offsets = [protocol.parse_client_message(d).offset for d, _ in srv.requests()
+                   if d.startswith(b"DOWNLOAD")]
+        self.assertEqual(offsets.count(0), 1, offsets)
+        self.assertIn(2100, offsets)
+
     def test_d_silence_after_size_stalls_retries_then_fails(self):
         srv = self.fake(range_server({"f.bin": b"y" * 5000}, silent=True))
         _, error, seconds = self.fetch(srv, "f.bin", self.GIVE_UP + 6)
@@ -1051,7 +1076,10 @@ class HostileServerTest(unittest.TestCase):
 
         import tracemalloc
         srv = self.fake(handler)
-        c = support.make_client(srv.address, self.out, support.fast_client_settings(give_up=1.0))
+        # Its early EOF is acknowledged and ignored (the verified bytes stay), so the part
+        # stalls and is asked again: a short idle time makes that happen before give-up.
+        c = support.make_client(srv.address, self.out,
+                                support.fast_client_settings(give_up=1.0, idle_timeout=0.3))
         tracemalloc.start()
         try:
             _, error, seconds = run_bounded(self, lambda: c.listing(), 6)

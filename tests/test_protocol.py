@@ -1118,12 +1118,16 @@ class DispatcherAcks(DispatcherCase):
         old = srv.transfer()
         size = one(self, srv.recv(b"DOWNLOAD b.bin 0 100000", now=0.1))
         self.assertEqual(size.size, 700)
-        self.assertEqual(old.outcome, "replaced")
-        self.assertNotIn(A, srv.d.active)
-        new = srv.transfer()
+        # A request alone (it could be forged) does not end the running transfer ...
+        self.assertIsNone(old.outcome)
+        self.assertIs(srv.d.active[A], old)
+        new = srv.d.pending[A]
         self.assertIsNot(new, old)
-        self.assertEqual(srv.ack(len(first.payload), now=0.2), [])
+        self.assertEqual(srv.ack(len(first.payload), now=0.2), [])   # the new token
+        # ... its SIZE acknowledged with the new token does.
         data = one(self, srv.ack(0, now=0.2))
+        self.assertEqual(old.outcome, "replaced")
+        self.assertIs(srv.d.active[A], new)
         got, crc, _ = self.run_to_eof(srv, data, now=0.2)
         self.assertEqual(got, other)
         self.assertEqual(crc, range_crc(other, 0, len(other)))
@@ -2264,10 +2268,11 @@ class ReviewRegressions(unittest.TestCase):
         self.assertIn(A, srv.d.active)
         nxt = one(self, srv.ack(len(first.payload), now=0.03))
         self.assertEqual(nxt.offset, len(first.payload))
-        # a different valid request does end it
+        # a different valid request, once its SIZE is acknowledged, does end it
         srv.recv(b"DOWNLOAD a.bin 100 10", now=0.04)
-        self.assertNotIn(A, srv.d.active)
-        self.assertEqual(srv.transfer().start, 100)
+        self.assertIn(A, srv.d.active)
+        srv.ack(100, now=0.05)
+        self.assertEqual(srv.d.active[A].start, 100)
 
     def test_listing_drops_names_no_server_may_serve(self):
         text = b"ok.txt 5\n\x1b[2Jevil 3\n../up 4\n"
