@@ -641,7 +641,7 @@ class _Fetch:
         elif parts == 0:
             self.tuner = PartsTuner(self.s.auto_parts_start, self.s.auto_parts_max)
         self.parts = self.tuner.n if self.tuner else max(1, parts)
-        self.plan_parts = self.s.auto_parts_max if self.tuner else self.parts
+        self.plan_parts = self._plan_for(self.parts)
         self.size_hint = size_hint
         self.give_up = give_up
         self.label = label or (name if name is not None else "listing")
@@ -665,6 +665,14 @@ class _Fetch:
         self.most_parts = 0         # the most parts that ran at once
 
     # -- planning
+
+    def _plan_for(self, parts):
+        """How many parts the ranges are cut for: with automatic parts, for one doubling more
+        than run now (each new range costs a round trip or two; few big ones are cheapest), and
+        cut again when the number changes."""
+        if self.tuner is None:
+            return parts
+        return min(2 * parts, self.s.auto_parts_max)
 
     def _plan(self):
         """Cut what is missing (and not in flight) into ranges."""
@@ -870,6 +878,9 @@ class _Fetch:
                 self.warned = False
         if self.tuner is not None and self.target.size is not None:
             self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
+            if self._plan_for(self.parts) != self.plan_parts:
+                self.plan_parts = self._plan_for(self.parts)
+                self._plan()   # ranges not yet asked for are cut again for that many parts
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         if self.name is not None:
             self.c.printer.progress(self.label, have, self.target.size, rate, now)
