@@ -633,8 +633,7 @@ class _Fetch:
     def __init__(self, client, name, target, parts, size_hint, give_up, label):
         self.c, self.name, self.target = client, name, target
         self.s = client.s
-        # parts == 0: automatic. Ranges are then cut for the most parts the tuner may run, and
-        # the tuner decides how many run at once.
+        # parts == 0: automatic: the tuner decides how many run at once (see _plan_for).
         self.tuner = None
         if name is None:
             parts = 1

@@ -5,8 +5,10 @@ lossy path moving (a resend re-cut to the path's size; early resends are not sil
 Run: `python3 -m tests test_engine`.
 """
 
+import io
 import logging
 import random
+import types
 import unittest
 import zlib
 
@@ -117,6 +119,38 @@ class PartsTunerTest(unittest.TestCase):
     def test_never_more_than_the_maximum(self):
         seen = self.drive(lambda n: n * 1e6, rtt=0.05, seconds=30)
         self.assertEqual(max(seen), 64)
+
+
+class AutoPlanTest(unittest.TestCase):
+    """With automatic parts the file is cut for one doubling more than the parts running, and
+    what is not yet asked for is cut again when the tuner changes its mind."""
+
+    def fetch(self):
+        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=protocol.RttEstimator(
+            0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
+        target = client.MemoryTarget()
+        target.size, target.version = 256 << 20, "v"
+        f = client._Fetch(c, "f", target, 0, None, 60.0, None)
+        self.addCleanup(f.sel.close)
+        return f
+
+    def test_few_big_ranges_while_few_parts_run(self):
+        f = self.fetch()
+        f._plan()
+        self.assertEqual((f.parts, f.plan_parts, len(f.queue)), (2, 4, 8))
+        self.assertEqual(f.queue[0], (0, 32 << 20))
+
+    def test_ranges_not_yet_asked_for_are_cut_again(self):
+        f = self.fetch()
+        f._plan()
+        f.tuner.n = 16          # as if it had doubled and doubled again
+        f.tuner._at = 0.0
+        f.tuner.update = lambda now, have, rtt: 16
+        f.started = 0.0
+        f._progress(1.0)
+        self.assertEqual(f.plan_parts, 32)
+        self.assertEqual(len(f.queue), 64)
+        self.assertEqual(f.queue[0], (0, 4 << 20))
 
 
 class PathMtuTest(unittest.TestCase):
