@@ -700,14 +700,17 @@ class _Fetch:
         if self.plan_parts == 1:
             return protocol.HUGE
         if self.size_hint:
-            return self._piece(self.size_hint)
+            # With automatic parts it is cut for the most parts: the tuner does not know the
+            # path yet, and on a long one a big first range would finish long after the rest.
+            return self._piece(self.size_hint,
+                               self.s.auto_parts_max if self.tuner else self.plan_parts)
         return self.s.min_part_size
 
-    def _piece(self, size):
-        """The length of one range of a file of `size` bytes fetched in plan_parts parts: about
-        size / (2 * parts) so the parts finish together (with automatic parts: for the most the
-        tuner may run), within [min_part_size, max_part_size]."""
-        return min(max(size // (2 * self.plan_parts), self.s.min_part_size),
+    def _piece(self, size, parts=None):
+        """The length of one range of a file of `size` bytes fetched in `parts` parts (default
+        plan_parts): about size / (2 * parts) so the parts finish together, within
+        [min_part_size, max_part_size]."""
+        return min(max(size // (2 * (parts or self.plan_parts)), self.s.min_part_size),
                    self.s.max_part_size)
 
     def _start(self, start, length, now):

@@ -140,6 +140,12 @@ class AutoPlanTest(unittest.TestCase):
         self.assertEqual((f.parts, f.plan_parts, len(f.queue)), (2, 4, 8))
         self.assertEqual(f.queue[0], (0, 32 << 20))
 
+    def test_the_first_range_is_small_whatever_the_listing_said(self):
+        # Before SIZE only one range runs; on a long path a big one would be the last to end.
+        f = self.fetch()
+        f.size_hint = 32 << 20
+        self.assertEqual(f._first_length(), 1 << 20)
+
     def test_ranges_not_yet_asked_for_are_cut_again(self):
         f = self.fetch()
         f._plan()
