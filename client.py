@@ -472,7 +472,7 @@ class PartsTuner:
     trips after a change are not judged: new parts spend them asking.
     """
 
-    def __init__(self, start, most, min_window=0.03, gain=1.15, hold=6, long_start=8,
+    def __init__(self, start, most, min_window=0.03, gain=1.1, hold=3, long_start=8,
                  long_rtt=0.002):
         self.n, self.most = start, most
         self.long_start, self.long_rtt = long_start, long_rtt

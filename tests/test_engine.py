@@ -137,8 +137,8 @@ class AutoPlanTest(unittest.TestCase):
     def test_few_big_ranges_while_few_parts_run(self):
         f = self.fetch()
         f._plan()
-        self.assertEqual((f.parts, f.plan_parts, len(f.queue)), (2, 4, 8))
-        self.assertEqual(f.queue[0], (0, 32 << 20))
+        self.assertEqual((f.parts, f.plan_parts, len(f.queue)), (4, 8, 16))
+        self.assertEqual(f.queue[0], (0, 16 << 20))
 
     def test_the_first_range_is_small_whatever_the_listing_said(self):
         # Before SIZE only one range runs; on a long path a big one would be the last to end.
