@@ -8,7 +8,6 @@ Run: python3 -m tests test_failed_range
 """
 
 import json
-import os
 import unittest
 from unittest import mock
 

@@ -20,7 +20,6 @@ Run: python3 -m tests test_hostile
 """
 
 import argparse
-import hashlib
 import io
 import os
 import random
