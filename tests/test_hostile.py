@@ -585,6 +585,40 @@ class AmplificationTest(unittest.TestCase):
         self.st = support.ServerThread(self.tmp.files, self.settings).start()
         self.addCleanup(self.st.stop)
 
+    def test_a_blind_sender_gets_at_most_three_times_what_it_sent(self):
+        """The attack of issue 10: a sender that forges a victim's address never sees the SIZE,
+        so it sends DOWNLOAD and then the ACKs it would send if it could guess the token. Here
+        the "victim" is a socket that only counts what arrives: at most 3x the blind sender's
+        bytes, SIZEs only, and never a DATA."""
+        s = self.settings
+        victim = udp_socket()
+        self.addCleanup(victim.close)
+        rng = random.Random(11)
+        sent = 0
+        request = protocol.format_download("big.bin", 0, 10 ** 12)
+        victim.sendto(request, self.st.address)   # the forged request (from the victim's port)
+        sent += len(request)
+        got = []
+        t0 = time.monotonic()
+        n = acks = 0
+        while time.monotonic() - t0 < pending_lifetime(s) + 0.3:
+            # the expected ACKs, each with a guessed token: ACK 0, then what DATA would need
+            guess = ("%016x" % rng.getrandbits(64)).encode()
+            ack = protocol.format_ack(n, guess)
+            victim.sendto(ack, self.st.address)
+            sent += len(ack)
+            acks += 1
+            n = 0 if n else 65000 - 16
+            got += collect([victim], 0.01)[victim]
+        got += collect([victim], 0.3)[victim]
+        received = sum(map(len, got))
+        kinds = {type(protocol.parse_server_message(g)).__name__ for g in got}
+        self.assertLessEqual(kinds, {"Size", "Error"}, "no DATA ever reaches a blind sender")
+        self.assertLessEqual(received, s.amplification_factor * sent)
+        self.assertLessEqual(sum(len(g) for g in got if g.startswith(b"SIZE")), self.BUDGET)
+        report("blind sender: %d bytes sent in %d ACKs with guessed tokens, %d bytes back (%s)"
+               % (sent, acks, received, ", ".join(sorted(kinds)) or "none"))
+
     def test_unacknowledged_requests_and_garbage_get_little_back(self):
         s, d = self.settings, self.st.server.dispatcher
         lifetime = pending_lifetime(s)
