@@ -478,7 +478,6 @@ class PartsTuner:
         self.long_start, self.long_rtt = long_start, long_rtt
         self.min_window, self.gain, self.hold = min_window, gain, hold
         self._at = self._bytes = None
-        self._rate = None            # of the last judged window at the current n
         self._before = None          # (n, rate) before the last doubling
         self._settle = False
         self._held = 0
@@ -507,10 +506,9 @@ class PartsTuner:
             n0, rate0 = self._before
             self._before = None
             if rate < rate0 * self.gain:          # the doubling did not pay: back, and hold
-                self.n, self._rate, self._held = n0, rate0, self.hold
+                self.n, self._held = n0, self.hold
                 self._settle = True
                 return self.n
-        self._rate = rate
         if self._held > 0:
             self._held -= 1
         elif self.n < self.most:
