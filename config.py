@@ -51,9 +51,9 @@ class ServerSettings:
     # small ones).
     loss_prior: int = 2000
     loss_decay: float = 0.9995
-    # Above this estimated per-packet loss only unfragmented datagrams are sent (see
-    # protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in the
-    # prior's worth of fragments cross it; a spurious timeout, once recognised, does not count.
+    # Above this estimated per-packet loss, datagrams of at most lossy_max_fragments are sent
+    # (see protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in
+    # the prior's worth of fragments cross it; a spurious timeout, once recognised, does not.
     fragment_loss_limit: float = 0.0008
     # On such a path, datagrams of at most this many fragments (each loss leaves one orphan
     # fragment in the receiver's reassembly buffer), and none fragmented for this long once
@@ -84,10 +84,10 @@ class ServerSettings:
     # a new socket, so the old transfer is of no use to anyone).
     client_silence: float = 5.0
     # And in any case after this many timeouts of one datagram (early retransmissions, evidence
-    # of a loss and not of silence, do not count). Alone, that would be
-    # 21.75 s of silence from the first RTO (0.25 + 0.5 + 1 + 10 x 2 s) and about 8 s after a
-    # loopback RTT (2 ms doubled up to 2 s); with client_silence it only bounds the datagrams
-    # sent on paths whose RTO is short.
+    # of a loss and not of silence, do not count). Alone, that would be 21.75 s of silence from
+    # the first RTO (0.25 + 0.5 + 1 + 10 x 2 s) and about 8 s after a loopback RTT (2 ms
+    # doubled up to 2 s); with client_silence it only bounds the datagrams sent on paths whose
+    # RTO is short.
     max_retransmits: int = 12
 
     # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two

@@ -10,8 +10,8 @@ loops around them; tests drive them on a virtual clock.
 - Integrity: one running CRC-32 per transfer (PROTOCOL.md "The running CRC"): each DATA carries
   the CRC of the range up to the end of its payload, so every byte is checked once on each side
   and a lost, duplicated, reordered, misplaced or damaged DATA can never be accepted.
-- Address validation: SIZE carries a 64-bit random token that every ACK must echo, so nobody off
-  the path can make the server send data to an address that never received the SIZE.
+- Address validation: SIZE carries a 64-bit token nobody off the path can guess (token_maker)
+  that every ACK must echo, so the server sends no data to an address that never got the SIZE.
 - ServerTransfer: one stop-and-wait transfer (SIZE, DATA..., EOF) with an RFC 6298 timer, Karn's
   rule, datagram sizes chosen for the path, and read-ahead of the next chunk.
 - ServerDispatcher: routes datagrams by client address, holds the pools and limits that keep a
@@ -393,9 +393,9 @@ class Path:
       size from size_ladder() that moves the most bytes per second: size * (1-p)^k / (cost per
       datagram + (1-(1-p)^k) * delay), but at most lossy_max_fragments fragments once p is
       above fragment_loss_limit, and none for a while if most of those are lost (see
-      _choose_size). With no loss that is the largest size; as losses
-      stop, the estimate decays and the size climbs back. Where nothing fragments (loopback),
-      every size is one packet and the largest always wins.
+      _choose_size). With no loss that is the largest size; as losses stop, the estimate
+      decays and the size climbs back. Where nothing fragments (loopback), every size is one
+      packet and the largest always wins.
     - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
       RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
       acknowledged at first try is evidence that every earlier one still outstanding is lost
@@ -429,9 +429,13 @@ class Path:
     def loss_rate(self):
         return self._lost / self._frags
 
+    def fragments(self, size):
+        """IP packets that carry a datagram of `size` bytes on this path."""
+        return fragments(size, self.per_fragment, self.whole)
+
     def outcome(self, size, lost, now=0.0):
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
-        k = fragments(size, self.per_fragment, self.whole)
+        k = self.fragments(size)
         if k > 1:
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
             # reassembly buffer is full of the fragments of lost ones (see _choose_size).
@@ -472,13 +476,12 @@ class Path:
             # (one orphan per loss: twice the bytes per datagram for seconds of transfer), and
             # none fragmented for reassembly_backoff once most of them are lost.
             most = 1 if now < self._unfragmented_until else self.s.lossy_max_fragments
-            self.size = max(size for size in ladder
-                            if fragments(size, self.per_fragment, self.whole) <= most)
+            self.size = max(size for size in ladder if self.fragments(size) <= most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
         best, best_rate = self.ceiling, -1.0
         for size in reversed(ladder):
-            arrives = (1.0 - p) ** fragments(size, self.per_fragment, self.whole)
+            arrives = (1.0 - p) ** self.fragments(size)
             rate = size * arrives / (self.s.datagram_cost + size * self.s.byte_cost
                                      + (1.0 - arrives) * delay)
             if rate > best_rate * 1.02:   # a smaller size only if clearly better
@@ -610,6 +613,10 @@ class ServerTransfer:
     def _may_send_size(self, limit):
         """Stay within `limit` bytes sent to an address that has not acknowledged SIZE."""
         return self._unvalidated_sent + len(self._current[0]) <= limit
+
+    def _datagram_len(self):
+        """The size of the outstanding DATA datagram (header and payload)."""
+        return len(self._current[0]) + len(self._current[1])
 
     def _datagram_size(self):
         if self._black_hole and not self._probing:
@@ -751,7 +758,7 @@ class ServerTransfer:
         first_try = self._tries == 1
         self._sample(now)
         if first_try:
-            self.path.outcome(len(self._current[1]) + len(self._current[0]), False, now)
+            self.path.outcome(self._datagram_len(), False, now)
             if self._seq > self.path.acked:
                 self.path.acked = self._seq
         # Exactly one resend: if the client acknowledges again, the first copy got through.
@@ -826,15 +833,14 @@ class ServerTransfer:
         self._tries += 1
         self.retransmissions += 1
         if self.state == WAIT_DATA:
-            self.path.outcome(len(self._current[1]) + len(self._current[0]), True, now)
+            self.path.outcome(self._datagram_len(), True, now)
             if early:
                 self.early_retransmissions += 1
-            big = len(self._current[1]) > self._payload_limit_for(self.s.safe_datagram_size,
-                                                                  self.pos)
-            if not early and big and self._timeouts >= self.s.shrink_after:
+            n = len(self._current[1])
+            if (not early and self._timeouts >= self.s.shrink_after
+                    and n > self._payload_limit_for(self.s.safe_datagram_size, self.pos)):
                 self._shrink(self.s.safe_datagram_size, black_hole=True)
-            elif len(self._current[1]) > self._payload_limit_for(self._datagram_size(),
-                                                                 self.pos):
+            elif n > self._payload_limit_for(self._datagram_size(), self.pos):
                 # The path's size came down (losses): resend the bytes in a datagram of that
                 # size, or a lossy path would resend a many-fragment datagram forever.
                 self._shrink(self._datagram_size())
@@ -1428,7 +1434,6 @@ class ClientTransfer:
         self.outcome = self.error_code = None
         self.rtt_sample = None          # request -> SIZE time, if the request was sent once
         self.token = None               # from SIZE; every ACK echoes it
-        self.duplicates = 0             # DATA that brought nothing new (retransmitted copies)
         self._r = crc_start(offset)     # R(pos): the running CRC up to the next byte needed
         self._sent_at = self._last_heard = now
         self._request_rto = request_rto or self.s.request_timeout
@@ -1529,7 +1534,6 @@ class ClientTransfer:
             return payload
         if msg.offset < self.pos:
             # A duplicate (perhaps of another size): our ACK was lost, say it again.
-            self.duplicates += 1
             self._out.append(format_ack(self.pos, self.token))
         return None
 
