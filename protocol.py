@@ -396,6 +396,21 @@ class Path:
       _choose_size). With no loss that is the largest size; as losses stop, the estimate
       decays and the size climbs back. Where nothing fragments (loopback), every size is one
       packet and the largest always wins.
+    - Queueing: every transfer of the IP keeps one DATA in flight, so where those DATAs queue
+      (a bottleneck link, a busy receiver) the round trip grows with their number. When the
+      client opens more parts at once, a timer set from the round trips measured before
+      fires for every transfer together, before the ACKs of the longer queue can come
+      (spurious retransmissions, and each one adds to the queue). So the path also keeps an
+      RFC 6298 estimate of the round trip per DATA in flight, and a DATA's timer is at least
+      that estimate times the DATAs in flight now (Little's law: the queue is the flights
+      times the time each takes). Where the round trip does not grow with them (propagation
+      delay), the ordinary estimate is the larger and this one only shortens nothing.
+    - One probe at a time: a client that stops answering for a moment (a disk flush, a
+      garbage collection, the scheduler) makes every one of its transfers time out together,
+      and the loss of every DATA in flight at once is far less likely. So while a timer
+      retransmission to the IP is unanswered, the timers of its other transfers wait one more
+      RTO instead of resending too (QUIC's probe timeout sends one or two probes, not every
+      packet in flight: RFC 9002 6.2). Once the client answers, the rules above apply again.
     - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
       RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
       acknowledged at first try is evidence that every earlier one still outstanding is lost
@@ -408,6 +423,8 @@ class Path:
         self.whole = mtu - (40 if ipv6 else 20)     # what one unfragmented packet carries
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
+        self.flights = 0                            # transfers with a DATA outstanding
+        self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)
         self.ceiling = ceiling                      # largest size this IP may get
         self.size = ceiling
         self._lost = 0.0                            # weighted lost datagrams ...
@@ -420,11 +437,24 @@ class Path:
         self.seq = 0                                # last sequence number given out
         self.acked = 0                              # highest acknowledged at first try
         self.outstanding = []                       # (seq, transfer), in send order
+        self.heard = 0.0                            # when the client last acknowledged anything
+        self.probe_at, self.probe_by = 0.0, None    # the last retransmission by timer, and whose
         self._head = 0                              # index of the first live entry
 
-    def sample(self, r):
+    def sample(self, r, flights=0):
+        """A round trip; `flights` is the number of DATAs in flight when the timed one was sent
+        (0: not a DATA)."""
         self.latest_rtt = r
         self.rtt.sample(r)
+        if flights:
+            self.per_flight.sample(r / flights)
+
+    def queue_rto(self):
+        """The least RTO for a DATA sent now: the per-flight estimate times the flights (a
+        path with no DATA timed yet assumes each flight takes a whole round trip)."""
+        if self.per_flight.srtt is None:
+            return self.rtt.rto * self.flights
+        return self.per_flight.rto * self.flights
 
     def loss_rate(self):
         return self._lost / self._frags
@@ -555,6 +585,8 @@ class ServerTransfer:
         self._r = crc_start(start)
         self._crcs = {}
         self._seq = 0                # the outstanding DATA's number in the path's send order
+        self._flying = False         # counted in path.flights (a DATA outstanding)
+        self._flights = 0            # path.flights when the outstanding datagram was sent
         self._early_at = None        # when the outstanding DATA counts as lost (evidence)
         self._rto_at = None
         self._spurious_check = self._spurious_check_early = self._last_early = False
@@ -592,13 +624,27 @@ class ServerTransfer:
         self._tries = 1
         self._timeouts = 0
         self._first_sent_at = now
+        self._fly(self.state == WAIT_DATA)
+        self._flights = self.path.flights if self._flying else 0
         self._emit(datagram, now)
-        self._arm(now, self.rtt.rto)
+        self._arm(now)
 
-    def _arm(self, now, rto):
+    def _fly(self, flying):
+        if flying != self._flying:
+            self._flying = flying
+            self.path.flights += 1 if flying else -1
+
+    def rto(self):
+        """The retransmission timeout for the outstanding datagram: the RTO, and for a DATA at
+        least what the queue of the client's DATAs in flight takes (Path.queue_rto)."""
+        if self._flying:
+            return max(self.rtt.rto, self.path.queue_rto())
+        return self.rtt.rto
+
+    def _arm(self, now):
         self._sent_at = now
         # Wake up at the silence limit at the latest, so the slot is freed on time.
-        self._rto_at = min(now + rto, self._first_sent_at + self.s.client_silence)
+        self._rto_at = min(now + self.rto(), self._first_sent_at + self.s.client_silence)
         self._early_at = None
         self.deadline = self._rto_at
 
@@ -698,6 +744,7 @@ class ServerTransfer:
             self.outcome = outcome
             self.deadline = None
             self._ahead = None
+            self._fly(False)
             if self.source is not None:
                 self.source.close()
             self._bufs = self._current = None
@@ -736,10 +783,11 @@ class ServerTransfer:
         if self._tries == 1:                      # Karn's rule: never time a retransmitted one
             r = now - self._sent_at
             self.rtt.sample(r)
-            self.path.sample(r)
+            self.path.sample(r, self._flights)
 
     def on_ack(self, n, now):
         """ACK n: continue at n if it acknowledges the outstanding DATA; ignore it otherwise."""
+        self.path.heard = now
         if n == self.pos and self._spurious_check:
             # The client acknowledged the previous DATA again: it got both copies of a
             # retransmission, which was needless (the idea of DSACK, RFC 3708).
@@ -749,7 +797,7 @@ class ServerTransfer:
                 # The timer fired too early: the ACK that came answered the first copy, so
                 # its time is a true round trip (the Eifel response, RFC 4015): learn it.
                 self.rtt.sample(self._spurious_rtt)
-                self.path.sample(self._spurious_rtt)
+                self.path.sample(self._spurious_rtt, self._spurious_flights)
             return
         crc = self._crcs.get(n - self.pos) if self.state == WAIT_DATA else None
         if crc is None:
@@ -765,6 +813,7 @@ class ServerTransfer:
         self._spurious_check = self._tries == 2
         self._spurious_check_early = self._last_early
         self._spurious_rtt = now - self._first_sent_at
+        self._spurious_flights = self._flights
         self._adjust_size(length)
         self._r = crc
         self.pos = n
@@ -788,17 +837,21 @@ class ServerTransfer:
                 self._probing, self._small_streak = True, 0
 
     def on_ack_eof(self, now):
+        self.path.heard = now
         if self.state == WAIT_EOF:
             self._sample(now)
             self.finish("done")
 
     def overtaken(self, seq, now):
         """A DATA sent later to the same IP was acknowledged: if `seq` is still the outstanding
-        DATA, it is lost once the reordering threshold has passed since it was sent. Returns
+        DATA, it is lost once the reordering threshold has passed since it was sent, and
+        reorder_min after this evidence at the soonest (after a pause, a client answers the
+        backlog of its transfers in the order it reads its sockets, not in send order). Returns
         whether that changed anything (a resend, or an earlier deadline)."""
         if self.outcome is not None or self.state != WAIT_DATA or seq != self._seq:
             return False
-        self._early_at = self._sent_at + self.path.loss_threshold()
+        self._early_at = max(self._sent_at + self.path.loss_threshold(),
+                             now + self.s.reorder_min)
         if self._early_at <= now:
             self._retransmit(now, early=True)
         else:
@@ -822,11 +875,27 @@ class ServerTransfer:
             return
         if self._early_at is not None and now < self._rto_at:
             return self._retransmit(now, early=True)
+        # The timeout is taken again now: more DATAs may have joined the client's queue since
+        # this one was sent (Path.queue_rto), and their round trips make this one's longer.
+        due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)
+        if due > now:
+            self._rto_at = due
+            self.deadline = due if self._early_at is None else min(due, self._early_at)
+            return
         if self._client_gone(now):
             return self.finish("timeout")
+        path = self.path
+        if (path.probe_by is not None and path.probe_by is not self
+                and path.heard < path.probe_at and now - path.probe_at < self.rto()):
+            # Another of the client's transfers was resent by timer since the client last
+            # answered: wait for the answer to that probe (Path, "One probe at a time").
+            self._rto_at = self.deadline = min(now + self.rto(),
+                                               self._first_sent_at + self.s.client_silence)
+            return
         self.rtt.backoff()
         self._timeouts += 1
         self._retransmit(now, early=False)
+        path.probe_at, path.probe_by = now, self
 
     def _retransmit(self, now, early):
         self._last_early = early
@@ -849,7 +918,7 @@ class ServerTransfer:
         self._emit(self._current)
         # An early retransmission keeps the backed-off timer running from now: evidence of
         # loss is not evidence of a slower path.
-        self._arm(now, self.rtt.rto)
+        self._arm(now)
 
     def _client_gone(self, now):
         """Give up on a client that acknowledged nothing for client_silence seconds (about when

@@ -1586,6 +1586,7 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         srv.recv(b"DOWNLOAD a.bin 0 5000", B, b_sent - 0.01)
         one(self, srv.ack(end_of(a0), A, 0.02))
         a1 = srv.sent[-1][0]
+        self.a1_rto = srv.transfer(A).rto()   # the timeout its timer was set with
         b0 = one(self, srv.ack(0, B, b_sent), B)
         path = srv.d.paths[A[0]]
         self.assertAlmostEqual(path.rtt.srtt, 0.01)
@@ -1594,20 +1595,26 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertIsNot(srv.d.paths[C[0]], path)
         return srv, a1, b0
 
-    def test_resent_at_once_when_the_threshold_has_passed(self):
+    def test_resent_soon_when_the_threshold_has_passed(self):
         srv, a1, b0 = self.begin(b_sent=0.025)
         t, c = srv.transfer(A), srv.transfer(C)
         rto_at, c_deadline = t.deadline, c.deadline
-        self.assertAlmostEqual(rto_at, 0.02 + t.rtt.rto)
-        # B's DATA (sent 5 ms after A's) acknowledged at 0.035: 15 ms > 9/8 * 10 ms since A's
+        self.assertAlmostEqual(rto_at, 0.02 + self.a1_rto)
+        # B's DATA (sent 5 ms after A's) acknowledged at 0.035: 15 ms > 9/8 * 10 ms since A's.
+        # A is resent reorder_min (1 ms) later, unless its own ACK comes meanwhile: a client
+        # answers a backlog of its transfers in any order.
         out = srv.ack(end_of(b0), B, 0.035)
-        self.assertLess(0.035, rto_at)                       # before A's timer would fire
-        self.assertEqual(sorted(a for _, a in out), sorted([A, B]))
-        self.assertEqual([b for b, a in out if a == A], [a1])  # the same DATA again
+        self.assertEqual([a for _, a in out], [B])
+        early_at = t.deadline
+        self.assertAlmostEqual(early_at, 0.035 + srv.s.reorder_min)
+        self.assertEqual(srv.timer(early_at - 1e-6), [])
+        out = srv.timer(early_at)
+        self.assertLess(early_at, rto_at)                    # before A's timer would fire
+        self.assertEqual(out, [(a1, A)])                     # the same DATA again
         self.assertEqual((t.retransmissions, t.early_retransmissions, t.tries), (1, 1, 2))
-        self.assertAlmostEqual(t.deadline, 0.035 + t.rtt.rto)   # timer restarted from now
+        self.assertAlmostEqual(t.deadline, early_at + t.rto())   # timer restarted from now
         # at most once per evidence: B's ACK again (a duplicate) resends nothing
-        self.assertEqual(srv.ack(end_of(b0), B, 0.036), [])
+        self.assertEqual(srv.ack(end_of(b0), B, 0.0365), [])
         self.assertEqual(t.early_retransmissions, 1)
         # C, another IP, is never touched by A and B's evidence
         self.assertEqual((c.retransmissions, c.deadline), (0, c_deadline))
@@ -1636,14 +1643,15 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertAlmostEqual(srv.d.get_timer(), early_at)
         self.assertEqual(srv.timer(early_at - 1e-6), [])
         out = srv.timer(early_at)
+        timeout = t.rto()
         self.assertEqual(out, [(a1, A)])
         self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 1))
         self.assertEqual((c.retransmissions, c.deadline), (0, c_deadline))
         # an early resend is evidence of a loss, not of a slower path: the RTO is not backed
         # off, and the timer runs from the resend
         self.assertAlmostEqual(t.rtt.rto, rto)
-        self.assertAlmostEqual(t.deadline, early_at + rto)
-        out = srv.timer(early_at + rto - 1e-6)            # (C's and B's own timers may fire)
+        self.assertAlmostEqual(t.deadline, early_at + timeout)
+        out = srv.timer(early_at + timeout - 1e-6)            # (C's and B's own timers may fire)
         self.assertNotIn(A, [a for _, a in out])
         self.assertEqual(t.early_retransmissions, 1)
 
@@ -1662,6 +1670,16 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual((t.retransmissions, t.early_retransmissions), (0, 0))
         self.assertEqual(t.deadline, rto_at)                 # A's timer untouched
 
+    def test_own_ack_within_reorder_min_of_the_evidence_cancels_the_resend(self):
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t = srv.transfer(A)
+        srv.ack(end_of(b0), B, 0.035)                        # evidence, threshold passed
+        self.assertAlmostEqual(t.deadline, 0.036)
+        nxt = one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.0355))
+        self.assertIsInstance(nxt, protocol.Data)            # A's own ACK came meanwhile
+        self.assertEqual([a for _, a in srv.timer(0.0365)], [])
+        self.assertEqual(t.retransmissions, 0)
+
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
         # their own IP only.
@@ -1673,6 +1691,65 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual((c.retransmissions, c.early_retransmissions, c.deadline),
                          (0, 0, c_deadline))
         self.assertEqual(len(srv.sent_to(C)), 2)             # SIZE and DATA 0 only
+
+
+class DispatcherQueue(DispatcherCase):
+    """PROTOCOL.md "Retransmission timer": a DATA's timeout covers the queue of its client's
+    DATAs in flight (taken again when the timer expires), and while a resend by timer to an IP
+    is unanswered, that IP's other transfers do not resend by timer."""
+
+    def test_queue_rto(self):
+        path = protocol.Path(config.ServerSettings(), 65507)
+        path.flights = 3
+        self.assertAlmostEqual(path.queue_rto(), 3 * path.rtt.rto)   # nothing timed yet
+        path.sample(0.002)                     # a SIZE: not a DATA, no per-flight sample
+        self.assertIsNone(path.per_flight.srtt)
+        path.sample(0.012, flights=4)          # 3 ms per DATA in flight
+        self.assertAlmostEqual(path.per_flight.srtt, 0.003)
+        self.assertAlmostEqual(path.per_flight.rto, 0.003 + 4 * 0.0015)
+        self.assertAlmostEqual(path.queue_rto(), 3 * 0.009)
+        path.flights = 6
+        self.assertAlmostEqual(path.queue_rto(), 6 * 0.009)
+
+    def test_timer_moved_when_more_datas_joined_then_one_probe_at_a_time(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
+        d0 = one(self, srv.ack(0, A, 0.01))
+        d1 = one(self, srv.ack(end_of(d0), A, 0.02))   # 10 ms with one DATA in flight
+        a, path = srv.transfer(A), srv.d.paths[A[0]]
+        self.assertEqual(path.flights, 1)
+        self.assertAlmostEqual(path.per_flight.srtt, 0.01)
+        first_deadline = a.deadline
+        self.assertAlmostEqual(first_deadline, 0.02 + a.rto())
+        # B, on the same IP, starts: two DATAs in flight from now on
+        srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.021)
+        one(self, srv.ack(0, B, 0.022), B)
+        b = srv.transfer(B)
+        self.assertEqual(path.flights, 2)
+        self.assertAlmostEqual(a.rto(), 2 * path.per_flight.rto)
+        self.assertGreater(a.rto(), a.rtt.rto)
+        # A's timer expires as set: the timeout is taken again with two DATAs in flight
+        self.assertEqual(srv.timer(first_deadline), [])
+        self.assertEqual(a.retransmissions, 0)
+        moved = a.deadline
+        self.assertAlmostEqual(moved, 0.02 + a.rto())
+        self.assertGreater(moved, first_deadline)
+        self.assertLess(moved, b.deadline)
+        # then A is resent (the probe); B's timer, while the client answers nothing, waits
+        out = srv.timer(moved)
+        self.assertEqual([addr for _, addr in out], [A])
+        self.assertEqual(a.retransmissions, 1)
+        b_expiry = b.deadline
+        self.assertEqual(srv.timer(b_expiry), [])
+        self.assertEqual((b.retransmissions, b.tries), (0, 1))
+        self.assertAlmostEqual(b.deadline, b_expiry + b.rto())
+        # A's own timer is never held back by its own probe
+        self.assertEqual([addr for _, addr in srv.timer(a.deadline)], [A])
+        self.assertEqual(a.retransmissions, 2)
+        # once the client answers, B's timer resends as usual
+        one(self, srv.ack(end_of(d1), A, b.deadline - 0.001))
+        self.assertEqual([addr for _, addr in srv.timer(b.deadline)], [B])
+        self.assertEqual(b.retransmissions, 1)
 
 
 class PathSize(DispatcherCase):
