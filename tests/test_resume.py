@@ -108,7 +108,9 @@ class ResumeTests(unittest.TestCase):
         slow = Impairment(delay=0.004)
         p = self.proxy(st.address, to_client=Impairment(delay=0.004, drop_if=counter),
                        to_server=slow)
-        proc = self.run_client_process(p.address, "big.bin", "--parts", "2", "-q")
+        # Slow enough that the first record (after record_interval, 2 s) comes mid-download.
+        proc = self.run_client_process(p.address, "big.bin", "--parts", "2", "-q",
+                                       "--limit-rate", "3M")
         record = client._temp_base(self.tmp.downloads, "big.bin") + ".resume"
         self.assertTrue(wait_for(lambda: recorded_bytes(record)[0] >= size // 4, 20),
                         "no progress record appeared")
@@ -147,7 +149,7 @@ class ResumeTests(unittest.TestCase):
         st = self.serve()
         p = self.proxy(st.address, to_client=Impairment(delay=0.004),
                        to_server=Impairment(delay=0.004))
-        proc = self.run_client_process(p.address, "f.bin", "--parts", "1")
+        proc = self.run_client_process(p.address, "f.bin", "--parts", "1", "--limit-rate", "2M")
         record = client._temp_base(self.tmp.downloads, "f.bin") + ".resume"
         self.assertTrue(wait_for(lambda: recorded_bytes(record)[0] > 0, 20))
         proc.send_signal(signal.SIGINT)
