@@ -7,12 +7,14 @@ impairment proxy to slow transfers down or to act at a chosen datagram. Every wa
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
 import unittest
+from unittest import mock
 
 import client
 import protocol
@@ -375,3 +377,67 @@ class InterruptedWriteTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(hasattr(os, "pwrite"), "write-behind goes with the pwrite path")
+class WriteBehindTests(unittest.TestCase):
+    """Every WRITE_BEHIND bytes written, PartialFile has the kernel start writing them to disk
+    in a background thread (so the final fsync has little left to do), never two at once, and
+    the thread is joined before the file is closed or renamed."""
+
+    def setUp(self):
+        self.tmp = support.TempDirs()
+        self.addCleanup(self.tmp.cleanup)
+        self.chunk = client.WRITE_BEHIND // 2
+
+    def _write(self, part, n, seed=0):
+        data = bytes(random.Random(seed).getrandbits(8) for _ in range(256)) * (self.chunk // 256)
+        part.size, part.version = n * self.chunk, "v1"
+        for i in range(n):
+            part.write(i * self.chunk, data)
+        part.done.add(0, n * self.chunk)
+        return data * n
+
+    def test_started_every_write_behind_bytes_and_joined_before_the_rename(self):
+        calls = []
+
+        def fake(fd):
+            calls.append(fd)
+            time.sleep(0.01)   # still running when finish() comes
+
+        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        self.addCleanup(part.release)
+        with mock.patch.object(client, "_start_writeback", fake):
+            data = self._write(part, 2)          # exactly WRITE_BEHIND bytes: one call
+            self.assertTrue(wait_for(lambda: calls, 5))
+            self.assertEqual(len(calls), 1)
+            self.assertEqual(calls[0], part.f.fileno())
+            self.assertEqual(part.unflushed, 0)
+            part.finish()
+            self.assertIsNone(part._flusher)   # joined before the file was closed
+        self.assertEqual(self.tmp.downloaded("w.bin"), data)
+
+    def test_one_at_a_time(self):
+        release = threading.Event()
+        calls = []
+
+        def fake(fd):
+            calls.append(fd)
+            release.wait(10)
+
+        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        self.addCleanup(part.release)
+        with mock.patch.object(client, "_start_writeback", fake):
+            data = self._write(part, 6)          # three times WRITE_BEHIND
+            self.assertTrue(wait_for(lambda: calls, 5))
+            self.assertEqual(len(calls), 1)     # the first is still running: no second one
+            release.set()
+            part.finish()
+        self.assertEqual(self.tmp.downloaded("w.bin"), data)
+
+    def test_real_writeback_keeps_every_byte(self):
+        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        self.addCleanup(part.release)
+        data = self._write(part, 7, seed=5)
+        part.finish()
+        self.assertEqual(self.tmp.downloaded("w.bin"), data)
