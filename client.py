@@ -12,7 +12,6 @@ final CRC matching the server's EOF: downloads/ never holds a wrong file under a
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -198,6 +197,7 @@ class Printer:
 def _temp_base(out_dir, name):
     """Temporary names never equal a real name: they start with "." (not servable)."""
     if len(name.encode("utf-8")) > 180:   # keep within file-name length limits
+        import hashlib   # rare: not imported at every start
         name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
     return os.path.join(out_dir, "." + name)
 
@@ -1246,7 +1246,7 @@ def build_parser():
     p.add_argument("--parts", default="auto", metavar="N|auto",
                    help="ranges of one file fetched at the same time: 1 to 64, or auto "
                         "(default: auto, which opens more while they make the download faster)")
-    p.add_argument("--give-up", type=float, default=config.ClientSettings.give_up,
+    p.add_argument("--give-up", type=float, default=config.ClientSettings().give_up,
                    metavar="SECONDS",
                    help="with --once or names: give up on a file after this long without "
                         "progress (default %(default)s; watch mode waits 10 times longer)")

@@ -6,7 +6,7 @@ Limits that are part of the wire format itself (datagram size, error length) liv
 """
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,8 +22,7 @@ DOWNLOADS_DIR = os.path.join(PROJECT_DIR, "downloads")
 MiB = 1024 * 1024
 
 
-@dataclass
-class ServerSettings:
+class ServerSettings(NamedTuple):
     # Largest DATA datagram (header + payload). 65507 is the IPv4 UDP maximum: on loopback and on
     # paths that pass IP fragments, big datagrams are what makes stop-and-wait fast.
     datagram_size: int = 65507
@@ -147,8 +146,7 @@ class ServerSettings:
     full_scan_interval: float = 30.0
 
 
-@dataclass
-class ClientSettings:
+class ClientSettings(NamedTuple):
     parts: int = 0                 # parallel ranges per file (--parts); 0: automatic
     # Automatic parts (client.PartsTuner): start with this many, double while it pays, up to
     # the max. 4, not fewer: on loopback 4 parts cost nothing against 2, while on a lossy path

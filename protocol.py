@@ -22,11 +22,7 @@ loops around them; tests drive them on a virtual clock.
 """
 
 import functools
-import hashlib
 import heapq
-import hmac
-import ipaddress
-import logging
 import os
 import re
 import unicodedata
@@ -49,7 +45,8 @@ HUGE = 10 ** MAX_DIGITS
 
 ERROR_CODES = ("NOT_FOUND", "BAD_REQUEST", "BUSY", "CHANGED", "INTERNAL")
 
-log = logging.getLogger("udpxfer")
+# Modules only the server side needs (hmac, hashlib, ipaddress, logging: about 10 ms) are
+# imported where they are used, so that client.py does not pay for them at every start.
 
 
 class ProtocolError(Exception):
@@ -107,6 +104,8 @@ def token_maker(secret=None):
     Nobody off the path can guess one, and a repeated request gets the same token even after
     its unacknowledged entry was forgotten and made anew: the client's ACK, which echoes the
     token of the first SIZE it got, still fits."""
+    import hashlib
+    import hmac
     key = secret or os.urandom(32)
 
     def token(addr, request):
@@ -973,6 +972,7 @@ class TokenBucket:
 def _client_of_host(host):
     if ":" not in host:
         return host
+    import ipaddress
     try:
         ip = ipaddress.IPv6Address(host)
     except ValueError:
@@ -1074,7 +1074,10 @@ class ServerDispatcher:
     def __init__(self, catalog, settings=None, logger=None, new_token=None, path_mtu=None):
         self.catalog = catalog
         self.s = settings or ServerSettings()
-        self.log = logger or log
+        if logger is None:
+            import logging
+            logger = logging.getLogger("udpxfer")
+        self.log = logger
         self.active = {}              # addr -> ServerTransfer (SIZE acknowledged)
         self.pending = OrderedDict()  # addr -> ServerTransfer awaiting ACK of SIZE, oldest first
         self.recent = OrderedDict()   # addr -> (request, forget_at): finished transfers
@@ -1431,13 +1434,13 @@ class ServerDispatcher:
         seconds = max(now - t.activated, 1e-9)
         moved = t.pos - t.start
         self.stats["bytes_served"] = self.stats.get("bytes_served", 0) + moved
-        level = logging.INFO if t.outcome == "done" else logging.WARNING
-        self.log.log(level, "%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions"
-                     "%s%s; path: %d-byte datagrams, %.2f%% loss", format_addr(t.addr), t.outcome,
-                     t.name, moved, seconds, moved / seconds / 1e6, t.retransmissions,
-                     " (%d early)" % t.early_retransmissions if t.early_retransmissions else "",
-                     ", %d shrinks" % t.shrinks if t.shrinks else "", t.path.size,
-                     100 * t.path.loss_rate())
+        say = self.log.info if t.outcome == "done" else self.log.warning
+        say("%s: %s %s: %d bytes in %.2f s, %.1f MB/s, %d retransmissions%s%s; path: %d-byte "
+            "datagrams, %.2f%% loss", format_addr(t.addr), t.outcome, t.name, moved, seconds,
+            moved / seconds / 1e6, t.retransmissions,
+            " (%d early)" % t.early_retransmissions if t.early_retransmissions else "",
+            ", %d shrinks" % t.shrinks if t.shrinks else "", t.path.size,
+            100 * t.path.loss_rate())
 
     def _is_recent(self, addr, now, request=None):
         entry = self.recent.get(addr)
