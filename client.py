@@ -12,6 +12,7 @@ final CRC matching the server's EOF: downloads/ never holds a wrong file under a
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -1290,6 +1291,10 @@ def main(argv=None):
     # --json: stdout holds only JSON lines; what a person reads goes to stderr.
     printer = Printer(quiet=args.quiet, verbose=args.verbose,
                       stream=sys.stderr if args.json else None)
+    # What start-up made lives until exit: keep the garbage collector from walking it again. A
+    # full collection of it took 4 ms here, a pause in the middle of a download (the server's
+    # timer is 2 ms on a fast path) and once more at exit.
+    gc.freeze()
     try:
         os.makedirs(args.out, exist_ok=True)
         app = App(args, settings, printer)

@@ -11,6 +11,7 @@ folder (Folder: which names are servable, what their size and version are) and f
 
 import argparse
 import errno
+import gc
 import hashlib
 import logging
 import os
@@ -436,6 +437,7 @@ def main(argv=None):
     try:
         found = folder.scan()
         log.info("serving %d files from %s", len(found), folder.root)
+        gc.freeze()   # start-up's objects live on: full collections need not walk them
         server.serve_forever()
     except KeyboardInterrupt:
         pass
