@@ -400,10 +400,10 @@ class Path:
       client opens more parts at once, a timer set from the round trips measured before
       fires for every transfer together, before the ACKs of the longer queue can come
       (spurious retransmissions, and each one adds to the queue). So the path also keeps an
-      RFC 6298 estimate of the round trip per DATA in flight, and a DATA's timer is at least
-      that estimate times the DATAs in flight now (Little's law: the queue is the flights
-      times the time each takes). Where the round trip does not grow with them (propagation
-      delay), the ordinary estimate is the larger and this one only shortens nothing.
+      RFC 6298 estimate of the round trip per DATA in flight, and a datagram's timer is at
+      least that estimate times the DATAs in flight now (Little's law: the queue is the
+      flights times the time each takes; a SIZE or an EOF waits behind them too). Where the round trip does not grow with them (propagation
+      delay), the ordinary estimate is the larger and this one changes nothing.
     - One probe at a time: a client that stops answering for a moment (a disk flush, a
       garbage collection, the scheduler) makes every one of its transfers time out together,
       and the loss of every DATA in flight at once is far less likely. So while a timer
@@ -634,11 +634,10 @@ class ServerTransfer:
             self.path.flights += 1 if flying else -1
 
     def rto(self):
-        """The retransmission timeout for the outstanding datagram: the RTO, and for a DATA at
-        least what the queue of the client's DATAs in flight takes (Path.queue_rto)."""
-        if self._flying:
-            return max(self.rtt.rto, self.path.queue_rto())
-        return self.rtt.rto
+        """The retransmission timeout for the outstanding datagram: the RTO, and at least what
+        the queue of the client's DATAs in flight takes (Path.queue_rto): a SIZE or an EOF
+        waits behind them as a DATA does."""
+        return max(self.rtt.rto, self.path.queue_rto())
 
     def _arm(self, now):
         self._sent_at = now

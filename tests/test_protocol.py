@@ -1711,6 +1711,25 @@ class DispatcherQueue(DispatcherCase):
         path.flights = 6
         self.assertAlmostEqual(path.queue_rto(), 6 * 0.009)
 
+    def test_an_eof_waits_behind_the_datas_in_flight_too(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE), "s.bin": protocol.MemoryEntry(b"x")},
+                     **SMALL)
+        for addr in (A, B):
+            srv.recv(b"DOWNLOAD a.bin 0 5000", addr, 0.0)
+            d0 = one(self, srv.ack(0, addr, 0.01), addr)
+            one(self, srv.ack(end_of(d0), addr, 0.02), addr)   # 10 ms, one or two in flight
+        path = srv.d.paths[A[0]]
+        self.assertEqual(path.flights, 2)
+        third = (A[0], 40003)                    # the same IP: a small file, DATA, then EOF
+        srv.recv(b"DOWNLOAD s.bin 0 1", third, 0.02)
+        one(self, srv.ack(0, third, 0.021), third)
+        eof = one(self, srv.ack(1, third, 0.022), third)
+        self.assertIsInstance(eof, protocol.Eof)
+        t = srv.transfer(third)
+        self.assertEqual(path.flights, 2)        # an EOF is not a DATA in flight ...
+        self.assertGreater(path.queue_rto(), t.rtt.rto)
+        self.assertAlmostEqual(t.deadline, 0.022 + path.queue_rto())   # ... but waits behind them
+
     def test_timer_moved_when_more_datas_joined_then_one_probe_at_a_time(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
