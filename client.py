@@ -1291,10 +1291,6 @@ def main(argv=None):
     # --json: stdout holds only JSON lines; what a person reads goes to stderr.
     printer = Printer(quiet=args.quiet, verbose=args.verbose,
                       stream=sys.stderr if args.json else None)
-    # What start-up made lives until exit: keep the garbage collector from walking it again. A
-    # full collection of it took 4 ms here, a pause in the middle of a download (the server's
-    # timer is 2 ms on a fast path) and once more at exit.
-    gc.freeze()
     try:
         os.makedirs(args.out, exist_ok=True)
         app = App(args, settings, printer)
@@ -1355,4 +1351,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # What the imports made lives until exit: keep the garbage collector from walking it again.
+    # A full collection of it took 4 ms here: a pause in the middle of a download (the server's
+    # timer is 2 ms on a fast path), and once more at exit. (Here, not in main(): callers that
+    # run main() in their own process keep their collector as it is.)
+    gc.freeze()
     sys.exit(main())

@@ -62,7 +62,8 @@ class ServerSettings(NamedTuple):
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order), and
-    # reorder_min after the evidence at the soonest (a client answers a backlog in any order).
+    # reorder_min (or the smoothed RTT, if shorter) after the evidence at the soonest (a client
+    # answers a backlog in any order).
     reorder_factor: float = 9 / 8
     reorder_min: float = 0.001
     # An early resend that proves needless (the client acknowledges both copies) doubles the

@@ -423,7 +423,7 @@ class Path:
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
         self.flights = 0                            # transfers with a DATA outstanding
-        self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)
+        self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)   # srtt, rttvar
         self.ceiling = ceiling                      # largest size this IP may get
         self.size = ceiling
         self._lost = 0.0                            # weighted lost datagrams ...
@@ -449,11 +449,18 @@ class Path:
             self.per_flight.sample(r / flights)
 
     def queue_rto(self):
-        """The least RTO for a DATA sent now: the per-flight estimate times the flights (a
-        path with no DATA timed yet assumes each flight takes a whole round trip)."""
-        if self.per_flight.srtt is None:
-            return self.rtt.rto * self.flights
-        return self.per_flight.rto * self.flights
+        """The least RTO for a datagram sent now: the per-flight estimate (smoothed round trip
+        and four deviations) times the flights, plus the clock granularity once; on a path with
+        no DATA timed yet, each flight a whole smoothed round trip. Never above rto_max: the
+        queue must not keep a lost datagram from being resent."""
+        pf = self.per_flight
+        if pf.srtt is not None:
+            rto = self.flights * (pf.srtt + 4 * pf.rttvar) + RttEstimator.G
+        elif self.rtt.srtt is not None:
+            rto = self.flights * self.rtt.srtt + max(RttEstimator.G, 4 * self.rtt.rttvar)
+        else:
+            return 0.0
+        return min(rto, self.s.rto_max)
 
     def loss_rate(self):
         return self._lost / self._frags
@@ -843,17 +850,14 @@ class ServerTransfer:
     def overtaken(self, seq, now):
         """A DATA sent later to the same IP was acknowledged: if `seq` is still the outstanding
         DATA, it is lost once the reordering threshold has passed since it was sent, and
-        reorder_min after this evidence at the soonest (after a pause, a client answers the
-        backlog of its transfers in the order it reads its sockets, not in send order). Returns
-        whether that changed anything (a resend, or an earlier deadline)."""
+        reorder_min (or the smoothed round trip, if shorter) after this evidence at the soonest:
+        after a pause, a client answers the backlog of its transfers in the order it reads its
+        sockets, not in send order. Returns whether that changed anything (a deadline)."""
         if self.outcome is not None or self.state != WAIT_DATA or seq != self._seq:
             return False
         self._early_at = max(self._sent_at + self.path.loss_threshold(),
-                             now + self.s.reorder_min)
-        if self._early_at <= now:
-            self._retransmit(now, early=True)
-        else:
-            self.deadline = min(self._rto_at, self._early_at)
+                             now + min(self.s.reorder_min, self.path.rtt.srtt or 1.0))
+        self.deadline = min(self._rto_at, self._early_at)
         return True
 
     def on_timer(self, now):

@@ -437,7 +437,6 @@ def main(argv=None):
     try:
         found = folder.scan()
         log.info("serving %d files from %s", len(found), folder.root)
-        gc.freeze()   # start-up's objects live on: full collections need not walk them
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -448,4 +447,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    gc.freeze()   # what the imports made lives on: full collections need not walk it (client.py)
     sys.exit(main())

@@ -214,7 +214,7 @@ def child_client(spec_text):
     prepared = []
     for job in spec["jobs"]:
         # Default settings, automatic parts (0) included, unless the job names its parts.
-        settings = config.ClientSettings(parts=job.get("parts", config.ClientSettings.parts))
+        settings = config.ClientSettings(parts=job.get("parts", config.ClientSettings().parts))
         printer = client.Printer(quiet=True, stream=sys.stderr)
         c = client.Client(spec["host"], spec["port"], settings, printer, job.get("out_dir"))
         target = client.PartialFile(job["out_dir"], job["name"]) if job.get("name") else None

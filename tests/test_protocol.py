@@ -1680,6 +1680,22 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual([a for _, a in srv.timer(0.0365)], [])
         self.assertEqual(t.retransmissions, 0)
 
+    def test_on_a_fast_path_the_wait_after_the_evidence_is_one_round_trip(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
+        a0 = one(self, srv.ack(0, A, 0.0002))
+        srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.0002)
+        one(self, srv.ack(end_of(a0), A, 0.0004))            # A's DATA 1 sent at 0.0004
+        b0 = one(self, srv.ack(0, B, 0.0006), B)             # B's DATA 0 sent later
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        self.assertAlmostEqual(t.deadline, 0.0004 + 0.002)   # A's RTO: the 2 ms floor
+        srv.ack(end_of(b0), B, 0.0016)                       # evidence: 1.2 ms after A's send
+        srtt = path.rtt.srtt                                 # (B's ACK was a sample too)
+        self.assertLess(srtt, 0.0004)
+        self.assertAlmostEqual(t.deadline, 0.0016 + srtt)    # not reorder_min (1 ms) later
+        self.assertEqual([a for _, a in srv.timer(t.deadline)], [A])
+        self.assertEqual(t.early_retransmissions, 1)
+
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
         # their own IP only.
@@ -1701,15 +1717,20 @@ class DispatcherQueue(DispatcherCase):
     def test_queue_rto(self):
         path = protocol.Path(config.ServerSettings(), 65507)
         path.flights = 3
-        self.assertAlmostEqual(path.queue_rto(), 3 * path.rtt.rto)   # nothing timed yet
+        self.assertEqual(path.queue_rto(), 0.0)            # nothing timed yet
         path.sample(0.002)                     # a SIZE: not a DATA, no per-flight sample
         self.assertIsNone(path.per_flight.srtt)
+        # no DATA timed yet: each flight a whole smoothed round trip, plus 4 deviations
+        self.assertAlmostEqual(path.queue_rto(), 3 * 0.002 + 4 * 0.001)
         path.sample(0.012, flights=4)          # 3 ms per DATA in flight
         self.assertAlmostEqual(path.per_flight.srtt, 0.003)
-        self.assertAlmostEqual(path.per_flight.rto, 0.003 + 4 * 0.0015)
-        self.assertAlmostEqual(path.queue_rto(), 3 * 0.009)
+        self.assertAlmostEqual(path.per_flight.rttvar, 0.0015)
+        g = protocol.RttEstimator.G                        # the granularity counts once
+        self.assertAlmostEqual(path.queue_rto(), 3 * (0.003 + 4 * 0.0015) + g)
         path.flights = 6
-        self.assertAlmostEqual(path.queue_rto(), 6 * 0.009)
+        self.assertAlmostEqual(path.queue_rto(), 6 * (0.003 + 4 * 0.0015) + g)
+        path.flights = 1000                                # never above the RTO ceiling
+        self.assertEqual(path.queue_rto(), path.s.rto_max)
 
     def test_an_eof_waits_behind_the_datas_in_flight_too(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE), "s.bin": protocol.MemoryEntry(b"x")},
@@ -1745,7 +1766,7 @@ class DispatcherQueue(DispatcherCase):
         one(self, srv.ack(0, B, 0.022), B)
         b = srv.transfer(B)
         self.assertEqual(path.flights, 2)
-        self.assertAlmostEqual(a.rto(), 2 * path.per_flight.rto)
+        self.assertAlmostEqual(a.rto(), 2 * (0.01 + 4 * 0.005) + protocol.RttEstimator.G)
         self.assertGreater(a.rto(), a.rtt.rto)
         # A's timer expires as set: the timeout is taken again with two DATAs in flight
         self.assertEqual(srv.timer(first_deadline), [])
