@@ -400,16 +400,12 @@ class Path:
       client opens more parts at once, a timer set from the round trips measured before
       fires for every transfer together, before the ACKs of the longer queue can come
       (spurious retransmissions, and each one adds to the queue). So the path also keeps an
-      RFC 6298 estimate of the round trip per DATA in flight, and a datagram's timer is at
-      least that estimate times the DATAs in flight now (Little's law: the queue is the
-      flights times the time each takes; a SIZE or an EOF waits behind them too). Where the round trip does not grow with them (propagation
+      RFC 6298 estimate of the queueing per DATA in flight (the round trip less the smallest
+      one seen, divided by the DATAs in flight when the timed one was sent), and a datagram's
+      timer is at least the smallest round trip plus that estimate times the DATAs in flight
+      now (Little's law: the queue is the flights times the time each takes; a SIZE or an EOF
+      waits behind them too). Where the round trip does not grow with them (propagation
       delay), the ordinary estimate is the larger and this one changes nothing.
-    - One probe at a time: a client that stops answering for a moment (a disk flush, a
-      garbage collection, the scheduler) makes every one of its transfers time out together,
-      and the loss of every DATA in flight at once is far less likely. So while a timer
-      retransmission to the IP is unanswered, the timers of its other transfers wait one more
-      RTO instead of resending too (QUIC's probe timeout sends one or two probes, not every
-      packet in flight: RFC 9002 6.2). Once the client answers, the rules above apply again.
     - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
       RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
       acknowledged at first try is evidence that every earlier one still outstanding is lost
@@ -423,6 +419,7 @@ class Path:
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
         self.flights = 0                            # transfers with a DATA outstanding
+        self.min_rtt = None                         # the path without a queue
         self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)   # srtt, rttvar
         self.ceiling = ceiling                      # largest size this IP may get
         self.size = ceiling
@@ -436,8 +433,6 @@ class Path:
         self.seq = 0                                # last sequence number given out
         self.acked = 0                              # highest acknowledged at first try
         self.outstanding = []                       # (seq, transfer), in send order
-        self.heard = 0.0                            # when the client last acknowledged anything
-        self.probe_at, self.probe_by = 0.0, None    # the last retransmission by timer, and whose
         self._head = 0                              # index of the first live entry
 
     def sample(self, r, flights=0):
@@ -445,21 +440,19 @@ class Path:
         (0: not a DATA)."""
         self.latest_rtt = r
         self.rtt.sample(r)
+        self.min_rtt = r if self.min_rtt is None else min(self.min_rtt, r)
         if flights:
-            self.per_flight.sample(r / flights)
+            self.per_flight.sample((r - self.min_rtt) / flights)
 
     def queue_rto(self):
-        """The least RTO for a datagram sent now: the per-flight estimate (smoothed round trip
-        and four deviations) times the flights, plus the clock granularity once; on a path with
-        no DATA timed yet, each flight a whole smoothed round trip. Never above rto_max: the
+        """The least RTO for a datagram sent now: the smallest round trip seen, plus the
+        per-flight queueing estimate (smoothed value and four deviations) times the flights,
+        plus the clock granularity; 0 until a DATA has been timed. Never above rto_max: the
         queue must not keep a lost datagram from being resent."""
         pf = self.per_flight
-        if pf.srtt is not None:
-            rto = self.flights * (pf.srtt + 4 * pf.rttvar) + RttEstimator.G
-        elif self.rtt.srtt is not None:
-            rto = self.flights * self.rtt.srtt + max(RttEstimator.G, 4 * self.rtt.rttvar)
-        else:
+        if pf.srtt is None:
             return 0.0
+        rto = self.min_rtt + self.flights * (pf.srtt + 4 * pf.rttvar) + RttEstimator.G
         return min(rto, self.s.rto_max)
 
     def loss_rate(self):
@@ -792,7 +785,6 @@ class ServerTransfer:
 
     def on_ack(self, n, now):
         """ACK n: continue at n if it acknowledges the outstanding DATA; ignore it otherwise."""
-        self.path.heard = now
         if n == self.pos and self._spurious_check:
             # The client acknowledged the previous DATA again: it got both copies of a
             # retransmission, which was needless (the idea of DSACK, RFC 3708).
@@ -842,7 +834,6 @@ class ServerTransfer:
                 self._probing, self._small_streak = True, 0
 
     def on_ack_eof(self, now):
-        self.path.heard = now
         if self.state == WAIT_EOF:
             self._sample(now)
             self.finish("done")
@@ -886,18 +877,9 @@ class ServerTransfer:
             return
         if self._client_gone(now):
             return self.finish("timeout")
-        path = self.path
-        if (path.probe_by is not None and path.probe_by is not self
-                and path.heard < path.probe_at and now - path.probe_at < self.rto()):
-            # Another of the client's transfers was resent by timer since the client last
-            # answered: wait for the answer to that probe (Path, "One probe at a time").
-            self._rto_at = self.deadline = min(now + self.rto(),
-                                               self._first_sent_at + self.s.client_silence)
-            return
         self.rtt.backoff()
         self._timeouts += 1
         self._retransmit(now, early=False)
-        path.probe_at, path.probe_by = now, self
 
     def _retransmit(self, now, early):
         self._last_early = early

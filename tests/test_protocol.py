@@ -1710,86 +1710,87 @@ class DispatcherEarlyRetransmission(DispatcherCase):
 
 
 class DispatcherQueue(DispatcherCase):
-    """PROTOCOL.md "Retransmission timer": a DATA's timeout covers the queue of its client's
-    DATAs in flight (taken again when the timer expires), and while a resend by timer to an IP
-    is unanswered, that IP's other transfers do not resend by timer."""
+    """PROTOCOL.md "The queue of a client's DATAs": a datagram's timeout covers the queue of its
+    client's DATAs in flight, and is taken again when the timer expires."""
 
     def test_queue_rto(self):
         path = protocol.Path(config.ServerSettings(), 65507)
         path.flights = 3
         self.assertEqual(path.queue_rto(), 0.0)            # nothing timed yet
         path.sample(0.002)                     # a SIZE: not a DATA, no per-flight sample
-        self.assertIsNone(path.per_flight.srtt)
-        # no DATA timed yet: each flight a whole smoothed round trip, plus 4 deviations
-        self.assertAlmostEqual(path.queue_rto(), 3 * 0.002 + 4 * 0.001)
-        path.sample(0.012, flights=4)          # 3 ms per DATA in flight
+        self.assertEqual((path.min_rtt, path.per_flight.srtt), (0.002, None))
+        self.assertEqual(path.queue_rto(), 0.0)
+        path.sample(0.014, flights=4)          # 12 ms more than the smallest: 3 ms per DATA
         self.assertAlmostEqual(path.per_flight.srtt, 0.003)
         self.assertAlmostEqual(path.per_flight.rttvar, 0.0015)
         g = protocol.RttEstimator.G                        # the granularity counts once
-        self.assertAlmostEqual(path.queue_rto(), 3 * (0.003 + 4 * 0.0015) + g)
+        self.assertAlmostEqual(path.queue_rto(), 0.002 + 3 * (0.003 + 4 * 0.0015) + g)
         path.flights = 6
-        self.assertAlmostEqual(path.queue_rto(), 6 * (0.003 + 4 * 0.0015) + g)
+        self.assertAlmostEqual(path.queue_rto(), 0.002 + 6 * (0.003 + 4 * 0.0015) + g)
         path.flights = 1000                                # never above the RTO ceiling
         self.assertEqual(path.queue_rto(), path.s.rto_max)
+        # a long path without a queue: round trips that do not grow with the DATAs in flight
+        far = protocol.Path(config.ServerSettings(), 65507)
+        for flights in (1, 2, 4, 8, 8, 8):
+            far.sample(0.3, flights=flights)
+        far.flights = 8
+        self.assertAlmostEqual(far.queue_rto(), 0.3 + g)   # below its ordinary RTO
+        self.assertLess(far.queue_rto(), far.rtt.rto)
 
     def test_an_eof_waits_behind_the_datas_in_flight_too(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE), "s.bin": protocol.MemoryEntry(b"x")},
                      **SMALL)
-        for addr in (A, B):
+        for addr in (A, B):   # SIZE 10 ms, then the DATAs take 20 ms: 10 ms of queue
             srv.recv(b"DOWNLOAD a.bin 0 5000", addr, 0.0)
-            d0 = one(self, srv.ack(0, addr, 0.01), addr)
-            one(self, srv.ack(end_of(d0), addr, 0.02), addr)   # 10 ms, one or two in flight
+        d0 = {addr: one(self, srv.ack(0, addr, 0.01), addr) for addr in (A, B)}
+        for addr in (A, B):
+            one(self, srv.ack(end_of(d0[addr]), addr, 0.03), addr)
         path = srv.d.paths[A[0]]
         self.assertEqual(path.flights, 2)
         third = (A[0], 40003)                    # the same IP: a small file, DATA, then EOF
-        srv.recv(b"DOWNLOAD s.bin 0 1", third, 0.02)
-        one(self, srv.ack(0, third, 0.021), third)
-        eof = one(self, srv.ack(1, third, 0.022), third)
+        srv.recv(b"DOWNLOAD s.bin 0 1", third, 0.03)
+        one(self, srv.ack(0, third, 0.031), third)
+        eof = one(self, srv.ack(1, third, 0.032), third)
         self.assertIsInstance(eof, protocol.Eof)
         t = srv.transfer(third)
         self.assertEqual(path.flights, 2)        # an EOF is not a DATA in flight ...
         self.assertGreater(path.queue_rto(), t.rtt.rto)
-        self.assertAlmostEqual(t.deadline, 0.022 + path.queue_rto())   # ... but waits behind them
+        self.assertAlmostEqual(t.deadline, 0.032 + path.queue_rto())   # ... but waits behind them
 
-    def test_timer_moved_when_more_datas_joined_then_one_probe_at_a_time(self):
+    def test_timer_moved_when_more_datas_joined(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
-        d0 = one(self, srv.ack(0, A, 0.01))
-        d1 = one(self, srv.ack(end_of(d0), A, 0.02))   # 10 ms with one DATA in flight
+        d0 = one(self, srv.ack(0, A, 0.01))            # SIZE: 10 ms, the smallest round trip
+        one(self, srv.ack(end_of(d0), A, 0.03))        # DATA: 20 ms with one in flight
         a, path = srv.transfer(A), srv.d.paths[A[0]]
         self.assertEqual(path.flights, 1)
-        self.assertAlmostEqual(path.per_flight.srtt, 0.01)
+        self.assertAlmostEqual(path.min_rtt, 0.01)
+        self.assertAlmostEqual(path.per_flight.srtt, 0.01)   # 10 ms of queue per DATA
         first_deadline = a.deadline
-        self.assertAlmostEqual(first_deadline, 0.02 + a.rto())
+        self.assertAlmostEqual(first_deadline, 0.03 + a.rto())
         # B, on the same IP, starts: two DATAs in flight from now on
-        srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.021)
-        one(self, srv.ack(0, B, 0.022), B)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.031)
+        one(self, srv.ack(0, B, 0.041), B)
         b = srv.transfer(B)
         self.assertEqual(path.flights, 2)
-        self.assertAlmostEqual(a.rto(), 2 * (0.01 + 4 * 0.005) + protocol.RttEstimator.G)
+        self.assertAlmostEqual(a.rto(), 0.01 + 2 * (0.01 + 4 * 0.005) + protocol.RttEstimator.G)
         self.assertGreater(a.rto(), a.rtt.rto)
         # A's timer expires as set: the timeout is taken again with two DATAs in flight
         self.assertEqual(srv.timer(first_deadline), [])
         self.assertEqual(a.retransmissions, 0)
         moved = a.deadline
-        self.assertAlmostEqual(moved, 0.02 + a.rto())
+        self.assertAlmostEqual(moved, 0.03 + a.rto())
         self.assertGreater(moved, first_deadline)
         self.assertLess(moved, b.deadline)
-        # then A is resent (the probe); B's timer, while the client answers nothing, waits
-        out = srv.timer(moved)
-        self.assertEqual([addr for _, addr in out], [A])
+        # then A is resent, and later B, each when its own timeout has passed
+        self.assertEqual([addr for _, addr in srv.timer(moved)], [A])
         self.assertEqual(a.retransmissions, 1)
-        b_expiry = b.deadline
-        self.assertEqual(srv.timer(b_expiry), [])
-        self.assertEqual((b.retransmissions, b.tries), (0, 1))
-        self.assertAlmostEqual(b.deadline, b_expiry + b.rto())
-        # A's own timer is never held back by its own probe
-        self.assertEqual([addr for _, addr in srv.timer(a.deadline)], [A])
-        self.assertEqual(a.retransmissions, 2)
-        # once the client answers, B's timer resends as usual
-        one(self, srv.ack(end_of(d1), A, b.deadline - 0.001))
         self.assertEqual([addr for _, addr in srv.timer(b.deadline)], [B])
         self.assertEqual(b.retransmissions, 1)
+        # never above the RTO ceiling, however many DATAs are in flight
+        path.flights += 10000
+        self.assertEqual(a.rto(), srv.s.rto_max)
+        path.flights -= 10000
 
 
 class PathSize(DispatcherCase):
