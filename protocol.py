@@ -853,6 +853,15 @@ class ServerTransfer:
 
     def on_timer(self, now):
         """A timer expired: an early retransmission, the retransmission timer, or giving up."""
+        if self._early_at is not None and now < self._rto_at:
+            return self._retransmit(now, early=True)
+        # The timeout is taken again now: more DATAs may have joined the client's queue since
+        # this datagram was sent (Path.queue_rto), and their round trips make its own longer.
+        due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)
+        if due > now:
+            self._rto_at = due
+            self.deadline = due if self._early_at is None else min(due, self._early_at)
+            return
         if self.state == WAIT_SIZE:
             # Retransmit only within the anti-amplification allowance; either way stay ready
             # for the client's ACK (or its repeated request) for pending_max_sends timeouts.
@@ -865,15 +874,6 @@ class ServerTransfer:
                 self._tries += 1
                 self.retransmissions += 1
                 self._emit(self._current)
-            return
-        if self._early_at is not None and now < self._rto_at:
-            return self._retransmit(now, early=True)
-        # The timeout is taken again now: more DATAs may have joined the client's queue since
-        # this one was sent (Path.queue_rto), and their round trips make this one's longer.
-        due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)
-        if due > now:
-            self._rto_at = due
-            self.deadline = due if self._early_at is None else min(due, self._early_at)
             return
         if self._client_gone(now):
             return self.finish("timeout")

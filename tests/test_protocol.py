@@ -1757,6 +1757,26 @@ class DispatcherQueue(DispatcherCase):
         self.assertGreater(path.queue_rto(), t.rtt.rto)
         self.assertAlmostEqual(t.deadline, 0.032 + path.queue_rto())   # ... but waits behind them
 
+    def test_a_size_timer_is_moved_too(self):
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
+        d0 = one(self, srv.ack(0, A, 0.01))            # SIZE: 10 ms, the smallest round trip
+        one(self, srv.ack(end_of(d0), A, 0.03))        # DATA: 20 ms with one in flight
+        path = srv.d.paths[A[0]]
+        one(self, srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.031), B)   # B's SIZE
+        b = srv.transfer(B)
+        first_deadline = b.deadline
+        self.assertAlmostEqual(first_deadline, 0.031 + path.queue_rto())
+        self.assertGreater(path.queue_rto(), b.rtt.rto)
+        third = (A[0], 40003)                          # another DATA joins the queue
+        srv.recv(b"DOWNLOAD a.bin 0 5000", third, 0.032)
+        one(self, srv.ack(0, third, 0.042), third)
+        self.assertEqual(path.flights, 2)
+        self.assertEqual(srv.timer(first_deadline), [])   # SIZE not resent: the timer moved
+        self.assertEqual((b.retransmissions, len(srv.sent_to(B))), (0, 1))
+        self.assertAlmostEqual(b.deadline, 0.031 + path.queue_rto())
+        self.assertGreater(b.deadline, first_deadline)
+
     def test_timer_moved_when_more_datas_joined(self):
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
