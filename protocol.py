@@ -376,8 +376,16 @@ def fragments(datagram_size, per_fragment, whole=0):
 def size_ladder(per_fragment, ceiling, whole=0):
     """Datagram sizes that fill their last packet (1, 2, 3, ... 32 fragments), and the
     ceiling: the sizes worth choosing between on a path."""
-    sizes = {min(k * per_fragment - 8, ceiling) for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)}
-    return tuple(sorted(sizes | {ceiling, min(max(whole - 8, 1), ceiling)}))
+    top = ceiling
+    if ceiling + 8 > whole:
+        # The largest size that fills its last fragment, if that costs little payload: 65507
+        # bytes on Ethernet are 44 full fragments and one of 395 bytes, and every packet costs
+        # both ends (and a small one the most per byte).
+        filled = (ceiling + 8) // per_fragment * per_fragment - 8
+        if filled > 0 and ceiling - filled <= ceiling // 64:
+            top = filled
+    sizes = {min(k * per_fragment - 8, top) for k in (1, 2, 3, 4, 6, 8, 11, 16, 22, 32)}
+    return tuple(sorted(sizes | {top, min(max(whole - 8, 1), ceiling)}))
 
 
 class Path:
@@ -422,7 +430,7 @@ class Path:
         self.min_rtt = None                         # the path without a queue
         self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)   # srtt, rttvar
         self.ceiling = ceiling                      # largest size this IP may get
-        self.size = ceiling
+        self.size = size_ladder(self.per_fragment, ceiling, self.whole)[-1]
         self._lost = 0.0                            # weighted lost datagrams ...
         self._frags = float(settings.loss_prior)    # ... per weighted fragment sent
         self._events = 0

@@ -803,6 +803,9 @@ def end_of(msg):
 
 FILE = blob(5000, 7)
 SMALL = dict(datagram_size=200)
+# The largest datagram on an Ethernet path (MTU 1500, the default where the OS cannot tell): 44
+# fragments of 1480 bytes, all full. 65507 bytes would add a 45th of 395 bytes.
+ETHERNET_TOP = 44 * 1480 - 8
 
 
 class DispatcherCase(unittest.TestCase):
@@ -1225,7 +1228,7 @@ class DispatcherShrink(DispatcherCase):
     def test_too_big_lowers_ceiling(self):
         srv = Server({"a.bin": protocol.MemoryEntry(blob(300000))})
         _, first = self.start(srv)
-        self.assertEqual(len(srv.sent[-1][0]), 65507)
+        self.assertEqual(len(srv.sent[-1][0]), ETHERNET_TOP)
         srv.d.too_big(A, 65507, 0.0)
         resent = one(self, srv._drain())
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
@@ -1827,14 +1830,28 @@ class PathSize(DispatcherCase):
             k = protocol.fragments(size, path.per_fragment)
             path.outcome(size, lost=any(rng.random() < per_fragment_loss for _ in range(k)))
 
+    def test_the_largest_size_fills_its_last_fragment(self):
+        eth, eth6 = protocol.fragment_payload(1500), protocol.fragment_payload(1500, ipv6=True)
+        self.assertEqual(protocol.size_ladder(eth, 65507, 1480)[-1], ETHERNET_TOP)
+        self.assertEqual((protocol.fragments(ETHERNET_TOP, eth, 1480),
+                          protocol.fragments(65507, eth, 1480)), (44, 45))
+        self.assertEqual(protocol.size_ladder(eth6, 65507, 1460)[-1], 45 * 1448 - 8)
+        # not where that would cost much of the datagram, nor where nothing fragments
+        self.assertEqual(protocol.size_ladder(eth, 2000, 1480)[-1], 2000)
+        self.assertEqual(protocol.size_ladder(eth, 9216, 1480)[-1], 9216)
+        loopback = protocol.fragment_payload(65536)
+        self.assertEqual(protocol.size_ladder(loopback, 65507, 65516)[-1], 65507)
+
     def test_no_loss_stays_at_the_ceiling(self):
-        for ceiling in (protocol.MAX_DATAGRAM, 9216, 2000, 1000):
+        # (or just below it, filling the last fragment, where that costs under 1/64 of it)
+        for ceiling, top in ((protocol.MAX_DATAGRAM, ETHERNET_TOP), (9216, 9216), (2000, 2000),
+                             (1000, 1000)):
             with self.subTest(ceiling=ceiling):
                 path = protocol.Path(self.S, ceiling)
-                self.assertEqual(path.size, ceiling)
+                self.assertEqual(path.size, top)
                 for _ in range(5000):
                     path.outcome(path.size, lost=False)
-                    self.assertEqual(path.size, ceiling)
+                    self.assertEqual(path.size, top)
                 self.assertEqual(path.loss_rate(), 0.0)
 
     def test_loss_brings_the_size_down_and_no_loss_back_up(self):
@@ -1848,15 +1865,15 @@ class PathSize(DispatcherCase):
                 self.assertLess(path.loss_rate(), 0.025)
                 for n in range(20000):                 # then a long run without loss
                     path.outcome(path.size, lost=False)
-                    if path.size == protocol.MAX_DATAGRAM:
+                    if path.size == ETHERNET_TOP:
                         break
-                self.assertEqual(path.size, protocol.MAX_DATAGRAM)
+                self.assertEqual(path.size, ETHERNET_TOP)
                 self.assertGreater(n, 100)             # not at the first good datagram
 
     def test_rare_loss_keeps_big_datagrams(self):
         path = protocol.Path(self.S, protocol.MAX_DATAGRAM)
         self.lossy(path, 0.00001, 3000, 4)
-        self.assertEqual(path.size, protocol.MAX_DATAGRAM)
+        self.assertEqual(path.size, ETHERNET_TOP)
 
     def test_spurious_undoes_a_loss(self):
         rng = random.Random(6)
