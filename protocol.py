@@ -428,7 +428,8 @@ class Path:
         self.latest_rtt = 0.0
         self.flights = 0                            # transfers with a DATA outstanding
         self.min_rtt = None                         # the path without a queue
-        self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)   # srtt, rttvar
+        # Queueing per DATA in flight (its srtt and rttvar are used; see queue_rto).
+        self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)
         self.ceiling = ceiling                      # largest size this IP may get
         self.size = size_ladder(self.per_fragment, ceiling, self.whole)[-1]
         self._lost = 0.0                            # weighted lost datagrams ...
