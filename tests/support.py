@@ -88,6 +88,12 @@ class TempDirs:
             f.write(data)
         return data
 
+    def folder(self, name):
+        """A new empty folder inside the temporary one (another client's downloads)."""
+        path = os.path.join(self.root, name)
+        os.mkdir(path)
+        return path
+
     def downloaded(self, name):
         with open(os.path.join(self.downloads, name), "rb") as f:
             return f.read()

@@ -77,11 +77,6 @@ class BusyClientTest(unittest.TestCase):
         self.addCleanup(st.stop)
         return st
 
-    def out(self, name):
-        path = os.path.join(self.tmp.root, name)
-        os.mkdir(path)
-        return path
-
     def test_busy_for_extra_parts_carries_on_with_the_parts_it_has(self):
         data = self.tmp.make_file("f.bin", 3 * MiB, seed=31)
         st = self.serve(max_transfers=2)
@@ -118,7 +113,7 @@ class BusyClientTest(unittest.TestCase):
 
         def run(source):
             try:
-                out = self.out(source)
+                out = self.tmp.folder(source)
                 c = bound_client(st.address, out, source,
                                  support.fast_client_settings(min_part_size=128 * 1024,
                                                               give_up=10.0))

@@ -248,11 +248,6 @@ class EndToEndCase(unittest.TestCase):
         self.addCleanup(proxy.close)
         return proxy
 
-    def out_dir(self, name):
-        path = os.path.join(self.tmp.root, name)
-        os.mkdir(path)
-        return path
-
     def assert_downloaded(self, out_dir, name, data):
         self.assertEqual(hashlib.sha256(read_bytes(os.path.join(out_dir, name))).hexdigest(),
                          hashlib.sha256(data).hexdigest(), "%s differs" % name)
@@ -288,7 +283,7 @@ class ImpairedNetworkTest(EndToEndCase):
 
         for parts in (1, 4):
             with self.subTest(parts=parts):
-                out = self.out_dir("downloads-%d" % parts)
+                out = self.tmp.folder("downloads-%d" % parts)
                 watcher = DownloadsWatcher(out, expected).start()
                 self.addCleanup(watcher.stop)
                 done = []
@@ -428,7 +423,7 @@ class ImpairedNetworkTest(EndToEndCase):
 
                 impairment = {direction: Impairment(drop_if=lose_one)}
                 proxy = self.start_proxy(st.address, **impairment)
-                out = self.out_dir("out-%d" % len(os.listdir(self.tmp.root)))
+                out = self.tmp.folder("out-%d" % len(os.listdir(self.tmp.root)))
                 started = time.monotonic()
                 if what.startswith("LIST"):
                     entries = support.make_client(proxy.address, out, settings).listing()
@@ -487,7 +482,7 @@ class SizesTest(EndToEndCase):
                     for size in self.SIZES}
         st = self.start_server()
         for parts in (1, 4):
-            out = self.out_dir("downloads-%d" % parts)
+            out = self.tmp.folder("downloads-%d" % parts)
             settings = support.fast_client_settings(min_part_size=1 * MiB)
             for name, data in sorted(expected.items()):
                 with self.subTest(parts=parts, size=len(data)):
@@ -723,7 +718,7 @@ class ConcurrentClientsTest(EndToEndCase):
         names = sorted(files)
         jobs = []
         for i in range(20):
-            out = self.out_dir("client-%02d" % i)
+            out = self.tmp.folder("client-%02d" % i)
             jobs.append((names[i % len(names)], out, 1 + i % 3))
         errors, barrier = [], threading.Barrier(len(jobs), timeout=10)
 
