@@ -349,7 +349,17 @@ def child_floor_recv(path, size, port):
 # a child imports adds to the peak RSS it reports.
 queue = signal = subprocess = tempfile = None
 
-class Child:
+class _Live:
+    """Instances still running are in the subclass's `live` list; kill_all() kills them (on
+    Ctrl-C and at the end: Bench.cleanup)."""
+
+    @classmethod
+    def kill_all(cls):
+        for obj in list(cls.live):
+            obj.kill()
+
+
+class Child(_Live):
     """A child process of this script; JSON lines from its stdout, read by a thread so that
     every wait has a timeout."""
 
@@ -448,10 +458,6 @@ class Child:
         if self in Child.live:
             Child.live.remove(self)
 
-    @classmethod
-    def kill_all(cls):
-        for child in list(cls.live):
-            child.kill()
 
 
 # --- Parent: formatting ---------------------------------------------------------------------
@@ -575,7 +581,7 @@ def run_cmd(args, timeout=30, input=None):
         return None, str(exc)
 
 
-class Spawned:
+class Spawned(_Live):
     """A background process (in.tftpd, http.server) in its own session, so that killing its
     process group also kills what it forked. Every live one is killed by Bench.cleanup()."""
 
@@ -592,10 +598,6 @@ class Spawned:
         if self in Spawned.live:
             Spawned.live.remove(self)
 
-    @classmethod
-    def kill_all(cls):
-        for s in list(cls.live):
-            s.kill()
 
 
 def kill_group(p):

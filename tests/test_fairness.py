@@ -204,6 +204,15 @@ class Clients:
                 self.feed(ack(self.h, addr, m.offset + len(m.payload), now), now)
 
 
+def slots_taken(test, addrs):
+    """A server with 4 transfer slots, and a transfer started at 0.0 from each of `addrs`."""
+    h = Harness(max_transfers=4)
+    c = Clients(test, h)
+    for addr in addrs:
+        c.start(addr, 0.0)
+    return h, c
+
+
 class FairShareTest(unittest.TestCase):
 
     def test_one_ip_holding_every_slot_with_slow_keep_alive_acks_then_another_ip_is_served(self):
@@ -248,12 +257,8 @@ class FairShareTest(unittest.TestCase):
         self.assertEqual(h.d.stats["busy"], 1)
 
     def test_an_ip_holding_many_slots_gets_busy_for_more_while_another_is_served(self):
-        h = Harness(max_transfers=4)
-        c = Clients(self, h)
         xs = ports(X, 3)
-        for addr in xs:
-            c.start(addr, 0.0)
-        c.start((Y, 5000), 0.0)
+        h, c = slots_taken(self, xs + [(Y, 5000)])
         self.assertEqual(len(h.d.active), 4)
         # X holds 3 of 4 and Y 1; the fair share of two IPs is 2.
         self.assertTrue(is_busy(parsed(h.request((X, 2000), 1.0), (X, 2000))))
@@ -293,11 +298,8 @@ class FairShareTest(unittest.TestCase):
         self.assertEqual((len(moving_x), len(moving_y)), (4, 4))
 
     def test_kept_alive_transfers_of_many_ips_give_way_to_a_waiting_client(self):
-        h = Harness(max_transfers=4)
-        c = Clients(self, h)
         slow = [("192.0.2.%d" % i, 1000) for i in range(1, 5)]
-        for addr in slow:
-            c.start(addr, 0.0)
+        h, c = slots_taken(self, slow)
         z = (Y, 5000)
         # Young transfers are never judged: within the first window Z waits.
         self.assertTrue(is_busy(c.start(z, 2.0)))
@@ -310,11 +312,8 @@ class FairShareTest(unittest.TestCase):
         self.assertEqual([a in slow for a in c.busy[1:]], [True])   # one slow one gave way
 
     def test_transfers_that_move_keep_their_slots(self):
-        h = Harness(max_transfers=4)
-        c = Clients(self, h)
         quick = [("192.0.2.%d" % i, 1000) for i in range(1, 5)]
-        for addr in quick:
-            c.start(addr, 0.0)
+        h, c = slots_taken(self, quick)
         now = 0.0
         while now < 7.0:                              # 5 ACKs a second each
             now += 0.2
@@ -339,11 +338,8 @@ class Ipv6ClientTest(unittest.TestCase):
                             protocol.client_of(("2001:db8:1:3::5", 1, 0, 0)))
 
     def test_one_64_with_many_addresses_gets_one_share(self):
-        h = Harness(max_transfers=4)
-        c = Clients(self, h)
         hogs = [("2001:db8:1:2::%x" % (i + 1), 1000, 0, 0) for i in range(4)]
-        for addr in hogs:
-            c.start(addr, 0.0)
+        h, c = slots_taken(self, hogs)
         y = ("2001:db8:9:9::1", 5000, 0, 0)
         self.assertIsInstance(c.start(y, 1.0)[0], protocol.Data)
         self.assertEqual(h.d.stats["preempted"], 1)
