@@ -599,7 +599,6 @@ class Spawned(_Live):
             Spawned.live.remove(self)
 
 
-
 def kill_group(p):
     if p.poll() is None:
         try:
