@@ -13,7 +13,6 @@ final CRC matching the server's EOF: downloads/ never holds a wrong file under a
 
 import argparse
 import gc
-import json
 import os
 import re
 import selectors
@@ -308,6 +307,7 @@ class PartialFile:
     def _load(self):
         try:
             with open(self.record_path, "r", encoding="utf-8") as f:
+                import json   # here, not at the top: only a resumed download needs it
                 rec = json.load(f)
             if rec.get("name") != self.name or not os.path.exists(self.part_path):
                 raise ValueError("stale record")
@@ -385,6 +385,7 @@ class PartialFile:
         try:
             if fd is not None:
                 os.fsync(fd)
+            import json
             tmp = self.record_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(record, f)
@@ -561,7 +562,10 @@ class Client:
         self.s = settings or config.ClientSettings()
         self.printer = printer or Printer()
         self.out_dir = out_dir
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+        # An ASCII name goes as bytes: a str would be IDNA-encoded, and importing that codec
+        # costs a millisecond of every start (a non-ASCII name still gets it).
+        infos = socket.getaddrinfo(host.encode("ascii") if host.isascii() else host, port, 0,
+                                   socket.SOCK_DGRAM)
         self.family, _, _, _, self.server = infos[0]
         self.rtt = protocol.RttEstimator(self.s.request_timeout, self.s.request_timeout_min,
                                          self.s.request_timeout_max)
@@ -1090,7 +1094,7 @@ class App:
         self.sizes = dict(entries)
         if always and self.json:   # --list --json: one object per file on the server
             for name, size in entries:
-                print(json.dumps({"name": name, "size": size}), flush=True)
+                self._print_json({"name": name, "size": size})
             return entries
         width = max([len(n) for n, _ in entries] + [4])
         self.p.line("%d files on %s:" % (len(entries), protocol.format_addr(self.client.server)),
@@ -1165,8 +1169,13 @@ class App:
             record["error"] = error
         self.results.append(record)
         if self.json:
-            print(json.dumps(record), flush=True)
+            self._print_json(record)
         return error is None
+
+    @staticmethod
+    def _print_json(obj):
+        import json
+        print(json.dumps(obj), flush=True)
 
     def summary(self):
         """The last line after --once or names: the outcome at a glance."""
