@@ -438,7 +438,7 @@ class Path:
         self._frag_lost = 0.0                       # recent fragmented datagrams lost
         self._unfragmented_until = 0.0
         self.reorder_mult = 1                       # widened after needless early resends
-        self._clean = 0
+        self._persist = 0                           # early resends before it narrows again
         self.seq = 0                                # last sequence number given out
         self.acked = 0                              # highest acknowledged at first try
         self.outstanding = []                       # (seq, transfer), in send order
@@ -486,10 +486,6 @@ class Path:
         self._lost = self._lost * decay + (1.0 if lost else 0.0)
         self._frags = self._frags * decay + k
         self._events += 1
-        if not lost and self.reorder_mult > 1:
-            self._clean += 1
-            if self._clean >= self.s.reorder_reset_after:
-                self.reorder_mult, self._clean = 1, 0
         if lost or self._events % 32 == 0:
             self._choose_size(now)
 
@@ -501,7 +497,16 @@ class Path:
         self._frag_lost = max(0.0, self._frag_lost - 1.0 / 64)   # about undone, if counted
         if early:
             self.reorder_mult = min(self.reorder_mult * 2, self.s.reorder_mult_max)
-            self._clean = 0
+            self._persist = self.s.reorder_persist
+
+    def early_resent(self):
+        """An early retransmission was sent. The window widened by needless ones narrows again
+        only after reorder_persist of them without a needless one (RFC 8985 6.2 counts loss
+        recoveries the same way): on a path that loses nothing it stays wide."""
+        if self.reorder_mult > 1:
+            self._persist -= 1
+            if self._persist <= 0:
+                self.reorder_mult = 1
 
     def _choose_size(self, now=0.0):
         p = min(self.loss_rate(), 0.5)
@@ -898,6 +903,7 @@ class ServerTransfer:
             self.path.outcome(self._datagram_len(), True, now)
             if early:
                 self.early_retransmissions += 1
+                self.path.early_resent()
             n = len(self._current[1])
             if (not early and self._timeouts >= self.s.shrink_after
                     and n > self._payload_limit_for(self.s.safe_datagram_size, self.pos)):

@@ -334,6 +334,74 @@ class RetransmissionTest(unittest.TestCase):
         self.assertGreater(t.rtt.rto, 0.02)
 
 
+    def test_a_needless_early_resend_widens_the_window_and_it_stays_wide_without_loss(self):
+        # A and B share an IP. B's DATA is acknowledged before A's older one: A is resent
+        # early, and then both copies of A's DATA are acknowledged, so the resend was needless:
+        # the reordering window doubles. Hundreds of DATAs acknowledged at their first try
+        # afterwards (nothing is lost) leave it doubled.
+        srv = Server({"f": blob(1 << 20), "g": blob(24 << 20)}, mtu=65536, rto_initial=0.5,
+                     rto_min=0.5)
+        out_a = self.start(srv, A, 0.0, "f")
+        out_b = self.start(srv, B, 0.0005, "g")
+        t, path = srv.d.active[A], srv.d.paths[A[0]]
+        pos_b = len(out_b[0][0].payload)
+        out = srv.ack(pos_b, B, 0.002)
+        pos_b += len(out[0][0].payload)
+        srv.timer(0.01)
+        self.assertEqual(t.early_retransmissions, 1)
+        pos_a = len(out_a[0][0].payload)
+        srv.ack(pos_a, A, 0.011)
+        srv.ack(pos_a, A, 0.0111)                 # the second copy's ACK: proof
+        self.assertEqual(path.reorder_mult, 2)
+        now = 0.012
+        for _ in range(300):
+            now += 0.001
+            out = srv.ack(pos_b, B, now)
+            pos_b += len(out[0][0].payload)
+        self.assertEqual(path.reorder_mult, 2)
+        self.assertEqual(t.early_retransmissions, 1)
+
+
+class ReorderWindowTest(unittest.TestCase):
+
+    def test_narrowed_again_only_after_reorder_persist_early_resends_none_needless(self):
+        s = config.ServerSettings()
+        p = protocol.Path(s, 65507)
+        p.spurious(early=True)
+        self.assertEqual(p.reorder_mult, 2)
+        p.spurious(early=False)                   # a needless timeout says nothing of order
+        self.assertEqual(p.reorder_mult, 2)
+        for _ in range(s.reorder_persist - 1):
+            p.early_resent()
+        self.assertEqual(p.reorder_mult, 2)
+        p.spurious(early=True)                    # needless again: wider, count starts over
+        self.assertEqual(p.reorder_mult, 4)
+        for _ in range(s.reorder_persist - 1):
+            p.early_resent()
+        self.assertEqual(p.reorder_mult, 4)
+        p.early_resent()
+        self.assertEqual(p.reorder_mult, 1)
+        p.early_resent()                          # at 1 it stays 1
+        self.assertEqual(p.reorder_mult, 1)
+        for _ in range(10):
+            p.spurious(early=True)
+        self.assertEqual(p.reorder_mult, s.reorder_mult_max)
+
+    def test_an_early_resend_counts_towards_narrowing(self):
+        srv = Server({"f": blob(200000), "g": blob(4 << 20)}, mtu=65536, rto_initial=0.5,
+                     rto_min=0.5)
+        srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)
+        srv.ack(0, A, 0.001)
+        srv.recv(protocol.format_download("g", 0, 10 ** 9), B, 0.0005)
+        out_b = srv.ack(0, B, 0.0015)
+        path = srv.d.paths[A[0]]
+        path.reorder_mult, path._persist = 2, 1
+        srv.ack(len(out_b[0][0].payload), B, 0.002)
+        srv.timer(0.02)                           # A resent early: the last one it waited for
+        self.assertEqual(srv.d.active[A].early_retransmissions, 1)
+        self.assertEqual(path.reorder_mult, 1)
+
+
 class ForgottenRequestTest(unittest.TestCase):
     """A request whose SIZE is never acknowledged (its ACK lost) is forgotten after a few timer
     expiries; the client's repeated request makes it anew. Its ACK must still fit."""
