@@ -250,13 +250,17 @@ def _lock(path):
 # writing it out meanwhile (and to drop it once clean: a download is not read back), so little
 # is left for that fsync. Not fsync itself: that commits the journal, and on ext4 a commit holds
 # the writes of the download loop for milliseconds. POSIX_FADV_DONTNEED starts the writeback on
-# Linux; elsewhere nothing is done early and fsync does it all.
+# Linux; elsewhere nothing is done early and fsync does it all. It is given the ranges written
+# since the last time, not the whole file: over the whole file each call walked every page of
+# it, and the download loop's writes waited milliseconds behind it (long enough for the server
+# to resend needlessly).
 WRITE_BEHIND = 2 << 20
 
 if hasattr(os, "posix_fadvise") and sys.platform.startswith("linux"):
-    def _start_writeback(fd):
+    def _start_writeback(fd, ranges):
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            for a, b in ranges:
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
 else:
@@ -287,7 +291,8 @@ class PartialFile:
         self.finished = False
         self._saver = None   # background record writer
         self._flusher = None   # background write-behind (_write_behind)
-        self.unflushed = 0     # bytes written since the last write-behind
+        self.unflushed = 0     # bytes written since the last write-behind ...
+        self._written = {}     # ... in these ranges: end -> start (each part writes in order)
         self._lock = _lock(self.lock_path)
         self._load()
 
@@ -335,6 +340,8 @@ class PartialFile:
         def write(self, offset, data):
             fd = self.open().fileno()
             self.unflushed += len(data)
+            written = self._written
+            written[offset + len(data)] = written.pop(offset, offset)
             while data:
                 n = os.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
@@ -351,9 +358,15 @@ class PartialFile:
         """Have the kernel start writing what is written so far to disk, in a thread (the call
         can take milliseconds), unless the last one is still running."""
         self.unflushed = 0
-        if _start_writeback is None or (self._flusher is not None and self._flusher.is_alive()):
+        if _start_writeback is None:
+            self._written.clear()
             return
-        self._flusher = threading.Thread(target=_start_writeback, args=(fd,), daemon=True)
+        if self._flusher is not None and self._flusher.is_alive():
+            return   # its ranges wait for the next one
+        ranges = [(a, b) for b, a in self._written.items()]
+        self._written = {}
+        self._flusher = threading.Thread(target=_start_writeback, args=(fd, ranges),
+                                         daemon=True)
         self._flusher.start()
 
     def save(self, extra=(), wait=True):

@@ -375,10 +375,6 @@ class InterruptedWriteTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.tmp.downloads), [])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 @unittest.skipUnless(hasattr(os, "pwrite"), "write-behind goes with the pwrite path")
 class WriteBehindTests(unittest.TestCase):
     """Every WRITE_BEHIND bytes written, PartialFile has the kernel start writing them to disk
@@ -401,8 +397,8 @@ class WriteBehindTests(unittest.TestCase):
     def test_started_every_write_behind_bytes_and_joined_before_the_rename(self):
         calls = []
 
-        def fake(fd):
-            calls.append(fd)
+        def fake(fd, ranges):
+            calls.append((fd, ranges))
             time.sleep(0.01)   # still running when finish() comes
 
         part = client.PartialFile(self.tmp.downloads, "w.bin")
@@ -410,8 +406,7 @@ class WriteBehindTests(unittest.TestCase):
         with mock.patch.object(client, "_start_writeback", fake):
             data = self._write(part, 2)          # exactly WRITE_BEHIND bytes: one call
             self.assertTrue(wait_for(lambda: calls, 5))
-            self.assertEqual(len(calls), 1)
-            self.assertEqual(calls[0], part.f.fileno())
+            self.assertEqual(calls, [(part.f.fileno(), [(0, 2 * self.chunk)])])
             self.assertEqual(part.unflushed, 0)
             part.finish()
             self.assertIsNone(part._flusher)   # joined before the file was closed
@@ -421,8 +416,8 @@ class WriteBehindTests(unittest.TestCase):
         release = threading.Event()
         calls = []
 
-        def fake(fd):
-            calls.append(fd)
+        def fake(fd, ranges):
+            calls.append(ranges)
             release.wait(10)
 
         part = client.PartialFile(self.tmp.downloads, "w.bin")
@@ -435,9 +430,43 @@ class WriteBehindTests(unittest.TestCase):
             part.finish()
         self.assertEqual(self.tmp.downloaded("w.bin"), data)
 
+    def test_only_the_ranges_written_since_the_last_one(self):
+        """Parts write their ranges side by side: the kernel is given exactly what was written
+        since the last call (walking the whole file each time held the download's writes up),
+        and what was written while a call still ran goes to the next one."""
+        release = threading.Event()
+        calls = []
+
+        def fake(fd, ranges):
+            calls.append(sorted(ranges))
+            release.wait(10)
+
+        c = self.chunk
+        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        self.addCleanup(part.release)
+        part.size, part.version = 20 * c, "v1"
+        block = b"x" * c
+        with mock.patch.object(client, "_start_writeback", fake):
+            part.write(0, block)
+            part.write(10 * c, block)            # WRITE_BEHIND reached: first call
+            self.assertTrue(wait_for(lambda: calls, 5))
+            part.write(c, block)
+            part.write(11 * c, block)            # reached again, but the first still runs
+            release.set()
+            part._join()
+            part.write(2 * c, block)
+            part.write(12 * c, block)            # the next call: all since the first
+            self.assertTrue(wait_for(lambda: len(calls) == 2, 5))
+            part._join()
+        self.assertEqual(calls, [[(0, c), (10 * c, 11 * c)], [(c, 3 * c), (11 * c, 13 * c)]])
+
     def test_real_writeback_keeps_every_byte(self):
         part = client.PartialFile(self.tmp.downloads, "w.bin")
         self.addCleanup(part.release)
         data = self._write(part, 7, seed=5)
         part.finish()
         self.assertEqual(self.tmp.downloaded("w.bin"), data)
+
+
+if __name__ == "__main__":
+    unittest.main()
