@@ -713,6 +713,7 @@ class _Fetch:
         self.busy = 0               # of which the server had no slot for (ERROR BUSY)
         self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
         self.most_parts = 0         # the most parts that ran at once
+        self.min_piece = self.s.min_part_size   # the shortest range to cut (see _progress)
 
     # -- planning
 
@@ -760,8 +761,8 @@ class _Fetch:
     def _piece(self, size, parts=None):
         """The length of one range of a file of `size` bytes fetched in `parts` parts (default
         plan_parts): about size / (2 * parts) so the parts finish together, within
-        [min_part_size, max_part_size]."""
-        return min(max(size // (2 * (parts or self.plan_parts)), self.s.min_part_size),
+        [min_piece, max_part_size]."""
+        return min(max(size // (2 * (parts or self.plan_parts)), self.min_piece),
                    self.s.max_part_size)
 
     def _start(self, start, length, now):
@@ -929,12 +930,15 @@ class _Fetch:
             if self.warned:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
+        rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         if self.tuner is not None and self.target.size is not None:
+            # Ranges that last part_seconds at the rate a part gets: few on a fast path.
+            per_part = rate / max(len(self.active), 1)
+            self.min_piece = max(self.s.min_part_size, int(per_part * self.s.part_seconds))
             self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
             if self._plan_for(self.parts) != self.plan_parts:
                 self.plan_parts = self._plan_for(self.parts)
                 self._plan()   # ranges not yet asked for are cut again for that many parts
-        rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         if self.name is not None:
             self.c.printer.progress(self.label, have, self.target.size, rate, now)
 

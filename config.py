@@ -160,6 +160,10 @@ class ClientSettings(NamedTuple):
     # than this (a new range costs two round trips) and no larger than the max (balance).
     min_part_size: int = 1 * MiB
     max_part_size: int = 64 * MiB
+    # With automatic parts, a range is also no shorter than part_seconds at the rate each part
+    # has had so far: a range costs its part a round trip or two and each side some 0.1 ms of
+    # CPU, which on a fast path (100 MB/s and more per part) a 1 MiB range pays every 10 ms.
+    part_seconds: float = 0.05
 
     # Request retransmission: starts here (then at the RTO of the RTTs measured from earlier
     # requests), doubles up to the max. A request repeated too early costs one small SIZE.

@@ -158,6 +158,36 @@ class AutoPlanTest(unittest.TestCase):
         self.assertEqual(len(f.queue), 64)
         self.assertEqual(f.queue[0], (0, 4 << 20))
 
+    def test_on_a_fast_path_a_range_lasts_part_seconds_at_the_rate_of_a_part(self):
+        # Each range costs a round trip or two and some CPU on both sides: where a part moves
+        # 200 MB/s, 4 MiB ranges would be asked for every 20 ms.
+        f = self.fetch()
+        f._plan()
+        f.tuner.update = lambda now, have, rtt: 16
+        f.started = 0.0
+        f.target.done.add(0, 200 << 20)          # 200 MiB in 1 s
+        f._progress(1.0)
+        rate = (200 << 20) / 1.0
+        self.assertEqual(f.min_piece, int(rate * f.s.part_seconds))
+        piece = f.min_piece
+        self.assertGreater(piece, 4 << 20)
+        self.assertEqual(f.queue[0], (200 << 20, (200 << 20) + piece))
+        self.assertEqual(len(f.queue), -(-(56 << 20) // piece))
+
+    def test_fixed_parts_keep_their_ranges(self):
+        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=protocol.RttEstimator(
+            0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
+        target = client.MemoryTarget()
+        target.size, target.version = 256 << 20, "v"
+        f = client._Fetch(c, "f", target, 16, None, 60.0, None)
+        self.addCleanup(f.sel.close)
+        f._plan()
+        f.started = 0.0
+        f.target.done.add(0, 200 << 20)
+        f._progress(1.0)
+        self.assertEqual(f.min_piece, f.s.min_part_size)
+        self.assertEqual(f._piece(256 << 20), 8 << 20)
+
 
 class PathMtuTest(unittest.TestCase):
 
