@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 
 import client
 import config
@@ -39,6 +40,16 @@ def fast_client_settings(**overrides):
                   record_interval=0.2)
     values.update(overrides)
     return config.ClientSettings(**values)
+
+
+def wait_for(predicate, timeout=2.0, interval=0.002):
+    """Poll predicate until it is true or `timeout` seconds have passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
 
 
 class ServerThread:

@@ -10,20 +10,11 @@ import time
 import unittest
 
 from tests import support
+from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
 
 RECV_TIMEOUT = 1.0      # when a datagram is expected
 SILENCE_TIMEOUT = 0.15  # when proving that nothing arrives
-
-
-def wait_for(predicate, timeout=2.0):
-    """Poll predicate until true or timeout; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.002)
 
 
 class EchoServer:

@@ -19,18 +19,10 @@ from unittest import mock
 import client
 import protocol
 from tests import support
+from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_for(predicate, timeout, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def recorded_bytes(record_path):
