@@ -311,11 +311,16 @@ class Server:
                 else:
                     log.debug("send to %s failed: %s", addr, exc)
 
+    # Due timers wait while datagrams are queued (one of them may be the very ACK a timer is
+    # about: resending then is needless), but for this many datagrams at most, so that a flood
+    # cannot hold them off.
+    DRAIN_LIMIT = 64
+
     def serve_forever(self):
         """Receive without blocking while datagrams are waiting (one system call each); when
         none is, do the idle work (timers, read-ahead, the folder check) and sleep in select()
-        until the next deadline. Timers that fall due under load are handled between
-        datagrams."""
+        until the next deadline. Timers that fall due under load are handled after at most
+        DRAIN_LIMIT datagrams."""
         d = self.dispatcher
         sock = self.sock
         sock.setblocking(False)
@@ -324,11 +329,13 @@ class Server:
         recv, monotonic = sock.recvfrom_into, time.monotonic
         self.folder.maybe_rescan(monotonic())   # scans unless main() just did
         debug = log.isEnabledFor(logging.DEBUG)
+        overdue = 0   # datagrams handled while a timer was due
         try:
             while not self._stop:
                 try:
                     n, addr = recv(buf)
                 except BlockingIOError:
+                    overdue = 0
                     self._idle()
                     continue
                 except ConnectionResetError:
@@ -349,8 +356,11 @@ class Server:
                     d.read_ahead()   # the next chunk, while the client handles this one
                     deadline = d.get_timer()
                     if deadline is not None and deadline <= now:
-                        d.handle_timer(now)
-                        self._send(now)
+                        overdue += 1
+                        if overdue >= self.DRAIN_LIMIT:
+                            overdue = 0
+                            d.handle_timer(now)
+                            self._send(now)
                 except Exception:   # a bug must not take down every other transfer
                     log.exception("internal error on a datagram from %s", addr)
                 self.folder.maybe_rescan(now)

@@ -1,13 +1,17 @@
 """The transfer engine's adaptive parts, on a virtual clock: the client's PartsTuner, the
 server's Path (path MTU, datagram size under loss), and the retransmission rules that keep a
-lossy path moving (a resend re-cut to the path's size; early resends are not silence).
+lossy path moving (a resend re-cut to the path's size; early resends are not silence). Also
+the server loop's order of work: queued datagrams before due timers (a real socket).
 
 Run: `python3 -m tests test_engine`.
 """
 
 import io
 import logging
+import os
 import random
+import socket
+import threading
 import types
 import unittest
 import zlib
@@ -16,6 +20,7 @@ import client
 import config
 import protocol
 import server
+from tests import support
 
 QUIET = logging.getLogger("udpxfer.tests.test_engine")
 QUIET.addHandler(logging.NullHandler())
@@ -430,6 +435,65 @@ class ReorderWindowTest(unittest.TestCase):
         srv.timer(0.02)                           # A resent early: the last one it waited for
         self.assertEqual(srv.d.active[A].early_retransmissions, 1)
         self.assertEqual(path.reorder_mult, 1)
+
+
+class ServerLoopTest(unittest.TestCase):
+    """server.Server.serve_forever on a real socket with a stand-in dispatcher whose timer is
+    always due: datagrams already queued are handled before the timers (one of them may be the
+    very ACK a timer is about), but timers wait for DRAIN_LIMIT datagrams at most."""
+
+    class Dispatcher:
+        def __init__(self):
+            self.calls = []
+            self.active = {}
+            self.due = True
+
+        def receive_datagram(self, data, addr, now):
+            self.calls.append("rx")
+
+        def datagrams_to_send(self):
+            return []
+
+        def read_ahead(self):
+            pass
+
+        def get_timer(self):
+            return 0.0 if self.due else None
+
+        def handle_timer(self, now):   # the timer fires once (the loop also calls it idle)
+            if self.due:
+                self.calls.append("timer")
+                self.due = False
+
+        def close(self):
+            pass
+
+    def run_loop(self, queued):
+        tmp = support.TempDirs()
+        self.addCleanup(tmp.cleanup)
+        srv = server.Server(server.Folder(tmp.files, os.path.join(tmp.root, "list.txt")),
+                            "127.0.0.1", 0)
+        self.addCleanup(srv.close)
+        fake = srv.dispatcher = self.Dispatcher()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            for i in range(queued):              # all waiting before the loop starts
+                c.sendto(b"ACK %d" % i, srv.server_address)
+        loop = threading.Thread(target=srv.serve_forever, daemon=True)
+        loop.start()
+        self.assertTrue(support.wait_for(
+            lambda: fake.calls.count("rx") == queued and "timer" in fake.calls, 5))
+        srv.shutdown()
+        loop.join(5)
+        self.assertFalse(loop.is_alive())
+        return fake.calls
+
+    def test_queued_datagrams_first(self):
+        self.assertEqual(self.run_loop(3), ["rx", "rx", "rx", "timer"])
+
+    def test_a_flood_holds_timers_off_for_drain_limit_datagrams_at_most(self):
+        n = server.Server.DRAIN_LIMIT
+        calls = self.run_loop(n + 5)
+        self.assertEqual(calls, ["rx"] * n + ["timer"] + ["rx"] * 5)
 
 
 class ForgottenRequestTest(unittest.TestCase):
