@@ -40,7 +40,10 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   inside the namespaces, which are deleted at the end (also on Ctrl-C or SIGTERM). Segmentation
   offloads are off (ethtool -K tso/gso/gro off: TCP crosses as MTU-sized packets, as on a
   wire); loss is per packet at each end's netdev ingress (nftables numgen random), so a lost IP
-  fragment loses its whole datagram; B limits each end's egress with htb (1gbit, burst 256k).
+  fragment loses its whole datagram; B limits each end's egress with htb (1gbit, burst 256k;
+  its ceil bucket is tc's default unless --path-cburst sets it: that default holds less than one
+  1514-byte frame, so each wait for the qdisc's timer loses time, which costs a burst of IP
+  fragments far more than TCP's spaced packets).
   A: no loss, 64 MiB; B: 1 Gbit/s, 64 MiB; C: 1% loss each way, 32 MiB; D: 5%, 16 MiB.
 - Tools, side by side on the same random file, run after run (--path-runs, default 3, median
   shown; a failed run counts as 0 MB/s): ours with default settings (client.py ... -q f.bin,
@@ -718,8 +721,9 @@ class NetPath:
     neighbour entries, so no run waits for ARP (lost like any packet here). close() deletes
     both namespaces."""
 
-    def __init__(self, tag, mtu, loss, rate):
+    def __init__(self, tag, mtu, loss, rate, cburst=None):
         self.ns = ("ubS%s" % tag, "ubC%s" % tag)
+        self.cburst = cburst
         self.devs = ("ubs%s" % tag, "ubc%s" % tag)
         self.made = []
         try:
@@ -762,7 +766,8 @@ class NetPath:
                 self._must(ex + ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
                                  "default", "1"])
                 self._must(ex + ["tc", "class", "add", "dev", dev, "parent", "1:", "classid",
-                                 "1:1", "htb", "rate", rate, "burst", "256k"])
+                                 "1:1", "htb", "rate", rate, "burst", "256k"]
+                           + (["cburst", self.cburst] if self.cburst else []))
 
     def dropped(self):
         """Packets the nftables rules dropped, (at the server, at the client)."""
@@ -1327,6 +1332,8 @@ class Bench:
         py_start = (py_start, py_cpu)
         for key, title, loss, rate, mib in PATH_SCENARIOS:
             size = self.path_size or mib * MiB
+            if rate and self.args.path_cburst:
+                title += ", htb cburst %s" % self.args.path_cburst
             try:
                 self.path_scenario(key, title, loss, rate, size, skips, py_start)
             except BenchError as exc:
@@ -1349,7 +1356,8 @@ class Bench:
         path = None
         procs = []
         try:
-            path = NetPath("%d%s" % (os.getpid() % 1000000, key), 1500, loss, rate)
+            path = NetPath("%d%s" % (os.getpid() % 1000000, key), 1500, loss, rate,
+                           self.args.path_cburst)
             self.netpaths.append(path)
             srv_ns = path.prefix(0)
             tftpd_port = None
@@ -1647,6 +1655,9 @@ def build_parser():
     p.add_argument("--path-timeout", type=float, default=0, metavar="SECONDS",
                    help="time allowed to each download in the path scenarios "
                         "(default 60, 10 with --quick)")
+    p.add_argument("--path-cburst", default="", metavar="SIZE",
+                   help="htb ceil bucket of path B in tc's syntax, e.g. 256k (default: tc's "
+                        "own, less than one packet at 1 Gbit/s)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each row as it is done")
     p.add_argument("--child-server", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-client", metavar="JSON", help=argparse.SUPPRESS)
