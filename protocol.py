@@ -516,8 +516,8 @@ class Path:
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
-            # (one orphan per loss: twice the bytes per datagram for seconds of transfer), and
-            # none fragmented for reassembly_backoff once most of them are lost.
+            # (two orphans per loss: three times the bytes per datagram for seconds of
+            # transfer), and none fragmented for reassembly_backoff once most of them are lost.
             most = 1 if now < self._unfragmented_until else self.s.lossy_max_fragments
             self.size = max(size for size in ladder if self.fragments(size) <= most)
             return

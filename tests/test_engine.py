@@ -214,13 +214,13 @@ class PathSizeTest(unittest.TestCase):
             p.outcome(65507, lost=(i % 10 == 0))
         self.assertEqual(p.size, 65507)
 
-    def test_a_lossy_fragmenting_path_gets_two_fragment_datagrams_then_big_ones_again(self):
+    def test_a_lossy_fragmenting_path_gets_three_fragment_datagrams_then_big_ones_again(self):
         p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
         rng = random.Random(3)
         for _ in range(300):
             p.outcome(p.size, lost=rng.random() > 0.99 ** protocol.fragments(p.size, 1480))
-        self.assertEqual(p.size, 2952)
-        self.assertEqual(protocol.fragments(2952, 1480, 1480), 2)
+        self.assertEqual(p.size, 4432)
+        self.assertEqual(protocol.fragments(4432, 1480, 1480), 3)
         for _ in range(20000):
             p.outcome(p.size, lost=False)
         self.assertEqual(p.size, 44 * 1480 - 8)   # 44 full fragments (65507 would be 45)
@@ -230,10 +230,10 @@ class PathSizeTest(unittest.TestCase):
         p = protocol.Path(s, 65507, mtu=1500)
         rng = random.Random(4)
         now = 0.0
-        for _ in range(300):                 # 1% loss: two-fragment datagrams
+        for _ in range(300):                 # 1% loss: three-fragment datagrams
             now += 0.0001
             p.outcome(p.size, rng.random() > 0.99 ** protocol.fragments(p.size, 1480), now)
-        self.assertEqual(p.size, 2952)
+        self.assertEqual(p.size, 4432)
         for _ in range(200):                 # now every fragmented datagram is lost
             now += 0.0001
             k = protocol.fragments(p.size, 1480, 1480)
@@ -247,7 +247,7 @@ class PathSizeTest(unittest.TestCase):
         for _ in range(100):
             now += 0.01
             p.outcome(p.size, rng.random() > 0.99, now)
-        self.assertEqual(p.size, 2952, "two fragments are tried again after the backoff")
+        self.assertEqual(p.size, 4432, "three fragments are tried again after the backoff")
 
     def test_a_few_lost_fragmented_datagrams_are_not_a_full_buffer(self):
         p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
@@ -255,7 +255,7 @@ class PathSizeTest(unittest.TestCase):
         for i in range(3000):                # 10% of datagrams lost, in bursts of 8
             now += 0.0001
             p.outcome(p.size, i % 80 < 8, now)
-        self.assertEqual(p.size, 2952)
+        self.assertEqual(p.size, 4432)
 
     def test_ipv6_fragments_carry_less(self):
         self.assertEqual(protocol.fragment_payload(1500), 1480)
@@ -283,11 +283,11 @@ class RetransmissionTest(unittest.TestCase):
         path = srv.d.paths[A[0]]
         for _ in range(3):                     # the path turns out lossy meanwhile
             path.outcome(65507, lost=True)
-        self.assertEqual(path.size, 2952)
+        self.assertEqual(path.size, 4432)
         out = srv.timer(srv.d.get_timer())
         again = out[0][0]
         self.assertEqual(again.offset, 0)
-        self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), 2952)
+        self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), 4432)
         self.assertEqual(again.crc, zlib.crc32(bytes(again.payload), protocol.crc_start(0)))
         # Either copy's ACK is good.
         out = srv.ack(len(again.payload), A, srv.d.get_timer())
