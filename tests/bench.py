@@ -49,7 +49,9 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   shown; a failed run counts as 0 MB/s): ours with default settings (client.py ... -q f.bin,
   automatic parts) and with --parts 1, each against a fresh server child in the server
   namespace; atftp against tftp-hpa (in.tftpd -B 65464); HTTP over TCP (python3 -m http.server
-  and curl). Each time is the wall time of the client command run with `ip netns exec`:
+  and curl). Every run gets a path of its own, built anew: on one path for all, the orphans of
+  one run's lost fragments (30 s in the client's reassembly buffer; atftp's 45-fragment blocks
+  fill it at 1% loss) would slow the next tool's run. Each time is the wall time of the client command run with `ip netns exec`:
   process start-up included (for ours that of Python, printed as a note). Client CPU comes from
   getrusage(RUSAGE_CHILDREN); for ours also server and client CPU per datagram the server sent.
 - Each download is compared with its source byte for byte; a timeout (--path-timeout, default
@@ -1353,44 +1355,55 @@ class Bench:
             for off in range(0, size, MiB):
                 f.write(os.urandom(min(MiB, size - off)))
         results = {tool: [] for tool, _ in PATH_TOOLS}
-        path = None
+        dropped = [0, 0] if loss else None
+        try:
+            for i in range(self.path_runs):   # the tools side by side, run after run
+                for tool, _ in PATH_TOOLS:
+                    if tool in skips or any(r["fail"] == "timeout" for r in results[tool]):
+                        continue   # a timeout is not repeated: the run stays bounded
+                    run = self.path_run_on_new_path(key, tool, loss, rate, files, src, i,
+                                                    dropped)
+                    results[tool].append(run)
+                    if self.args.verbose:
+                        print("  %s %-16s run %d: %s" % (
+                            key, tool, i + 1, run["fail"] or "%.3f s %.1f MB/s" % (
+                                run["seconds"], size / run["seconds"] / MB)), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.print_path(key, title, rate, size, results, skips, dropped, py_start)
+
+    def path_run_on_new_path(self, key, tool, loss, rate, files, src, i, dropped):
+        """path_run on a path of its own, with the tool's server started on it. One path for
+        every run would let one run slow the next: a lost fragment's siblings wait in the
+        client's reassembly buffer for 30 s, and atftp's 45-fragment blocks fill it on a lossy
+        path (after which every fragmented datagram is dropped)."""
+        path = NetPath("%d%s" % (os.getpid() % 1000000, key), 1500, loss, rate,
+                       self.args.path_cburst)
+        self.netpaths.append(path)
         procs = []
         try:
-            path = NetPath("%d%s" % (os.getpid() % 1000000, key), 1500, loss, rate,
-                           self.args.path_cburst)
-            self.netpaths.append(path)
             srv_ns = path.prefix(0)
             tftpd_port = None
-            if "atftp" not in skips:
+            if tool == "atftp":
                 proc, tftpd_port = self.start_tftpd(files, PATH_SRV, srv_ns)
                 procs.append(proc)
-            if "http" not in skips:
+            elif tool == "http":
                 procs.append(Spawned(srv_ns + [sys.executable, "-m", "http.server",
                                                str(HTTP_PORT), "--bind", PATH_SRV,
                                                "--directory", files],
                                      os.path.join(self.logs, "http-%s.log" % key)))
                 if not wait_listening(srv_ns, "t", HTTP_PORT):
                     raise BenchError("http.server did not listen within 10 s")
-            for i in range(self.path_runs):   # the tools side by side, run after run
-                for tool, _ in PATH_TOOLS:
-                    if tool in skips or any(r["fail"] == "timeout" for r in results[tool]):
-                        continue   # a timeout is not repeated: the run stays bounded
-                    run = self.path_run(key, tool, path, files, src, i, tftpd_port)
-                    results[tool].append(run)
-                    if self.args.verbose:
-                        print("  %s %-16s run %d: %s" % (
-                            key, tool, i + 1, run["fail"] or "%.3f s %.1f MB/s" % (
-                                run["seconds"], size / run["seconds"] / MB)), flush=True)
-            dropped = path.dropped() if loss else None
+            run = self.path_run(key, tool, path, files, src, i, tftpd_port)
+            if dropped is not None:
+                for side, n in enumerate(path.dropped()):
+                    dropped[side] += n
+            return run
         finally:
             for proc in procs:
                 proc.kill()
-            if path is not None:
-                path.close()
-                if path in self.netpaths:
-                    self.netpaths.remove(path)
-            shutil.rmtree(folder, ignore_errors=True)
-        self.print_path(key, title, rate, size, results, skips, dropped, py_start)
+            path.close()
+            self.netpaths.remove(path)
 
     def path_run(self, key, tool, path, files, src, i, tftpd_port):
         """One download by one tool over the path; a dict with "fail" None or why."""
@@ -1505,7 +1518,8 @@ class Bench:
         notes = ["ours' times and client CPU include starting Python and importing client.py "
                  "(client.py --help here: %.2f s, %.2f s of CPU)" % py_start]
         if dropped is not None:
-            notes.append("nftables dropped %d packets at the server, %d at the client" % dropped)
+            notes.append("nftables dropped %d packets at the server, %d at the client"
+                         % tuple(dropped))
         not_repeated = [dict(PATH_TOOLS)[t] for t, rs in results.items()
                         if t not in skips and len(rs) < self.path_runs]
         if not_repeated:
