@@ -318,12 +318,19 @@ class RttEstimator:
         return min(max(value, self.min), self.max)
 
     def sample(self, r):
-        if self.srtt is None:                       # RFC 6298 2.2
-            self.srtt, self.rttvar = r, r / 2
+        # Three of these run per ACK on the server (transfer, path, queue): written out, without
+        # calls, for speed.
+        srtt = self.srtt
+        if srtt is None:                            # RFC 6298 2.2
+            srtt, rttvar = r, r / 2
         else:                                       # RFC 6298 2.3
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-            self.srtt = 0.875 * self.srtt + 0.125 * r
-        self.rto = self._clamp(self.srtt + max(self.G, 4 * self.rttvar))
+            d = srtt - r
+            rttvar = 0.75 * self.rttvar + 0.25 * (d if d >= 0 else -d)
+            srtt = 0.875 * srtt + 0.125 * r
+        self.srtt, self.rttvar = srtt, rttvar
+        k = 4 * rttvar
+        rto = srtt + (k if k > self.G else self.G)
+        self.rto = self.min if rto < self.min else (self.max if rto > self.max else rto)
 
     def backoff(self):                              # RFC 6298 5.5
         self.rto = min(self.rto * 2, self.max)
