@@ -58,8 +58,9 @@ class ServerSettings(NamedTuple):
     # fragments in the receiver's reassembly buffer), and none fragmented for this long once
     # most of them are lost (the buffer is full: Linux frees it after ipfrag_time, 30 s).
     # Three, not two: at 1% loss on the MTU-1500 path 103 MB/s instead of 81 (32 MiB), at 5%
-    # 60 instead of 51 (16 MiB); four were faster still at 1% (124) but slower at 5% (48), and
-    # fill the buffer (4 MB on Linux) in two 32 MiB downloads at 1% loss, three in three.
+    # 60 instead of 51 (16 MiB). Four were faster still at 1% (124) but slower at 5% (48), and
+    # fill the receiver's buffer (4 MB on Linux) after two 32 MiB downloads in a row at 1% loss
+    # (three fragments: after three; two: after six).
     lossy_max_fragments: int = 3
     reassembly_backoff: float = 30.0
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
