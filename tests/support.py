@@ -42,7 +42,7 @@ def fast_client_settings(**overrides):
     return config.ClientSettings(**values)
 
 
-def wait_for(predicate, timeout=2.0, interval=0.002):
+def wait_for(predicate, timeout=2.0, interval=0.01):
     """Poll predicate until it is true or `timeout` seconds have passed; its last value."""
     deadline = time.monotonic() + timeout
     while True:

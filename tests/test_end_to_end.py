@@ -25,6 +25,7 @@ import zlib
 import client
 import protocol
 from tests import support
+from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,16 +40,6 @@ BLOCK2 = protocol.MAX_DATAGRAM - len(b"DATA %d 00000000\n" % BLOCK)        # 654
 
 def payload(size, seed):
     return random.Random(seed).getrandbits(8 * size).to_bytes(size, "little") if size else b""
-
-
-def wait_until(predicate, timeout, interval=0.02):
-    """Poll predicate until it is true or `timeout` seconds passed; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def read_bytes(path):
@@ -819,7 +810,7 @@ class GarbageTest(EndToEndCase):
         sprayer = threading.Thread(target=spray, daemon=True)
         self.addCleanup(lambda: (stop.set(), sprayer.join(5)))
         sprayer.start()
-        self.assertTrue(wait_until(lambda: rounds[0] >= 2, 5))
+        self.assertTrue(wait_for(lambda: rounds[0] >= 2, 5))
         before = rounds[0]
         support.download(proxy.address, "g.bin", self.tmp.downloads, parts=1)
         during = rounds[0] - before
@@ -1011,18 +1002,18 @@ class FolderChangesTest(EndToEndCase):
     def test_list_file_rewritten_by_periodic_scan(self):
         st = self.start_server(support.fast_server_settings(scan_interval=0.2),
                                list_path=self.list_path)
-        self.assertTrue(wait_until(lambda: os.path.exists(self.list_path), 5))
+        self.assertTrue(wait_for(lambda: os.path.exists(self.list_path), 5))
         self.assertEqual(read_bytes(self.list_path), self.listing_text(["first.txt"]))
         shutil.copy(self.outside, os.path.join(self.tmp.files, "new file.bin"))
         want = self.listing_text(["first.txt", "new file.bin"])
-        self.assertTrue(wait_until(lambda: read_bytes(self.list_path) == want, 5),
+        self.assertTrue(wait_for(lambda: read_bytes(self.list_path) == want, 5),
                         "file_list.txt not rewritten after a file was added")
         support.download(st.address, "new file.bin", self.tmp.downloads)
         self.assertEqual(self.tmp.downloaded("new file.bin"), self.new)
         # A file removed from the folder disappears from the list file too.
         os.remove(os.path.join(self.tmp.files, "first.txt"))
         want = self.listing_text(["new file.bin"])
-        self.assertTrue(wait_until(lambda: read_bytes(self.list_path) == want, 5))
+        self.assertTrue(wait_for(lambda: read_bytes(self.list_path) == want, 5))
 
     def test_list_file_rewritten_on_list_and_new_file_downloadable(self):
         st = self.start_server(support.fast_server_settings(scan_interval=3600.0,

@@ -130,12 +130,12 @@ class AutoPlanTest(unittest.TestCase):
     """With automatic parts the file is cut for one doubling more than the parts running, and
     what is not yet asked for is cut again when the tuner changes its mind."""
 
-    def fetch(self):
+    def fetch(self, parts=0):
         c = types.SimpleNamespace(s=config.ClientSettings(), rtt=protocol.RttEstimator(
             0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
         target = client.MemoryTarget()
         target.size, target.version = 256 << 20, "v"
-        f = client._Fetch(c, "f", target, 0, None, 60.0, None)
+        f = client._Fetch(c, "f", target, parts, None, 60.0, None)
         self.addCleanup(f.sel.close)
         return f
 
@@ -180,12 +180,7 @@ class AutoPlanTest(unittest.TestCase):
         self.assertEqual(len(f.queue), -(-(56 << 20) // piece))
 
     def test_fixed_parts_keep_their_ranges(self):
-        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=protocol.RttEstimator(
-            0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
-        target = client.MemoryTarget()
-        target.size, target.version = 256 << 20, "v"
-        f = client._Fetch(c, "f", target, 16, None, 60.0, None)
-        self.addCleanup(f.sel.close)
+        f = self.fetch(parts=16)
         f._plan()
         f.started = 0.0
         f.target.done.add(0, 200 << 20)

@@ -35,6 +35,7 @@ from collections import Counter
 import client
 import protocol
 from tests import support
+from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
 
 MiB = 1024 * 1024
@@ -88,15 +89,6 @@ def drain(sock):
         except OSError:
             return n
         n += 1
-
-
-def wait_until(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.01)
 
 
 def run_bounded(testcase, fn, timeout):
@@ -408,7 +400,7 @@ class LiveFuzzTest(unittest.TestCase):
                 samples.append((len(d.pending), len(d.active), len(d.recent), len(d._timers)))
                 # As fast as the server takes them in (so they are parsed, not dropped by a
                 # full socket buffer), but never waiting long: drops must not stall the sender.
-                wait_until(lambda: sent - d.stats["datagrams_in"] < self.WINDOW, 0.02)
+                wait_for(lambda: sent - d.stats["datagrams_in"] < self.WINDOW, 0.02)
             if time.monotonic() - t0 > self.MAX_SECONDS:
                 break
         fuzz_seconds = time.monotonic() - t0
@@ -659,7 +651,7 @@ class AmplificationTest(unittest.TestCase):
             for sock, more in collect(list(socks.values()), 0.02).items():
                 got[sock] += more
         # The pending entries have expired within the computed lifetime: nothing is held.
-        self.assertTrue(wait_until(lambda: not d.pending, 0.5), "pending entries not expired")
+        self.assertTrue(wait_for(lambda: not d.pending, 0.5), "pending entries not expired")
 
         # Replies to an address that has not proved it receives (it may be spoofed) are at most
         # amplification_factor times what it sent (README, config.py; RFC 9000 8.1 uses 3), the
@@ -793,7 +785,7 @@ class ExhaustionTest(unittest.TestCase):
         flood = Flood(self.st.address, hosts, d).start()
         self.addCleanup(lambda: flood._thread.is_alive() and flood.stop())
         # Wait until the flood has filled the pending pool and is evicting.
-        self.assertTrue(wait_until(lambda: d.stats["evicted"] > 0, 5.0),
+        self.assertTrue(wait_for(lambda: d.stats["evicted"] > 0, 5.0),
                         "the flood never filled the pending pool")
         evicted_before, sent_before = d.stats["evicted"], flood.sent
         # Real downloads from 127.0.0.1, one after another, for a second of flood.
@@ -834,7 +826,7 @@ class ExhaustionTest(unittest.TestCase):
         self.assertLessEqual(flood.max_recent, s.recent_max)
         self.assertLessEqual(len(d.active), s.max_transfers)
         # Unacknowledged entries expire: once the flood stops, nothing of it is held.
-        self.assertTrue(wait_until(lambda: not d.pending,
+        self.assertTrue(wait_for(lambda: not d.pending,
                                    s.pending_max_sends * s.rto_max + 1.0),
                         "pending entries outlived their lifetime: %d" % len(d.pending))
         self.assertTrue(self.st.thread.is_alive())
