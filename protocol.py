@@ -27,7 +27,7 @@ import os
 import re
 import unicodedata
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import NamedTuple, Optional
 
 from config import ClientSettings, ServerSettings
@@ -444,6 +444,8 @@ class Path:
         self._events = 0
         self._frag_lost = 0.0                       # recent fragmented datagrams lost
         self._unfragmented_until = 0.0
+        self._orphans = deque()                     # [second, fragments orphaned in it]
+        self._orphan_count = 0                      # their sum
         self.reorder_mult = 1                       # widened after needless early resends
         self._persist = 0                           # early resends before it narrows again
         self.seq = 0                                # last sequence number given out
@@ -482,6 +484,8 @@ class Path:
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
         k = self.fragments(size)
         if k > 1:
+            if lost:   # its other fragments wait in the receiver's reassembly buffer
+                self._orphan(k - 1, now)
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
             # reassembly buffer is full of the fragments of lost ones (see _choose_size).
             self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
@@ -495,6 +499,23 @@ class Path:
         self._events += 1
         if lost or self._events % 32 == 0:
             self._choose_size(now)
+
+    def _orphan(self, n, now):
+        second = int(now)
+        if self._orphans and self._orphans[-1][0] == second:
+            self._orphans[-1][1] += n
+        else:
+            self._orphans.append([second, n])
+        self._orphan_count += n
+
+    def orphans(self, now):
+        """About how many fragments of lost datagrams wait in the client's reassembly buffer:
+        those orphaned in the last reassembly_backoff seconds, one lost fragment per lost
+        datagram (a lost ACK counts too, so this errs high)."""
+        q = self._orphans
+        while q and q[0][0] <= now - self.s.reassembly_backoff:
+            self._orphan_count -= q.popleft()[1]
+        return self._orphan_count
 
     def spurious(self, early):
         """A retransmission turned out needless (the client got both copies): not a loss.
@@ -524,8 +545,14 @@ class Path:
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
             # (two orphans per loss: three times the bytes per datagram for seconds of
-            # transfer), and none fragmented for reassembly_backoff once most of them are lost.
-            most = 1 if now < self._unfragmented_until else self.s.lossy_max_fragments
+            # transfer), two once orphans_for_three are counted, and none fragmented for
+            # reassembly_backoff once most of them are lost.
+            if now < self._unfragmented_until:
+                most = 1
+            elif self.orphans(now) >= self.s.orphans_for_three:
+                most = min(2, self.s.lossy_max_fragments)
+            else:
+                most = self.s.lossy_max_fragments
             self.size = max(size for size in ladder if self.fragments(size) <= most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)

@@ -220,6 +220,30 @@ class PathSizeTest(unittest.TestCase):
             p.outcome(p.size, lost=False)
         self.assertEqual(p.size, 44 * 1480 - 8)   # 44 full fragments (65507 would be 45)
 
+    def test_two_fragments_once_three_left_many_orphans_and_three_when_they_expire(self):
+        # A long download at 1% loss: each lost datagram of k fragments leaves k - 1 in the
+        # client's reassembly buffer for 30 s. Past orphans_for_three, two fragments (they
+        # spend that buffer half as fast per byte); once the orphans expire, three again.
+        s = config.ServerSettings()
+        p = protocol.Path(s, 65507, mtu=1500)
+        rng = random.Random(6)
+        now, seen = 0.0, set()
+        for _ in range(30000):               # 6 s
+            now += 0.0002
+            lost = rng.random() > 0.99 ** protocol.fragments(p.size, 1480)
+            p.outcome(p.size, lost, now)
+            if lost and p.loss_rate() > s.fragment_loss_limit:   # the size was chosen again
+                want = 2 if p.orphans(now) >= s.orphans_for_three else 3
+                self.assertEqual(p.fragments(p.size), want, (now, p.orphans(now)))
+                seen.add(want)
+        self.assertEqual(seen, {2, 3})
+        now += s.reassembly_backoff + 1      # later: the orphans are gone
+        self.assertEqual(p.orphans(now), 0)
+        for _ in range(32):                  # (the size is chosen again every 32 datagrams)
+            p.outcome(p.size, False, now)
+        self.assertGreater(p.loss_rate(), s.fragment_loss_limit)
+        self.assertEqual(p.size, 4432)
+
     def test_a_full_reassembly_buffer_means_unfragmented_datagrams_for_a_while(self):
         s = config.ServerSettings()
         p = protocol.Path(s, 65507, mtu=1500)
