@@ -714,6 +714,7 @@ class _Fetch:
         self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
         self.most_parts = 0         # the most parts that ran at once
         self.min_piece = self.s.min_part_size   # the shortest range to cut (see _progress)
+        self.tail_piece = self.s.tail_min_size  # ... and to ask for near the end (_tail_cut)
 
     # -- planning
 
@@ -789,8 +790,23 @@ class _Fetch:
         if not self.queue and not self.active:
             self._plan()
         while self.queue and len(self.active) < self.parts:
-            a, b = self.queue.pop(0)
-            self._start(a, b - a, now)
+            a, b = self.queue[0]
+            n = self._tail_cut(b - a)
+            if n < b - a:
+                self.queue[0] = (a + n, b)
+            else:
+                self.queue.pop(0)
+            self._start(a, n, now)
+
+    def _tail_cut(self, length):
+        """How much of the next planned range of `length` bytes to ask for: near the end of
+        the file only a part's share of what is left (asked for or not), so that the parts
+        finish together (config.ClientSettings.tail_seconds). Never a remainder shorter than
+        the shortest range."""
+        left = sum(b - a for a, b in self.queue)
+        left += sum(self._end_of(p.t) - p.t.pos for p in self.active)
+        n = max(-(-left // self.parts), self.tail_piece)
+        return length if length - n < self.tail_piece else n
 
     # -- the loop
 
@@ -931,9 +947,10 @@ class _Fetch:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
+        per_part = rate / max(len(self.active), 1)
+        self.tail_piece = max(self.s.tail_min_size, int(per_part * self.s.tail_seconds))
         if self.tuner is not None and self.target.size is not None:
             # Ranges that last part_seconds at the rate a part gets: few on a fast path.
-            per_part = rate / max(len(self.active), 1)
             self.min_piece = max(self.s.min_part_size, int(per_part * self.s.part_seconds))
             self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
             if self._plan_for(self.parts) != self.plan_parts:

@@ -179,6 +179,71 @@ class AutoPlanTest(unittest.TestCase):
         self.assertEqual(f.queue[0], (200 << 20, (200 << 20) + piece))
         self.assertEqual(len(f.queue), -(-(56 << 20) // piece))
 
+    def running(self, f, ranges):
+        """Stand-ins for parts in flight: (start, end, next byte wanted)."""
+        f.active = [types.SimpleNamespace(t=types.SimpleNamespace(
+            start=a, end=b, length=b - a, pos=pos, received=pos - a)) for a, b, pos in ranges]
+
+    def start_recorder(self, f):
+        started = []
+
+        def start(a, n, now):
+            started.append((a, n))
+            self.running(f, [(p.t.start, p.t.end, p.t.pos) for p in f.active] + [(a, a + n, a)])
+        f._start = start
+        return started
+
+    def test_near_the_end_each_new_range_is_a_parts_share_of_what_is_left(self):
+        # 6 MiB left and 8 parts free: eight ranges of 768 KiB, which end together, instead of
+        # one of 6 MiB that would run alone long after the others (on a lossy path, waiting out
+        # a timeout for each loss: no other part's acknowledgement reveals it).
+        f = self.fetch(parts=8)
+        f.target.done.add(0, 250 << 20)
+        f.queue = [(250 << 20, 256 << 20)]
+        started = self.start_recorder(f)
+        f._schedule(0.0)
+        self.assertEqual(started, [((250 << 20) + i * (768 << 10), 768 << 10) for i in range(8)])
+        self.assertEqual(f.queue, [])
+
+    def test_what_runs_counts_as_left_and_what_is_cut_off_stays_first_in_line(self):
+        f = self.fetch(parts=8)
+        mib = 1 << 20
+        self.running(f, [(0, 4 * mib, 2 * mib)] * 6)     # 2 MiB to go in each of six
+        f.queue = [(10 * mib, 14 * mib), (14 * mib, 18 * mib)]
+        started = self.start_recorder(f)
+        f._schedule(0.0)
+        # (12 + 8) MiB / 8 = 2.5 MiB; then what is left of that 4 MiB range, whole.
+        self.assertEqual(started, [(10 * mib, 5 * mib // 2), (25 * mib // 2, 3 * mib // 2)])
+        self.assertEqual(f.queue, [(14 * mib, 18 * mib)])
+
+    def test_far_from_the_end_and_with_one_part_ranges_are_asked_for_as_planned(self):
+        f = self.fetch(parts=4)
+        f._plan()
+        self.assertEqual(f._tail_cut(32 << 20), 32 << 20)
+        f = self.fetch(parts=1)
+        f._plan()
+        self.assertEqual(f.queue, [(0, 256 << 20)])
+        self.assertEqual(f._tail_cut(256 << 20), 256 << 20)
+
+    def test_no_range_shorter_than_tail_seconds_at_a_parts_rate_nor_a_shorter_remainder(self):
+        f = self.fetch(parts=8)
+        f.started = 0.0
+        self.running(f, [(0, 64 << 20, 0)] * 4)
+        f.target.done.add(0, 100 << 20)           # 100 MiB in 1 s, over 4 parts
+        f._progress(1.0)
+        floor = int((100 << 20) / 4 * f.s.tail_seconds)
+        self.assertEqual(f.tail_piece, floor)
+        f.active = []
+        f.queue = [(100 << 20, (100 << 20) + 3 * floor)]
+        self.assertEqual(f._tail_cut(3 * floor), floor)     # 3 floors / 8 parts: one floor
+        f.queue = [(100 << 20, (100 << 20) + floor + floor // 2)]
+        self.assertEqual(f._tail_cut(floor + floor // 2), floor + floor // 2)   # not half one
+        f = self.fetch(parts=8)                   # a slow path: at least tail_min_size
+        f.started = 0.0
+        f.target.done.add(0, 1 << 20)
+        f._progress(1.0)
+        self.assertEqual(f.tail_piece, f.s.tail_min_size)
+
     def test_fixed_parts_keep_their_ranges(self):
         f = self.fetch(parts=16)
         f._plan()
