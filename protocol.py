@@ -1539,6 +1539,7 @@ class ClientTransfer:
         self.state = REQUESTING
         self.outcome = self.error_code = None
         self.rtt_sample = None          # request -> SIZE time, if the request was sent once
+                                        # (else our ACK of SIZE -> the first DATA)
         self.token = None               # from SIZE; every ACK echoes it
         self._r = crc_start(offset)     # R(pos): the running CRC up to the next byte needed
         self._sent_at = self._last_heard = now
@@ -1546,6 +1547,7 @@ class ClientTransfer:
         self._requests = 1
         self._next_request = now + self._request_rto
         self._flowing = False           # a DATA or EOF arrived after SIZE
+        self._size_acked_at = None      # when SIZE was acknowledged, if timing the first DATA
         self._out = [self.request]
 
     def datagrams_to_send(self):
@@ -1609,6 +1611,7 @@ class ClientTransfer:
                     self._token_requests = self._requests
                 if msg.token == self.token:
                     self._out.append(format_ack(self.pos, self.token))   # our ACK was lost
+                    self._size_acked_at = None   # which ACK the first DATA answers is unknown
             return
         if self.state != REQUESTING:
             return
@@ -1621,6 +1624,8 @@ class ClientTransfer:
         self.end = min(msg.size, self.start + self.length) if self.length is not None else msg.size
         if self._requests == 1:
             self.rtt_sample = now - self._sent_at
+        else:   # Karn's rule: not the request's round trip, but that of our ACK to the DATA
+            self._size_acked_at = now
         self.state = RECEIVING
         self._last_heard = now
         self._next_request = now + self._request_rto
@@ -1629,7 +1634,10 @@ class ClientTransfer:
     def _on_data(self, msg, now):
         if self.state != RECEIVING:
             return None
-        self._flowing = True
+        if not self._flowing:
+            self._flowing = True
+            if self._size_acked_at is not None and msg.offset == self.start:
+                self.rtt_sample = now - self._size_acked_at
         if msg.offset == self.pos:
             payload = msg.payload
             if self.pos + len(payload) > self.end or zlib.crc32(payload, self._r) != msg.crc:

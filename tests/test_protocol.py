@@ -2073,6 +2073,31 @@ class Client(unittest.TestCase):
         self.assertEqual(c.end, 12)
         self.assertAlmostEqual(c.rtt_sample, 0.05)
 
+    def size_after_a_repeat(self):
+        """A transfer whose request went twice (lost once): SIZE at 0.15 gives no sample."""
+        c = protocol.ClientTransfer("a.bin", 100, 1000, 0.0, CS)
+        c.datagrams_to_send()
+        c.handle_timer(c.get_timer())                      # the request again, at 0.1
+        c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 0.15)
+        self.assertEqual(c.datagrams_to_send(), [b"DOWNLOAD a.bin 100 1000", ack(100)])
+        self.assertIsNone(c.rtt_sample, "Karn: which request SIZE answers is unknown")
+        return c
+
+    def test_when_the_request_went_twice_the_first_data_is_timed_from_our_ack(self):
+        c = self.size_after_a_repeat()
+        self.feed(c, 100, 300, now=0.152)
+        self.assertAlmostEqual(c.rtt_sample, 0.002)
+        c.rtt_sample = None
+        self.feed(c, 400, 300, now=0.2)                    # once only
+        self.assertIsNone(c.rtt_sample)
+
+    def test_not_when_our_ack_of_size_went_twice(self):
+        c = self.size_after_a_repeat()
+        c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 0.16)   # ours was lost?
+        self.assertEqual(c.datagrams_to_send(), [ack(100)])
+        self.feed(c, 100, 300, now=0.161)
+        self.assertIsNone(c.rtt_sample)
+
     def test_size_then_in_order_data(self):
         c = self.receiving()
         self.assertEqual((c.size, c.version, c.end), (5000, "v1", 1100))
