@@ -949,7 +949,9 @@ class _Fetch:
                 self.warned = False
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
         per_part = rate / max(len(self.active), 1)
-        self.tail_piece = max(self.s.tail_min_size, int(per_part * self.s.tail_seconds))
+        # (Here the parts wanted, not those running: near the end, several may just have ended.)
+        self.tail_piece = max(self.s.tail_min_size, int(
+            rate / max(len(self.active), self.parts) * self.s.tail_seconds))
         if self.tuner is not None and self.target.size is not None:
             # Ranges that last part_seconds at the rate a part gets: few on a fast path.
             self.min_piece = max(self.s.min_part_size, int(per_part * self.s.part_seconds))

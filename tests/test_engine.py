@@ -229,9 +229,9 @@ class AutoPlanTest(unittest.TestCase):
         f = self.fetch(parts=8)
         f.started = 0.0
         self.running(f, [(0, 64 << 20, 0)] * 4)
-        f.target.done.add(0, 100 << 20)           # 100 MiB in 1 s, over 4 parts
-        f._progress(1.0)
-        floor = int((100 << 20) / 4 * f.s.tail_seconds)
+        f.target.done.add(0, 100 << 20)           # 100 MiB in 1 s: a part's share of it
+        f._progress(1.0)                          # (of the 8 wanted, though 4 run now)
+        floor = int((100 << 20) / 8 * f.s.tail_seconds)
         self.assertEqual(f.tail_piece, floor)
         f.active = []
         f.queue = [(100 << 20, (100 << 20) + 3 * floor)]
@@ -241,6 +241,7 @@ class AutoPlanTest(unittest.TestCase):
         f = self.fetch(parts=8)                   # a slow path: at least tail_min_size
         f.started = 0.0
         f.target.done.add(0, 1 << 20)
+        f.tail_piece = 0
         f._progress(1.0)
         self.assertEqual(f.tail_piece, f.s.tail_min_size)
 
