@@ -64,10 +64,16 @@ class ServerSettings(NamedTuple):
     lossy_max_fragments: int = 3
     reassembly_backoff: float = 30.0
     # Three fragments spend that buffer twice as fast per byte as two (two orphans per loss, a
-    # third more bytes per datagram): so only while the orphans the server caused in the last
-    # reassembly_backoff are fewer than this (a 32 MiB download at 1% loss counts 800 to 900),
-    # then two, which last longest before the buffer is full.
-    orphans_for_three: int = 1000
+    # third more bytes per datagram), and once it is full only unfragmented datagrams pass (58
+    # MB/s here). So three only while the orphans the server caused in the last
+    # reassembly_backoff (protocol.Path.orphans), plus those two fragments would leave for the
+    # rest of the client's downloads, stay within this budget; then two, which move twice the
+    # bytes before the buffer is full. The count errs high (a lost ACK counts as a lost DATA):
+    # 2,000 counted were about 1,300 fragments, 3.1 MB of the 4 MB buffer here (2.4 KB each).
+    # At 1% loss a 32 MiB download counts 800 to 1,000: two in a row get three fragments, the
+    # third mostly two; 256 MiB gets two after the first 30 MB or so (2.6 s, against 3.2 s
+    # with a fixed count of 1,000 and 2.8 s with two only); 128 MiB 1.3 s either way.
+    orphan_budget: int = 2000
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order), and

@@ -433,7 +433,8 @@ class Path:
         self.whole = mtu - (40 if ipv6 else 20)     # what one unfragmented packet carries
         self.rtt = RttEstimator(settings.rto_initial, settings.rto_min, settings.rto_max)
         self.latest_rtt = 0.0
-        self.flights = 0                            # transfers with a DATA outstanding
+        self.flights = 0                            # transfers with a DATA outstanding:
+        self.sending = set()                        # ... these
         self.min_rtt = None                         # the path without a queue
         # Queueing per DATA in flight (its srtt and rttvar are used; see queue_rto).
         self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)
@@ -446,6 +447,7 @@ class Path:
         self._unfragmented_until = 0.0
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
+        self._over_budget = False                   # see _orphans_fit
         self.reorder_mult = 1                       # widened after needless early resends
         self._persist = 0                           # early resends before it narrows again
         self.seq = 0                                # last sequence number given out
@@ -544,15 +546,16 @@ class Path:
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
-            # (two orphans per loss: three times the bytes per datagram for seconds of
-            # transfer), two once orphans_for_three are counted, and none fragmented for
-            # reassembly_backoff once most of them are lost.
+            # while the orphans they leave fit in the budget (config.orphan_budget), else
+            # two, and none fragmented for reassembly_backoff once most of them are lost.
             if now < self._unfragmented_until:
                 most = 1
-            elif self.orphans(now) >= self.s.orphans_for_three:
-                most = min(2, self.s.lossy_max_fragments)
             else:
+                # Three while two would still fit what is to come: a download too big for
+                # three throughout starts with three and goes on with two.
                 most = self.s.lossy_max_fragments
+                if most > 2 and not self._orphans_fit(ladder, 2, p, now):
+                    most = 2
             self.size = max(size for size in ladder if self.fragments(size) <= most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
@@ -564,6 +567,29 @@ class Path:
             if rate > best_rate * 1.02:   # a smaller size only if clearly better
                 best, best_rate = size, rate
         self.size = best
+
+    def _orphans_fit(self, ladder, k, p, now):
+        """Whether datagrams of k fragments for the rest of this IP's downloads would leave
+        orphans within the budget, counted as orphans() counts them: k - 1 per loss, at the
+        loss rate estimated (which, like the count, takes a lost ACK for a lost DATA). Once
+        they did not, only with an eighth of the budget to spare: the bytes still to come
+        change as parts end and start, and the size should not flap with them."""
+        size = max(size for size in ladder if self.fragments(size) <= k)
+        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * (k - 1)
+        budget = self.s.orphan_budget * (0.875 if self._over_budget else 1.0)
+        self._over_budget = self.orphans(now) + need > budget
+        return not self._over_budget
+
+    def bytes_to_come(self):
+        """About how many bytes this IP's downloads still need: in each file, from the lowest
+        position its running transfers have reached to the end (other parts fetch the later
+        ranges; what the client asks for after that is unknown)."""
+        left = {}
+        for t in self.sending:
+            n = t.entry.size - t.pos
+            if n > left.get(t.name, -1):
+                left[t.name] = n
+        return sum(left.values())
 
     def loss_threshold(self):
         """How long after its sending a DATA overtaken by an acknowledged one is lost."""
@@ -679,7 +705,12 @@ class ServerTransfer:
     def _fly(self, flying):
         if flying != self._flying:
             self._flying = flying
-            self.path.flights += 1 if flying else -1
+            if flying:
+                self.path.flights += 1
+                self.path.sending.add(self)
+            else:
+                self.path.flights -= 1
+                self.path.sending.discard(self)
 
     def rto(self):
         """The retransmission timeout for the outstanding datagram: the RTO, and at least what

@@ -267,6 +267,10 @@ class PathMtuTest(unittest.TestCase):
         self.assertIn(server.path_mtu("256.1.1.1"), (None,))
 
 
+class Sending:
+    """A stand-in for a transfer sending data (hashable, unlike a SimpleNamespace)."""
+
+
 class PathSizeTest(unittest.TestCase):
 
     def test_nothing_fragments_on_loopback_so_loss_keeps_big_datagrams(self):
@@ -286,23 +290,70 @@ class PathSizeTest(unittest.TestCase):
             p.outcome(p.size, lost=False)
         self.assertEqual(p.size, 44 * 1480 - 8)   # 44 full fragments (65507 would be 45)
 
-    def test_two_fragments_once_three_left_many_orphans_and_three_when_they_expire(self):
-        # A long download at 1% loss: each lost datagram of k fragments leaves k - 1 in the
-        # client's reassembly buffer for 30 s. Past orphans_for_three, two fragments (they
-        # spend that buffer half as fast per byte); once the orphans expire, three again.
-        s = config.ServerSettings()
-        p = protocol.Path(s, 65507, mtu=1500)
-        rng = random.Random(6)
-        now, seen = 0.0, set()
-        for _ in range(30000):               # 6 s
+    def downloading(self, p, size, pos=0, name="f.bin"):
+        """A stand-in for a transfer of the IP with a DATA outstanding at pos of a file."""
+        t = Sending()
+        t.entry, t.pos, t.name = types.SimpleNamespace(size=size), pos, name
+        p.sending.add(t)
+        return t
+
+    def lossy(self, p, seconds, now=0.0, seed=6, t=None):
+        """1% loss per packet; returns the time and the fragments of each size chosen then.
+        Each datagram that arrives moves the stand-in t on."""
+        rng, seen = random.Random(seed), []
+        for _ in range(int(seconds / 0.0002)):
             now += 0.0002
             lost = rng.random() > 0.99 ** protocol.fragments(p.size, 1480)
+            if t is not None and not lost:
+                t.pos += p.size
             p.outcome(p.size, lost, now)
-            if lost and p.loss_rate() > s.fragment_loss_limit:   # the size was chosen again
-                want = 2 if p.orphans(now) >= s.orphans_for_three else 3
-                self.assertEqual(p.fragments(p.size), want, (now, p.orphans(now)))
-                seen.add(want)
-        self.assertEqual(seen, {2, 3})
+            if lost and p.loss_rate() > p.s.fragment_loss_limit:   # the size was chosen again
+                seen.append(p.fragments(p.size))
+        return now, seen
+
+    def test_three_fragments_while_the_orphans_they_leave_fit_the_budget(self):
+        # Each lost datagram of k fragments leaves k - 1 in the client's reassembly buffer for
+        # 30 s. A 32 MiB download fits the budget at three fragments; a 512 MiB one does not
+        # even at two, and gets two (which move twice the bytes before the buffer is full)
+        # until the end of it is near.
+        s = config.ServerSettings()
+        for size, want in ((32 << 20, {3}), (512 << 20, {2})):
+            with self.subTest(size=size):
+                p = protocol.Path(s, 65507, mtu=1500)
+                t = self.downloading(p, size)
+                _, seen = self.lossy(p, 0.2)
+                self.assertEqual(set(seen[20:]), want)    # (once the estimate settled)
+                t.pos = size - (4 << 20)
+                _, seen = self.lossy(p, 0.05, now=0.2)
+                self.assertEqual(seen[-1], 3, "4 MiB to go fit in what is left")
+
+    def test_three_first_while_two_would_still_fit_the_rest(self):
+        # 256 MiB fits the budget at two fragments, not at three: three first, then two for
+        # the rest (faster than two first and three at the end).
+        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        t = self.downloading(p, 256 << 20)
+        _, seen = self.lossy(p, 4.0, t=t)
+        self.assertEqual(set(seen[:20]), {3})
+        self.assertEqual(set(seen[-200:]), {2})     # with most of the file still to come
+        self.assertGreater((256 << 20) - t.pos, 128 << 20)
+
+    def test_two_parts_of_one_file_count_once_and_two_files_add_up(self):
+        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        self.downloading(p, 100, 10)
+        self.downloading(p, 100, 60)
+        self.assertEqual(p.bytes_to_come(), 90)
+        self.downloading(p, 50, 0, name="g.bin")
+        self.assertEqual(p.bytes_to_come(), 140)
+
+    def test_two_fragments_once_the_budget_is_spent_and_three_when_the_orphans_expire(self):
+        # With nothing known to come (the listing, a client between files), three fragments
+        # until the orphans counted pass the budget, then two; once they expire, three again.
+        s = config.ServerSettings()
+        p = protocol.Path(s, 65507, mtu=1500)
+        now, seen = self.lossy(p, 10.0)
+        self.assertGreater(p.orphans(now), s.orphan_budget)
+        self.assertIn(3, seen)
+        self.assertEqual(seen[-1], 2)
         now += s.reassembly_backoff + 1      # later: the orphans are gone
         self.assertEqual(p.orphans(now), 0)
         for _ in range(32):                  # (the size is chosen again every 32 datagrams)
