@@ -68,12 +68,10 @@ class ServerSettings(NamedTuple):
     # MB/s here). So three only while the orphans the server caused in the last
     # reassembly_backoff (protocol.Path.orphans), plus those two fragments would leave for the
     # rest of the client's downloads, stay within this budget; then two, which move twice the
-    # bytes before the buffer is full. The count errs high (a lost ACK counts as a lost DATA):
-    # 2,000 counted were about 1,300 fragments, 3.1 MB of the 4 MB buffer here (2.4 KB each).
-    # At 1% loss a 32 MiB download counts 800 to 1,000: two in a row get three fragments, the
-    # third mostly two; 256 MiB gets two after the first 30 MB or so (2.6 s, against 3.2 s
-    # with a fixed count of 1,000 and 2.8 s with two only); 128 MiB 1.3 s either way.
-    orphan_budget: int = 2000
+    # bytes before the buffer is full. Linux over veth here: 2.2 to 2.4 KB per orphan, 4 MB
+    # full at about 1,800; 1,400 leave a fifth for the next download and other traffic. At
+    # 1% loss a 32 MiB download orphans 600 to 800 (more when it starts with big datagrams).
+    orphan_budget: int = 1400
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order), and

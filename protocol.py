@@ -487,7 +487,9 @@ class Path:
         k = self.fragments(size)
         if k > 1:
             if lost:   # its other fragments wait in the receiver's reassembly buffer
-                self._orphan(k - 1, now)
+                # A lost ACK looks the same and orphans nothing: with one packet more than the
+                # k of the DATA, about 1 loss in k + 1 is one (at equal loss each way).
+                self._orphan((k - 1) * k / (k + 1), now)
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
             # reassembly buffer is full of the fragments of lost ones (see _choose_size).
             self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
@@ -512,11 +514,12 @@ class Path:
 
     def orphans(self, now):
         """About how many fragments of lost datagrams wait in the client's reassembly buffer:
-        those orphaned in the last reassembly_backoff seconds, one lost fragment per lost
-        datagram (a lost ACK counts too, so this errs high)."""
+        those orphaned in the last reassembly_backoff seconds (see outcome)."""
         q = self._orphans
         while q and q[0][0] <= now - self.s.reassembly_backoff:
             self._orphan_count -= q.popleft()[1]
+        if not q:
+            self._orphan_count = 0   # (no rounding left over)
         return self._orphan_count
 
     def spurious(self, early):
@@ -570,12 +573,12 @@ class Path:
 
     def _orphans_fit(self, ladder, k, p, now):
         """Whether datagrams of k fragments for the rest of this IP's downloads would leave
-        orphans within the budget, counted as orphans() counts them: k - 1 per loss, at the
-        loss rate estimated (which, like the count, takes a lost ACK for a lost DATA). Once
-        they did not, only with an eighth of the budget to spare: the bytes still to come
-        change as parts end and start, and the size should not flap with them."""
+        orphans within the budget, counted as orphans() counts them, at the loss rate
+        estimated (which takes a lost ACK for a lost DATA, as the count does). Once they did
+        not, only with an eighth of the budget to spare: the bytes still to come change as
+        parts end and start, and the size should not flap with them."""
         size = max(size for size in ladder if self.fragments(size) <= k)
-        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * (k - 1)
+        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * (k - 1) * k / (k + 1)
         budget = self.s.orphan_budget * (0.875 if self._over_budget else 1.0)
         self._over_budget = self.orphans(now) + need > budget
         return not self._over_budget
