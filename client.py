@@ -948,12 +948,12 @@ class _Fetch:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
-        per_part = rate / max(len(self.active), 1)
         # (Here the parts wanted, not those running: near the end, several may just have ended.)
         self.tail_piece = max(self.s.tail_min_size, int(
             rate / max(len(self.active), self.parts) * self.s.tail_seconds))
         if self.tuner is not None and self.target.size is not None:
             # Ranges that last part_seconds at the rate a part gets: few on a fast path.
+            per_part = rate / max(len(self.active), 1)
             self.min_piece = max(self.s.min_part_size, int(per_part * self.s.part_seconds))
             self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
             if self._plan_for(self.parts) != self.plan_parts:

@@ -395,6 +395,14 @@ def size_ladder(per_fragment, ceiling, whole=0):
     return tuple(sorted(sizes | {top, min(max(whole - 8, 1), ceiling)}))
 
 
+def orphans_per_loss(k):
+    """The fragments a datagram of k fragments, declared lost, leaves in the receiver's
+    reassembly buffer, on average: k - 1 if the DATA was lost; none if its ACK was, which
+    looks the same to the server. With one packet more than the k of the DATA, about 1 such
+    loss in k + 1 is an ACK's (at equal loss each way)."""
+    return (k - 1) * k / (k + 1)
+
+
 class Path:
     """What the server learns about one client IP, shared by all of that client's transfers.
 
@@ -487,9 +495,7 @@ class Path:
         k = self.fragments(size)
         if k > 1:
             if lost:   # its other fragments wait in the receiver's reassembly buffer
-                # A lost ACK looks the same and orphans nothing: with one packet more than the
-                # k of the DATA, about 1 loss in k + 1 is one (at equal loss each way).
-                self._orphan((k - 1) * k / (k + 1), now)
+                self._orphan(orphans_per_loss(k), now)
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
             # reassembly buffer is full of the fragments of lost ones (see _choose_size).
             self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
@@ -578,7 +584,7 @@ class Path:
         not, only with an eighth of the budget to spare: the bytes still to come change as
         parts end and start, and the size should not flap with them."""
         size = max(size for size in ladder if self.fragments(size) <= k)
-        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * (k - 1) * k / (k + 1)
+        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
         budget = self.s.orphan_budget * (0.875 if self._over_budget else 1.0)
         self._over_budget = self.orphans(now) + need > budget
         return not self._over_budget
