@@ -54,23 +54,27 @@ class ServerSettings(NamedTuple):
     # (see protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in
     # the prior's worth of fragments cross it; a spurious timeout, once recognised, does not.
     fragment_loss_limit: float = 0.0008
-    # On such a path, datagrams of at most this many fragments (each loss leaves two orphan
-    # fragments in the receiver's reassembly buffer), and none fragmented for this long once
-    # most of them are lost (the buffer is full: Linux frees it after ipfrag_time, 30 s).
-    # Three, not two: at 1% loss on the MTU-1500 path 103 MB/s instead of 81 (32 MiB), at 5%
-    # 60 instead of 51 (16 MiB). Four were faster still at 1% (124) but slower at 5% (48), and
-    # fill the receiver's buffer (4 MB on Linux) after two 32 MiB downloads in a row at 1% loss
-    # (three fragments: after three; two: after six).
-    lossy_max_fragments: int = 3
+    # On such a path, datagrams of at most this many fragments (each loss leaves the others in
+    # the receiver's reassembly buffer), at most heavy_loss_fragments above an estimated loss
+    # of heavy_loss, and none fragmented for reassembly_backoff once most of them are lost (the
+    # buffer is full: Linux frees it after ipfrag_time, 30 s). On the MTU-1500 path, 1% loss,
+    # 32 MiB: three fragments 103 MB/s against two's 81, four 0.303 s against three's 0.341
+    # (pairwise 1.17); at 5% loss, 16 MiB: three 60 MB/s against two's 51, four 0.317 s
+    # against three's 0.308 (more of them lost). The estimate reads 1.3% to 1.7% at 1% loss
+    # each way (a lost ACK counts), 4% to 11% at 5%.
+    lossy_max_fragments: int = 4
+    heavy_loss: float = 0.03
+    heavy_loss_fragments: int = 3
     reassembly_backoff: float = 30.0
-    # Three fragments spend that buffer twice as fast per byte as two (two orphans per loss, a
-    # third more bytes per datagram), and once it is full only unfragmented datagrams pass (58
-    # MB/s here). So three only while the orphans the server caused in the last
-    # reassembly_backoff (protocol.Path.orphans), plus those two fragments would leave for the
-    # rest of the client's downloads, stay within this budget; then two, which move twice the
-    # bytes before the buffer is full. Linux over veth here: 2.2 to 2.4 KB per orphan, 4 MB
-    # full at about 1,800; 1,400 leave a fifth for the next download and other traffic. At
-    # 1% loss a 32 MiB download orphans 600 to 800 (more when it starts with big datagrams).
+    # More fragments spend that buffer faster per byte (three: two orphans per loss, a third
+    # more bytes per datagram than two), and once it is full only unfragmented datagrams pass
+    # (58 MB/s here). So k fragments only while the orphans the server caused in the last
+    # reassembly_backoff (protocol.Path.orphans), plus those k - 1 would leave for the rest of
+    # the client's downloads, stay within this budget; then fewer, down to two, which move
+    # twice the bytes of three before the buffer is full. Linux over veth here: 2.2 to 2.4 KB
+    # per orphan, 4 MB full at about 1,800; 1,400 leave a fifth for the next download and
+    # other traffic. At 1% loss a 32 MiB download orphans about 500 with three fragments and
+    # 750 with four (more when it starts with big datagrams).
     orphan_budget: int = 1400
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at

@@ -455,7 +455,7 @@ class Path:
         self._unfragmented_until = 0.0
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
-        self._over_budget = False                   # see _orphans_fit
+        self._over_budget = {}                      # by fragments: see _orphans_fit
         self.reorder_mult = 1                       # widened after needless early resends
         self._persist = 0                           # early resends before it narrows again
         self.seq = 0                                # last sequence number given out
@@ -555,16 +555,21 @@ class Path:
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
-            # while the orphans they leave fit in the budget (config.orphan_budget), else
-            # two, and none fragmented for reassembly_backoff once most of them are lost.
+            # (fewer where losses are heavy) while the orphans they leave fit in the budget
+            # (config.orphan_budget), else two, and none fragmented for reassembly_backoff
+            # once most of them are lost.
             if now < self._unfragmented_until:
                 most = 1
             else:
-                # Three while two would still fit what is to come: a download too big for
-                # three throughout starts with three and goes on with two.
+                # The most while two would still fit what is to come: a download too big for
+                # them throughout starts with them and goes on with two.
+                # The most while one fewer would still fit what is to come: a download too big
+                # for them throughout starts with them and goes on with fewer.
                 most = self.s.lossy_max_fragments
-                if most > 2 and not self._orphans_fit(ladder, 2, p, now):
-                    most = 2
+                if p > self.s.heavy_loss:
+                    most = min(most, self.s.heavy_loss_fragments)
+                while most > 2 and not self._orphans_fit(ladder, most - 1, p, now):
+                    most -= 1
             self.size = max(size for size in ladder if self.fragments(size) <= most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
@@ -585,9 +590,10 @@ class Path:
         parts end and start, and the size should not flap with them."""
         size = max(size for size in ladder if self.fragments(size) <= k)
         need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
-        budget = self.s.orphan_budget * (0.875 if self._over_budget else 1.0)
-        self._over_budget = self.orphans(now) + need > budget
-        return not self._over_budget
+        over = self._over_budget.get(k, False)
+        over = self.orphans(now) + need > self.s.orphan_budget * (0.875 if over else 1.0)
+        self._over_budget[k] = over
+        return not over
 
     def bytes_to_come(self):
         """About how many bytes this IP's downloads still need: in each file, from the lowest
