@@ -455,7 +455,6 @@ class Path:
         self._unfragmented_until = 0.0
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
-        self._over_budget = {}                      # by fragments: see _orphans_fit
         self.reorder_mult = 1                       # widened after needless early resends
         self._persist = 0                           # early resends before it narrows again
         self.seq = 0                                # last sequence number given out
@@ -515,6 +514,7 @@ class Path:
         if self._orphans and self._orphans[-1][0] == second:
             self._orphans[-1][1] += n
         else:
+            self.orphans(now)   # (drops the expired seconds: the deque stays short)
             self._orphans.append([second, n])
         self._orphan_count += n
 
@@ -561,14 +561,16 @@ class Path:
             if now < self._unfragmented_until:
                 most = 1
             else:
-                # The most while two would still fit what is to come: a download too big for
-                # them throughout starts with them and goes on with two.
                 # The most while one fewer would still fit what is to come: a download too big
-                # for them throughout starts with them and goes on with fewer.
+                # for them throughout starts with them and goes on with fewer. Back up only
+                # with an eighth of the budget to spare: the bytes still to come change as
+                # parts end and start, and the size should not flap with them.
                 most = self.s.lossy_max_fragments
                 if p > self.s.heavy_loss:
                     most = min(most, self.s.heavy_loss_fragments)
-                while most > 2 and not self._orphans_fit(ladder, most - 1, p, now):
+                now_k, to_come = self.fragments(self.size), self.bytes_to_come()
+                while most > 2 and not self._orphans_fit(ladder, most - 1, p, now, to_come,
+                                                         now_k < most):
                     most -= 1
             self.size = max(size for size in ladder if self.fragments(size) <= most)
             return
@@ -582,18 +584,14 @@ class Path:
                 best, best_rate = size, rate
         self.size = best
 
-    def _orphans_fit(self, ladder, k, p, now):
-        """Whether datagrams of k fragments for the rest of this IP's downloads would leave
-        orphans within the budget, counted as orphans() counts them, at the loss rate
-        estimated (which takes a lost ACK for a lost DATA, as the count does). Once they did
-        not, only with an eighth of the budget to spare: the bytes still to come change as
-        parts end and start, and the size should not flap with them."""
+    def _orphans_fit(self, ladder, k, p, now, to_come, spare):
+        """Whether datagrams of k fragments for the `to_come` bytes of this IP's downloads
+        would leave orphans within the budget (with an eighth of it to spare if `spare`),
+        counted as orphans() counts them, at the loss rate estimated (which takes a lost ACK
+        for a lost DATA, as the count does)."""
         size = max(size for size in ladder if self.fragments(size) <= k)
-        need = self.bytes_to_come() / size * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
-        over = self._over_budget.get(k, False)
-        over = self.orphans(now) + need > self.s.orphan_budget * (0.875 if over else 1.0)
-        self._over_budget[k] = over
-        return not over
+        need = to_come / size * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
+        return self.orphans(now) + need <= self.s.orphan_budget * (0.875 if spare else 1.0)
 
     def bytes_to_come(self):
         """About how many bytes this IP's downloads still need: in each file, from the lowest

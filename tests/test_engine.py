@@ -339,6 +339,25 @@ class PathSizeTest(unittest.TestCase):
         self.assertEqual(set(seen[-200:]), {2})     # with most of the file still to come
         self.assertGreater((256 << 20) - t.pos, 128 << 20)
 
+    def test_the_choice_depends_on_the_state_now_not_on_an_earlier_download(self):
+        s = config.ServerSettings()
+        paths = [protocol.Path(s, 65507, mtu=1500) for _ in range(2)]
+        for p in paths:
+            p.loss_rate = lambda: 0.015
+        old, fresh = paths
+        t = self.downloading(old, 256 << 20)
+        old._choose_size(0.0)
+        self.assertEqual(old.fragments(old.size), 2)     # 256 MiB fit at none but two
+        t.entry.size = 0
+        old._choose_size(1.0)
+        self.assertEqual(old.fragments(old.size), 4)     # nothing to come
+        for p in paths:
+            self.downloading(p, 20 << 20, name="g.bin")
+            p._orphan(1200, 1.0)
+            p._choose_size(2.0)
+        self.assertEqual(fresh.fragments(fresh.size), 3)
+        self.assertEqual(old.fragments(old.size), 3)
+
     def test_two_parts_of_one_file_count_once_and_two_files_add_up(self):
         p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
         self.downloading(p, 100, 10)

@@ -1750,12 +1750,15 @@ class DispatcherQueue(DispatcherCase):
             one(self, srv.ack(end_of(d0[addr]), addr, 0.03), addr)
         path = srv.d.paths[A[0]]
         self.assertEqual(path.flights, 2)
+        self.assertEqual(path.sending, {srv.transfer(A), srv.transfer(B)})
         third = (A[0], 40003)                    # the same IP: a small file, DATA, then EOF
         srv.recv(b"DOWNLOAD s.bin 0 1", third, 0.03)
         one(self, srv.ack(0, third, 0.031), third)
+        self.assertIn(srv.transfer(third), path.sending)
         eof = one(self, srv.ack(1, third, 0.032), third)
         self.assertIsInstance(eof, protocol.Eof)
         t = srv.transfer(third)
+        self.assertNotIn(t, path.sending)
         self.assertEqual(path.flights, 2)        # an EOF is not a DATA in flight ...
         self.assertGreater(path.queue_rto(), t.rtt.rto)
         self.assertAlmostEqual(t.deadline, 0.032 + path.queue_rto())   # ... but waits behind them
