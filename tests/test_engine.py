@@ -298,13 +298,13 @@ class PathSizeTest(unittest.TestCase):
         p.sending.add(t)
         return t
 
-    def lossy(self, p, seconds, now=0.0, seed=6, t=None):
-        """1% loss per packet; returns the time and the fragments of each size chosen then.
-        Each datagram that arrives moves the stand-in t on."""
+    def lossy(self, p, seconds, now=0.0, seed=6, t=None, loss=0.01):
+        """A datagram every 0.2 ms, `loss` per packet; returns the time and the fragments of
+        each size chosen then. Each datagram that arrives moves the stand-in t on."""
         rng, seen = random.Random(seed), []
         for _ in range(int(seconds / 0.0002)):
             now += 0.0002
-            lost = rng.random() > 0.99 ** protocol.fragments(p.size, 1480)
+            lost = rng.random() > (1 - loss) ** protocol.fragments(p.size, 1480)
             if t is not None and not lost:
                 t.pos += p.size
             p.outcome(p.size, lost, now)
@@ -386,9 +386,7 @@ class PathSizeTest(unittest.TestCase):
         # At 5% loss four-fragment datagrams are lost too often (16 MiB: 0.317 s against 0.308).
         s = config.ServerSettings()
         p = protocol.Path(s, 65507, mtu=1500)
-        rng = random.Random(5)
-        for _ in range(3000):
-            p.outcome(p.size, rng.random() > 0.95 ** protocol.fragments(p.size, 1480))
+        self.lossy(p, 0.6, seed=5, loss=0.05)
         self.assertGreater(p.loss_rate(), s.heavy_loss)
         self.assertEqual(p.size, THREE)
 
