@@ -899,7 +899,6 @@ class _Fetch:
             t = part.t
             if t.size is not None and target.size is None:
                 self._adopt(t)
-            self._take_rtt(t)   # as soon as it has one: new parts start with a fresh timeout
             t.handle_timer(now)
             self.c._flush(part)
             if t.state == protocol.FINISHED:
