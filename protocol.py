@@ -556,8 +556,8 @@ class Path:
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
             # (fewer where losses are heavy) while the orphans they leave fit in the budget
-            # (config.orphan_budget), else two, and none fragmented for reassembly_backoff
-            # once most of them are lost.
+            # (config.orphan_budget), else fewer down to two, and none fragmented for
+            # reassembly_backoff once most of them are lost.
             if now < self._unfragmented_until:
                 most = 1
             else:
@@ -572,7 +572,7 @@ class Path:
                 while most > 2 and not self._orphans_fit(ladder, most - 1, p, now, to_come,
                                                          now_k < most):
                     most -= 1
-            self.size = max(size for size in ladder if self.fragments(size) <= most)
+            self.size = self._largest(ladder, most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
         best, best_rate = self.ceiling, -1.0
@@ -584,13 +584,16 @@ class Path:
                 best, best_rate = size, rate
         self.size = best
 
+    def _largest(self, ladder, k):
+        """The largest size of the ladder that crosses in at most k fragments."""
+        return max(size for size in ladder if self.fragments(size) <= k)
+
     def _orphans_fit(self, ladder, k, p, now, to_come, spare):
         """Whether datagrams of k fragments for the `to_come` bytes of this IP's downloads
         would leave orphans within the budget (with an eighth of it to spare if `spare`),
         counted as orphans() counts them, at the loss rate estimated (which takes a lost ACK
         for a lost DATA, as the count does)."""
-        size = max(size for size in ladder if self.fragments(size) <= k)
-        need = to_come / size * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
+        need = to_come / self._largest(ladder, k) * (1.0 - (1.0 - p) ** k) * orphans_per_loss(k)
         return self.orphans(now) + need <= self.s.orphan_budget * (0.875 if spare else 1.0)
 
     def bytes_to_come(self):
