@@ -1699,6 +1699,52 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual([a for _, a in srv.timer(t.deadline)], [A])
         self.assertEqual(t.early_retransmissions, 1)
 
+    def test_a_wide_reordering_window_holds_the_timeout_back(self):
+        # After needless early resends (Path.spurious) the window is 16 times wider: 180 ms,
+        # longer than A's RTO. Once B's later DATA is acknowledged, that window, not the RTO,
+        # sets A's timer (RFC 9002 A.8): the client answers, out of order, so A is resent only
+        # when the window has passed, as an early resend (no backoff, no timeout counted).
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        path.reorder_mult = 16
+        threshold = path.loss_threshold()
+        self.assertAlmostEqual(threshold, 16 * 9 / 8 * 0.01)
+        rto_at, rto = t.deadline, t.rtt.rto
+        self.assertLess(rto_at, 0.02 + threshold)
+        srv.ack(end_of(b0), B, 0.035)                        # evidence
+        self.assertAlmostEqual(t.deadline, 0.02 + threshold)
+        self.assertNotIn(A, [a for _, a in srv.timer(rto_at)])
+        self.assertEqual(t.retransmissions, 0)
+        self.assertIn((a1, A), srv.timer(t.deadline))        # (B's and C's timers fire too)
+        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 1))
+        self.assertAlmostEqual(t.rtt.rto, rto)               # not backed off
+
+    def test_a_window_widened_after_the_evidence_holds_too(self):
+        srv, a1, b0 = self.begin(b_sent=0.02)
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        srv.ack(end_of(b0), B, 0.03)
+        self.assertAlmostEqual(t.deadline, 0.03125)          # 9/8 of 10 ms after A's send
+        path.spurious(early=True)    # another transfer's early resend proved needless
+        self.assertEqual(path.reorder_mult, 2)
+        self.assertNotIn(A, [a for _, a in srv.timer(0.03125)])
+        self.assertEqual(t.retransmissions, 0)
+        self.assertAlmostEqual(t.deadline, 0.02 + 2 * 0.01125)
+        self.assertIn((a1, A), srv.timer(t.deadline))
+        self.assertEqual(t.early_retransmissions, 1)
+
+    def test_a_client_that_answers_only_other_transfers_is_still_given_up(self):
+        # A window so wide that it outlasts the silence limit: the transfer still ends then.
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        path.reorder_mult = 1000                             # 11.25 s
+        srv.ack(end_of(b0), B, 0.035)
+        silence = 0.02 + srv.s.client_silence
+        self.assertAlmostEqual(t.deadline, silence)
+        self.assertNotIn(A, [a for _, a in srv.timer(silence - 1e-6)])
+        srv.timer(silence)
+        self.assertEqual((t.outcome, t.retransmissions), ("timeout", 0))
+        self.assertNotIn(A, srv.d.active)
+
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
         # their own IP only.
