@@ -15,7 +15,10 @@ How it measures
 - seconds: the client's wall time around fetch(), from its request until the file has its real
   name (the final fsync and rename included). MB/s uses 1 MB = 10^6 bytes.
 - sent / retx: datagrams the server's dispatcher handed to the socket, and the sum of its
-  transfers' retransmissions (ServerTransfer.retransmissions, summed when each transfer ends).
+  transfers' retransmissions (ServerTransfer.retransmissions, summed when each transfer ends;
+  the notes say how many were early ones). Where nothing is lost (loopback without the lossy
+  proxy, paths A and B), the targets add them up over every run, against the issue's limit of
+  0.2% of what the server sent.
 - srvRSS / cliRSS: peak resident memory of each child in MB (10^6 bytes). On Linux VmHWM from
   /proc/self/status, because ru_maxrss there keeps the parent's peak across fork+exec; elsewhere
   getrusage(RUSAGE_SELF).ru_maxrss (bytes on macOS); n/a where `resource` is missing (Windows).
@@ -151,8 +154,8 @@ def child_server(folder_path, host=LOOPBACK):
     folder = server.Folder(folder_path, None, settings)
     srv = server.Server(folder, host, 0, settings)
     d = srv.dispatcher
-    c = {"datagrams": 0, "bytes": 0, "retransmissions": 0, "payload_bytes": 0, "shrinks": 0,
-         "transfers": 0, "outcomes": {}}
+    c = {"datagrams": 0, "bytes": 0, "retransmissions": 0, "early": 0, "payload_bytes": 0,
+         "shrinks": 0, "transfers": 0, "outcomes": {}}
 
     def count(t):
         if getattr(t, "_bench_counted", False):
@@ -160,6 +163,7 @@ def child_server(folder_path, host=LOOPBACK):
         t._bench_counted = True
         c["transfers"] += 1
         c["retransmissions"] += t.retransmissions
+        c["early"] += t.early_retransmissions
         c["payload_bytes"] += t.bytes_sent
         c["shrinks"] += t.shrinks
         outcome = t.outcome or "unfinished"
@@ -818,6 +822,9 @@ class Bench:
         self.hashes = {}
         self.floor_mbps = None
         self.warnings = []
+        # Retransmissions on paths that lose nothing (the issue: at most 0.2% of what the
+        # server sends), over every run: group -> [datagrams sent, retransmitted, runs].
+        self.lossless = {}
 
     def _mkdir(self, name):
         path = os.path.join(self.root, name)
@@ -914,6 +921,14 @@ class Bench:
                   flush=True)
         return row
 
+    def count_lossless(self, group, runs):
+        totals = self.lossless.setdefault(group, [0, 0, 0])
+        for x in runs:
+            if x.get("sent") and not x.get("fail"):
+                totals[0] += x["sent"]
+                totals[1] += x["retx"]
+                totals[2] += 1
+
     def summarize(self, key, label, runs, pick, floor=False, what=""):
         """One row for several runs of a scenario: the best or the median one (by seconds);
         the notes list every run's MB/s. Peak RSS is the highest of all runs."""
@@ -991,6 +1006,8 @@ class Bench:
     def server_notes(self, stats):
         notes = []
         s, d = stats["server"], stats["dispatcher"]
+        if s["early"]:
+            notes.append("%d of the retx early" % s["early"])
         if s["shrinks"]:
             notes.append("shrinks %d" % s["shrinks"])
         if d.get("busy"):
@@ -1119,6 +1136,8 @@ class Bench:
                 self.warnings.append("loopback atftp+tftp-hpa skipped: %s" % why_no_atftp)
                 continue
             best = self.summarize(key, label, runs[key], "best", floor=True)
+            if key in ("p1", "p4", "auto"):
+                self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", runs[key])
             rates = sorted(x["bytes"] / x["seconds"] / MB for x in runs[key])
             self.r[key]["median_mbps"] = rates[(len(rates) - 1) // 2]
             if key == "floor":
@@ -1140,6 +1159,7 @@ class Bench:
                      for _ in range(self.repeat)]
             self.summarize("clean%d" % parts, "3. %s proxy lossless, %d part%s" % (
                 mid, parts, plural), clean, "median")
+            self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", clean)
             lossy = [self.fetch(self.files, "mid.bin", parts, seed=a.seed + i, add=False,
                                 impair=(Impairment(drop=0.05), Impairment(drop=0.05)))
                      for i in range(self.repeat)]
@@ -1165,6 +1185,9 @@ class Bench:
         best = self.summarize("many", "5. %d clients x %s, 4 parts" % (
             self.clients, human(self.each_size)), manys, "best", floor=True)
         self.r["many"]["slow_fast"] = best["slow_fast"]
+        self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", ones)
+        self.count_lossless("loopback, %d clients on one IP (scenario 5)" % self.clients,
+                            manys)
 
         # 6. LIST.
         self.listing()
@@ -1371,6 +1394,9 @@ class Bench:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.print_path(key, title, rate, size, results, skips, dropped, py_start)
+        if not loss:
+            self.count_lossless("paths without loss (A, B), ours", results["ours"]
+                                + results["ours1"])
 
     def path_run_on_new_path(self, key, tool, loss, rate, files, src, i, dropped):
         """path_run on a path of its own, with the tool's server started on it. One path for
@@ -1637,6 +1663,10 @@ class Bench:
                 check("7. sparse file: peak RSS server, MB", r["sparse"]["srv_rss"], "<", 50)
                 check("7. sparse file: peak RSS client, MB", r["sparse"]["cli_rss"], "<", 50)
         checks += self.path_checks
+        for group, (sent, retx, runs) in self.lossless.items():
+            checks.append(make_check("no loss: retransmitted %% of sent, %s" % group,
+                                     100.0 * retx / sent if sent else None, "<=", 0.2,
+                                     "%d of %d datagrams, %d runs" % (retx, sent, runs)))
         print()
         print("targets:")
         print_checks(checks)
