@@ -942,7 +942,8 @@ class ServerTransfer:
         self._early_at = max(self._sent_at + self.path.loss_threshold(),
                              now + min(self.s.reorder_min, self.path.rtt.srtt or 1.0))
         # From now on that threshold, not the RTO, sets the timer (see on_timer).
-        self.deadline = min(self._early_at, self._first_sent_at + self.s.client_silence)
+        self.deadline = min(self._early_at, self._sent_at + 2 * self.rto(),
+                            self._first_sent_at + self.s.client_silence)
         return True
 
     def on_timer(self, now):
@@ -955,14 +956,17 @@ class ServerTransfer:
             # A threshold widened by needless early resends (Path.spurious) holds for this one
             # too, including a widening since the evidence came. (On loopback, 20 clients in one
             # process: their timeouts, all needless, went from about 20 per run to about none.)
+            # But for at most twice the RTO: a window widened up to 16 times (18 round trips)
+            # must not turn a loss into a long stall, or outlast the silence limit.
             due = max(self._early_at, self._sent_at + self.path.loss_threshold())
             if due <= now:
                 return self._retransmit(now, early=True)
-            silence = self._first_sent_at + self.s.client_silence
-            if now < silence:
-                self._early_at = due
-                self.deadline = min(due, silence)
+            self._early_at = due
+            hold = min(self._sent_at + 2 * self.rto(), self._first_sent_at + self.s.client_silence)
+            if now < hold:
+                self.deadline = min(due, hold)
                 return
+            # (then the timeout, as if no evidence had come)
         # The timeout is taken again now: more DATAs may have joined the client's queue since
         # this datagram was sent (Path.queue_rto), and their round trips make its own longer.
         due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)
