@@ -955,18 +955,18 @@ class ServerTransfer:
             # client whose other transfers answer is not silent, only answering out of order.
             # A threshold widened by needless early resends (Path.spurious) holds for this one
             # too, including a widening since the evidence came. (On loopback, 20 clients in one
-            # process: their timeouts, all needless, went from about 20 per run to about none.)
-            # But for at most twice the RTO: a window widened up to 16 times (18 round trips)
-            # must not turn a loss into a long stall, or outlast the silence limit.
-            due = max(self._early_at, self._sent_at + self.path.loss_threshold())
-            if due <= now:
-                return self._retransmit(now, early=True)
-            self._early_at = due
+            # process: needless timeouts went from 11-48 per run to 0-2.) But for at most twice
+            # the RTO, and never past the silence limit: a window widened up to 16-fold (18
+            # round trips) must not turn a loss into a long stall. Past that hold (also when
+            # the timer fires late), the timeout below decides, as if no evidence had come.
             hold = min(self._sent_at + 2 * self.rto(), self._first_sent_at + self.s.client_silence)
             if now < hold:
+                due = max(self._early_at, self._sent_at + self.path.loss_threshold())
+                if due <= now:
+                    return self._retransmit(now, early=True)
+                self._early_at = due
                 self.deadline = min(due, hold)
                 return
-            # (then the timeout, as if no evidence had come)
         # The timeout is taken again now: more DATAs may have joined the client's queue since
         # this datagram was sent (Path.queue_rto), and their round trips make its own longer.
         due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)

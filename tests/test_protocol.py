@@ -1748,6 +1748,38 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 0))
         self.assertAlmostEqual(t.rtt.rto, 2 * rto)
 
+    def test_past_the_hold_the_timeout_decides_even_when_the_timer_fires_late(self):
+        # The window (180 ms) has passed when a late timer fires at 250 ms, but so has the hold
+        # (twice the RTO): a timeout, backed off, not an early resend.
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        path.reorder_mult = 16
+        rto = t.rto()
+        srv.ack(end_of(b0), B, 0.035)
+        self.assertLess(0.02 + path.loss_threshold(), 0.25)
+        self.assertIn((a1, A), srv.timer(0.25))
+        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 0))
+        self.assertAlmostEqual(t.rtt.rto, 2 * rto)
+
+    def test_the_silence_limit_holds_with_evidence(self):
+        # A long path (RTO 3 s) and a wide window (11 s): the timer is due at the silence limit,
+        # 5 s after A's DATA was sent, and then the transfer ends without a resend, also when
+        # the timer fires late, when the window would say "resend now".
+        for late in (0.0, 20.0):
+            srv, a1, b0 = self.begin(b_sent=0.025)
+            t, path = srv.transfer(A), srv.d.paths[A[0]]
+            path.reorder_mult = 1000
+            t.rtt.rto = 3.0
+            srv.ack(end_of(b0), B, 0.035)
+            silence = 0.02 + srv.s.client_silence
+            self.assertAlmostEqual(t.deadline, silence)
+            self.assertNotIn(A, [a for _, a in srv.timer(silence - 1e-6)])
+            if late:   # by then the window would say "resend now"
+                self.assertLess(0.02 + path.loss_threshold(), silence + late)
+            self.assertNotIn(A, [a for _, a in srv.timer(silence + late)])
+            self.assertEqual((t.outcome, t.retransmissions), ("timeout", 0))
+            self.assertNotIn(A, srv.d.active)
+
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
         # their own IP only.
