@@ -942,9 +942,12 @@ class ServerTransfer:
         self._early_at = max(self._sent_at + self.path.loss_threshold(),
                              now + min(self.s.reorder_min, self.path.rtt.srtt or 1.0))
         # From now on that threshold, not the RTO, sets the timer (see on_timer).
-        self.deadline = min(self._early_at, self._sent_at + 2 * self.rto(),
-                            self._first_sent_at + self.s.client_silence)
+        self.deadline = min(self._early_at, self._hold())
         return True
+
+    def _hold(self):
+        """How long evidence of a loss may hold the timeout back (see on_timer)."""
+        return min(self._sent_at + 2 * self.rto(), self._first_sent_at + self.s.client_silence)
 
     def on_timer(self, now):
         """A timer expired: an early retransmission, the retransmission timer, or giving up."""
@@ -959,7 +962,7 @@ class ServerTransfer:
             # the RTO, and never past the silence limit: a window widened up to 16-fold (18
             # round trips) must not turn a loss into a long stall. Past that hold (also when
             # the timer fires late), the timeout below decides, as if no evidence had come.
-            hold = min(self._sent_at + 2 * self.rto(), self._first_sent_at + self.s.client_silence)
+            hold = self._hold()
             if now < hold:
                 due = max(self._early_at, self._sent_at + self.path.loss_threshold())
                 if due <= now:

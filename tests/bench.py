@@ -825,6 +825,7 @@ class Bench:
         # Retransmissions on paths that lose nothing (the issue: at most 0.2% of what the
         # server sends), over every run: group -> [datagrams sent, retransmitted, runs].
         self.lossless = {}
+        self.one_client = "loopback, 1 client (scenarios 1-3, 5)"   # one of its groups
 
     def _mkdir(self, name):
         path = os.path.join(self.root, name)
@@ -1137,7 +1138,7 @@ class Bench:
                 continue
             best = self.summarize(key, label, runs[key], "best", floor=True)
             if key in ("p1", "p4", "auto"):
-                self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", runs[key])
+                self.count_lossless(self.one_client, runs[key])
             rates = sorted(x["bytes"] / x["seconds"] / MB for x in runs[key])
             self.r[key]["median_mbps"] = rates[(len(rates) - 1) // 2]
             if key == "floor":
@@ -1159,7 +1160,7 @@ class Bench:
                      for _ in range(self.repeat)]
             self.summarize("clean%d" % parts, "3. %s proxy lossless, %d part%s" % (
                 mid, parts, plural), clean, "median")
-            self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", clean)
+            self.count_lossless(self.one_client, clean)
             lossy = [self.fetch(self.files, "mid.bin", parts, seed=a.seed + i, add=False,
                                 impair=(Impairment(drop=0.05), Impairment(drop=0.05)))
                      for i in range(self.repeat)]
@@ -1185,7 +1186,7 @@ class Bench:
         best = self.summarize("many", "5. %d clients x %s, 4 parts" % (
             self.clients, human(self.each_size)), manys, "best", floor=True)
         self.r["many"]["slow_fast"] = best["slow_fast"]
-        self.count_lossless("loopback, 1 client (scenarios 1-3, 5)", ones)
+        self.count_lossless(self.one_client, ones)
         self.count_lossless("loopback, %d clients on one IP (scenario 5)" % self.clients,
                             manys)
 
