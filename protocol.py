@@ -958,7 +958,7 @@ class ServerTransfer:
             # client whose other transfers answer is not silent, only answering out of order.
             # A threshold widened by needless early resends (Path.spurious) holds for this one
             # too, including a widening since the evidence came. (On loopback, 20 clients in one
-            # process: needless timeouts went from 11-48 per run to 0-2.) But for at most twice
+            # process: needless timeouts went from 6-48 per run to 0-7.) But for at most twice
             # the RTO, and never past the silence limit: a window widened up to 16-fold (18
             # round trips) must not turn a loss into a long stall. Past that hold (also when
             # the timer fires late), the timeout below decides, as if no evidence had come.
