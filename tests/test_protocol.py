@@ -1699,20 +1699,31 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual([a for _, a in srv.timer(t.deadline)], [A])
         self.assertEqual(t.early_retransmissions, 1)
 
+    def evidence(self, mult, rto=None):
+        """begin(b_sent=0.025) with the IP's reordering window widened `mult`-fold (and A's
+        RTO set to `rto`), then B's later DATA acknowledged at 0.035: the evidence against A's
+        DATA 1, sent at 0.02. -> (srv, a1, A's transfer, the path, A's deadline and its
+        timeout before the evidence)."""
+        srv, a1, b0 = self.begin(b_sent=0.025)
+        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        path.reorder_mult = mult
+        if rto is not None:
+            t.rtt.rto = rto
+        rto_at, timeout = t.deadline, t.rto()
+        srv.ack(end_of(b0), B, 0.035)
+        return srv, a1, t, path, rto_at, timeout
+
     def test_a_wide_reordering_window_holds_the_timeout_back(self):
         # After needless early resends (Path.spurious) the window is 4 times wider: 45 ms,
         # longer than A's RTO. Once B's later DATA is acknowledged, that window, not the RTO,
         # sets A's timer (RFC 9002 A.8): the client answers, out of order, so A is resent only
         # when the window has passed, as an early resend (no backoff, no timeout counted).
-        srv, a1, b0 = self.begin(b_sent=0.025)
-        t, path = srv.transfer(A), srv.d.paths[A[0]]
-        path.reorder_mult = 4
+        srv, a1, t, path, rto_at, timeout = self.evidence(4)
+        rto = t.rtt.rto
         threshold = path.loss_threshold()
         self.assertAlmostEqual(threshold, 4 * 9 / 8 * 0.01)
-        rto_at, rto = t.deadline, t.rtt.rto
         self.assertLess(rto_at, 0.02 + threshold)
-        self.assertLess(threshold, 2 * t.rto())
-        srv.ack(end_of(b0), B, 0.035)                        # evidence
+        self.assertLess(threshold, 2 * timeout)
         self.assertAlmostEqual(t.deadline, 0.02 + threshold)
         self.assertNotIn(A, [a for _, a in srv.timer(rto_at)])
         self.assertEqual(t.retransmissions, 0)
@@ -1735,42 +1746,27 @@ class DispatcherEarlyRetransmission(DispatcherCase):
 
     def test_the_window_holds_the_timeout_back_by_one_rto_at_most(self):
         # 16 times wider (180 ms): the timer fires at twice the RTO after all, as a timeout
-        # (backed off), so that a wide window never turns a loss into a long stall.
-        srv, a1, b0 = self.begin(b_sent=0.025)
-        t, path = srv.transfer(A), srv.d.paths[A[0]]
-        path.reorder_mult = 16
-        rto = t.rto()
-        self.assertGreater(path.loss_threshold(), 2 * rto)
-        srv.ack(end_of(b0), B, 0.035)
-        self.assertAlmostEqual(t.deadline, 0.02 + 2 * rto)
-        self.assertNotIn(A, [a for _, a in srv.timer(t.deadline - 1e-6)])
-        self.assertIn((a1, A), srv.timer(t.deadline))
-        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 0))
-        self.assertAlmostEqual(t.rtt.rto, 2 * rto)
-
-    def test_past_the_hold_the_timeout_decides_even_when_the_timer_fires_late(self):
-        # The window (180 ms) has passed when a late timer fires at 250 ms, but so has the hold
-        # (twice the RTO): a timeout, backed off, not an early resend.
-        srv, a1, b0 = self.begin(b_sent=0.025)
-        t, path = srv.transfer(A), srv.d.paths[A[0]]
-        path.reorder_mult = 16
-        rto = t.rto()
-        srv.ack(end_of(b0), B, 0.035)
-        self.assertLess(0.02 + path.loss_threshold(), 0.25)
-        self.assertIn((a1, A), srv.timer(0.25))
-        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 0))
-        self.assertAlmostEqual(t.rtt.rto, 2 * rto)
+        # (backed off), so that a wide window never turns a loss into a long stall. So it does
+        # when the timer fires late, at 250 ms, after the window has passed too.
+        for late in (False, True):
+            srv, a1, t, path, rto_at, rto = self.evidence(16)
+            self.assertGreater(path.loss_threshold(), 2 * rto)
+            self.assertAlmostEqual(t.deadline, 0.02 + 2 * rto)
+            if late:
+                self.assertLess(0.02 + path.loss_threshold(), 0.25)
+                self.assertIn((a1, A), srv.timer(0.25))
+            else:
+                self.assertNotIn(A, [a for _, a in srv.timer(t.deadline - 1e-6)])
+                self.assertIn((a1, A), srv.timer(t.deadline))
+            self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 0))
+            self.assertAlmostEqual(t.rtt.rto, 2 * rto)
 
     def test_the_silence_limit_holds_with_evidence(self):
         # A long path (RTO 3 s) and a wide window (11 s): the timer is due at the silence limit,
         # 5 s after A's DATA was sent, and then the transfer ends without a resend, also when
         # the timer fires late, when the window would say "resend now".
         for late in (0.0, 20.0):
-            srv, a1, b0 = self.begin(b_sent=0.025)
-            t, path = srv.transfer(A), srv.d.paths[A[0]]
-            path.reorder_mult = 1000
-            t.rtt.rto = 3.0
-            srv.ack(end_of(b0), B, 0.035)
+            srv, a1, t, path, rto_at, rto = self.evidence(1000, rto=3.0)
             silence = 0.02 + srv.s.client_silence
             self.assertAlmostEqual(t.deadline, silence)
             self.assertNotIn(A, [a for _, a in srv.timer(silence - 1e-6)])
