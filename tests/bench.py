@@ -56,7 +56,8 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   one run's lost fragments (30 s in the client's reassembly buffer; atftp's 45-fragment blocks
   fill it at 1% loss) would slow the next tool's run. Each time is the wall time of the client command run with `ip netns exec`:
   process start-up included (for ours that of Python, printed as a note). Client CPU comes from
-  getrusage(RUSAGE_CHILDREN); for ours also server and client CPU per datagram the server sent.
+  getrusage(RUSAGE_CHILDREN); for ours also server and client CPU per datagram the server sent
+  (the server's time in the kernel in brackets: with B's rate limit it holds the qdisc's work).
 - Each download is compared with its source byte for byte; a timeout (--path-timeout, default
   60 s), an error exit or a mismatch is shown as "fails (...)" and that tool is not run again in
   that path after a timeout. Our client exiting 0 with wrong bytes makes the exit status 1.
@@ -112,6 +113,16 @@ def peak_rss_mb():
         return None
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / MB if sys.platform == "darwin" else r * 1024 / MB
+
+
+def kernel_seconds():
+    """CPU time this process has spent in the kernel (getrusage: microseconds, where os.times()
+    counts clock ticks)."""
+    try:
+        import resource
+    except ImportError:
+        return os.times().system
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def emit(obj):
@@ -202,12 +213,13 @@ def child_server(folder_path, host=LOOPBACK):
         srv.shutdown()
 
     emit({"port": srv.server_address[1]})
-    cpu0 = time.process_time()
+    cpu0, sys0 = time.process_time(), kernel_seconds()
     threading.Thread(target=watch_stdin, daemon=True).start()
     srv.serve_forever()
     srv.close()
     emit({"server": c, "dispatcher": d.stats, "send_errors": srv.send_errors,
-          "rss_mb": peak_rss_mb(), "cpu": time.process_time() - cpu0})
+          "rss_mb": peak_rss_mb(), "cpu": time.process_time() - cpu0,
+          "cpu_sys": kernel_seconds() - sys0})
     return 0
 
 
@@ -1478,7 +1490,8 @@ class Bench:
                 self.mismatches.append(what)
         if stats is not None:
             run.update(sent=stats["server"]["datagrams"],
-                       retx=stats["server"]["retransmissions"], srv_cpu=stats["cpu"])
+                       retx=stats["server"]["retransmissions"], srv_cpu=stats["cpu"],
+                       srv_sys=stats.get("cpu_sys", 0.0))
         return run
 
     def print_path(self, key, title, rate, size, results, skips, dropped, py_start):
@@ -1515,8 +1528,8 @@ class Bench:
             ("MB/s, every run", mbps_runs),
             ("seconds, median", lambda m, rs: "" if m["fail"] else "%.2f" % m["seconds"]),
             ("client CPU s, median", lambda m, rs: "" if m["fail"] else "%.2f" % m["cpu"]),
-            ("server CPU us/datagram", ours_only(lambda m: "%.0f" % (
-                m["srv_cpu"] / m["sent"] * 1e6))),
+            ("server CPU us/datagram (in the kernel)", ours_only(lambda m: "%.0f (%.0f)" % (
+                m["srv_cpu"] / m["sent"] * 1e6, m["srv_sys"] / m["sent"] * 1e6))),
             ("client CPU us/datagram, start-up incl.", ours_only(lambda m: "%.0f" % (
                 m["cpu"] / m["sent"] * 1e6))),
             ("datagrams sent / retx", ours_only(lambda m: "%d/%d" % (m["sent"], m["retx"]))),
@@ -1544,6 +1557,14 @@ class Bench:
             "n/a" if ratios[t] is None else "%.2f" % ratios[t] for t in ("atftp", "http")))
         notes = ["ours' times and client CPU include starting Python and importing client.py "
                  "(client.py --help here: %.2f s, %.2f s of CPU)" % py_start]
+        if rate:
+            notes.append("with a rate limit, the qdisc's work (htb's timer interrupts, its dequeues "
+                         "and the delivery of what they release) runs in whichever process is on "
+                         "the CPU, mostly the server: that is most of its time in the kernel here")
+            a, h = rate_of("atftp"), rate_of("http")
+            if a and h:
+                notes.append("atftp vs HTTP on this path: %.2f (it sends 45-fragment datagrams "
+                             "as ours does, from C, with no start-up to speak of)" % (a / h))
         if dropped is not None:
             notes.append("nftables dropped %d packets at the server, %d at the client"
                          % tuple(dropped))
