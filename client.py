@@ -1010,12 +1010,12 @@ class _Fetch:
             self.target.done.add(t.start, part.written)
             self.bad_requests = self.not_found = 0
             return
-        if outcome == "version" or (outcome == "changed" and self.name is None):
+        if outcome == "version" or outcome == "changed":
+            # ERROR CHANGED starts the file over (PROTOCOL.md), even where the version in a new
+            # SIZE would come back the same: a server's version may be coarser than its check
+            # (a modification time in whole seconds), and keeping the bytes read before the
+            # change would then save a file made of two versions. A forged ERROR costs a restart.
             return self._restart("the file changed on the server", now)
-        # ERROR CHANGED: the bytes this part accepted were read before the change (the server
-        # checks the file after every read), so they stay; its range is asked again, and that
-        # request expects the known size and version: a real change then starts the file over
-        # ("version"), while a forged ERROR costs only a round trip.
         self.attempts += 1
         if outcome == "error" and t.error_code == "BUSY":
             self.busy += 1

@@ -1044,30 +1044,46 @@ class HostileServerTest(unittest.TestCase):
         report("hostile server, wrong content and digest: Failure after %.2f s, %d requests"
                % (seconds, len(srv.requests())))
 
-    def test_g_a_forged_error_changed_costs_a_round_trip_not_the_download(self):
-        """ERROR CHANGED carries nothing a stranger could not know. The client keeps the bytes
-        it verified, asks again for the rest expecting the same size and version, and starts
-        over only if they differ; here they do not, so it never asks for offset 0 again."""
-        content = bytes(range(256)) * 40
-        serve = range_server({"f.bin": content})
-        forged = []
+    def change_at(self, offset, replace):
+        """A server whose version is coarse ("v1" always): when it is acknowledged `offset`, it
+        answers ERROR CHANGED once, and serves `replace(content)` from then on. Returns the
+        download's error and the offsets it asked for."""
+        contents = {"f.bin": bytes(range(256)) * 40}
+        serve = range_server(contents)
+        changed = []
 
         def handler(srv, data, addr):
-            if data.startswith(b"ACK 2100 ") and not forged:
-                forged.append(addr)
+            if data.startswith(b"ACK %d " % offset) and not changed:
+                changed.append(addr)
+                contents["f.bin"] = replace(contents["f.bin"])
                 return [protocol.format_error("CHANGED")]
             return serve(srv, data, addr)
 
         srv = self.fake(handler)
         _, error, _ = self.fetch(srv, "f.bin", 8)
-        self.assertIsNone(error)
-        self.assertTrue(forged)
-        with open(os.path.join(self.out, "f.bin"), "rb") as f:
-            self.assertEqual(f.read(), content)
+        self.assertTrue(changed)
         offsets = [protocol.parse_client_message(d).offset for d, _ in srv.requests()
                    if d.startswith(b"DOWNLOAD")]
-        self.assertEqual(offsets.count(0), 1, offsets)
-        self.assertIn(2100, offsets)
+        return error, contents["f.bin"], offsets
+
+    def test_g_error_changed_starts_over_though_the_version_stays(self):
+        """The file changes under the first part at 2100 and the server's version does not
+        (it is coarser than the server's check): the client must start over, not ask again for
+        the rest and keep bytes of the old version (found by a clean-room server)."""
+        error, content, offsets = self.change_at(2100, lambda old: bytes(255 - b for b in old))
+        self.assertIsNone(error)
+        with open(os.path.join(self.out, "f.bin"), "rb") as f:
+            self.assertEqual(f.read(), content)
+        self.assertGreaterEqual(offsets.count(0), 2, offsets)
+
+    def test_g_a_forged_error_changed_costs_a_restart(self):
+        """ERROR CHANGED carries nothing a stranger could not know: a forged one costs a
+        restart of the file (PROTOCOL.md says the client starts over), and the file is right."""
+        error, content, offsets = self.change_at(2100, lambda old: old)
+        self.assertIsNone(error)
+        with open(os.path.join(self.out, "f.bin"), "rb") as f:
+            self.assertEqual(f.read(), content)
+        self.assertGreaterEqual(offsets.count(0), 2, offsets)
 
     def test_d_silence_after_size_stalls_retries_then_fails(self):
         srv = self.fake(range_server({"f.bin": b"y" * 5000}, silent=True))
