@@ -143,8 +143,13 @@ class ServerSettings(NamedTuple):
     pending_byte_budget: int = 256
     amplification_factor: int = 3
     # A request whose SIZE is not acknowledged is forgotten after this many timer expiries
-    # (about 3.75 s with the RTOs above), so it is also sent at most this many times by timer.
+    # (about 3.75 s with the RTOs above), so it is also sent at most this many times by timer,
+    # but not before pending_keep seconds: the RTO comes from the round trips of the client's
+    # IP, and a new client there (another host behind the same NAT, a path that changed) may
+    # be far slower than the one measured. With a loopback RTO the expiries alone took 30 ms,
+    # and a client 40 ms away could never start (found by a clean-room client).
     pending_max_sends: int = 4
+    pending_keep: float = 3.75
 
     # Replies to strangers (malformed datagrams, ACKs of unknown transfers, refused requests):
     # at most one per datagram, at most amplification_factor times its size, and this many

@@ -978,10 +978,15 @@ class ServerTransfer:
             return
         if self.state == WAIT_SIZE:
             # Retransmit only within the anti-amplification allowance; either way stay ready
-            # for the client's ACK (or its repeated request) for pending_max_sends timeouts.
+            # for the client's ACK (or its repeated request) for pending_max_sends timeouts,
+            # and at least pending_keep seconds, whatever the RTO learnt for the IP.
             self._expiries += 1
             if self._expiries >= self.s.pending_max_sends:
-                return self.finish("expired")
+                keep = self._first_sent_at + self.s.pending_keep
+                if now >= keep:
+                    return self.finish("expired")
+                self.deadline = keep
+                return
             self.rtt.backoff()
             self.deadline = now + self.rtt.rto
             if self._may_send_size(self._allowance):

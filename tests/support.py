@@ -29,7 +29,8 @@ if _level:
 
 def fast_server_settings(**overrides):
     """Server timers scaled down so failure paths finish in a test's time."""
-    values = dict(rto_initial=0.05, rto_max=0.4, max_retransmits=8)
+    values = dict(rto_initial=0.05, rto_max=0.4, max_retransmits=8,
+                  pending_keep=0.75)   # 0.05 + 0.1 + 0.2 + 0.4, as 3.75 s is for the defaults
     values.update(overrides)
     return config.ServerSettings(**values)
 

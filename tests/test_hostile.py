@@ -113,13 +113,14 @@ def run_bounded(testcase, fn, timeout):
 
 def pending_lifetime(s, rto=None):
     """How long the server keeps a request whose SIZE is never acknowledged: its SIZE is sent
-    pending_max_sends times, each after an RTO that doubles (RFC 6298), then it expires."""
+    pending_max_sends times, each after an RTO that doubles (RFC 6298), then it expires, but
+    not before pending_keep."""
     rto = min(max(s.rto_initial if rto is None else rto, s.rto_min), s.rto_max)
     total = 0.0
     for _ in range(s.pending_max_sends):
         total += rto
         rto = min(rto * 2, s.rto_max)
-    return total
+    return max(total, s.pending_keep)
 
 
 def timers_bound(s):
@@ -827,7 +828,7 @@ class ExhaustionTest(unittest.TestCase):
         self.assertLessEqual(len(d.active), s.max_transfers)
         # Unacknowledged entries expire: once the flood stops, nothing of it is held.
         self.assertTrue(wait_for(lambda: not d.pending,
-                                   s.pending_max_sends * s.rto_max + 1.0),
+                                   max(s.pending_max_sends * s.rto_max, s.pending_keep) + 1.0),
                         "pending entries outlived their lifetime: %d" % len(d.pending))
         self.assertTrue(self.st.thread.is_alive())
 

@@ -960,6 +960,44 @@ class DispatcherTimers(DispatcherCase):
             self.assertIsInstance(protocol.parse_server_message(b), protocol.Error)
         self.assertLessEqual(len(late), 1)
 
+    def test_a_slow_newcomer_on_a_fast_ip_is_waited_for(self):
+        """A's transfer teaches the IP a round trip of 0.1 ms (RTO at its floor); B, a new
+        socket of the same IP, answers its SIZE 0.5 s later (another host behind a NAT, a path
+        that changed). The expiries alone end by about 30 ms; the request is kept pending_keep
+        seconds all the same, and B's ACK starts the data (found by a clean-room client)."""
+        srv = Server({"a.bin": protocol.MemoryEntry(FILE[:150])}, **SMALL)
+        size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000", A, now=10.0), A)
+        t = 10.0001
+        msg = one(self, srv.ack(0, A, now=t), A)
+        while isinstance(msg, protocol.Data):
+            t += 0.0001
+            msg = one(self, srv.ack(end_of(msg), A, now=t), A)
+        self.assertIsInstance(msg, protocol.Eof)
+        srv.ack_eof(A, now=t + 0.0001)
+        self.assertLess(srv.d.paths["192.0.2.10"].rtt.rto, 0.01)
+        start = 20.0
+        one(self, srv.recv(b"DOWNLOAD a.bin 0 1000", B, now=start), B)
+        sizes = 1
+        deadline = srv.d.get_timer()
+        while deadline is not None and deadline < start + 0.5:
+            sizes += len(srv.timer(deadline))
+            deadline = srv.d.get_timer()
+        self.assertLessEqual(sizes, srv.s.pending_max_sends)
+        self.assertIsNotNone(srv.transfer(B), "forgotten before pending_keep")
+        data = one(self, srv.ack(0, B, now=start + 0.5), B)
+        self.assertIsInstance(data, protocol.Data)
+        self.assertEqual(data.offset, 0)
+        # never acknowledged: forgotten at pending_keep, not before
+        srv2 = Server({"a.bin": protocol.MemoryEntry(FILE[:150])}, **SMALL)
+        srv2.d.paths.update(srv.d.paths)
+        one(self, srv2.recv(b"DOWNLOAD a.bin 0 1000", B, now=start), B)
+        deadline = srv2.d.get_timer()
+        while deadline is not None:
+            srv2.timer(deadline)
+            last, deadline = deadline, srv2.d.get_timer()
+        self.assertAlmostEqual(last, start + srv2.s.pending_keep)
+        self.assertIsNone(srv2.transfer(B))
+
     def test_data_schedule_without_sample_then_give_up(self):
         # The count rule alone (the silence rule is tested in test_fairness.py).
         srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
