@@ -188,8 +188,8 @@ class ClientSettings(NamedTuple):
     part_seconds: float = 0.05
     # The last ranges of a file are cut shorter so that the parts finish together (guided
     # self-scheduling): a new range is at most what is left of the file (asked for or not)
-    # divided by the parts, and no shorter than tail_seconds at the rate each part has had (at least
-    # tail_min_size). Otherwise the last long ranges run alone, and on a lossy path a part
+    # divided by the parts, and no shorter than tail_seconds at the rate each part has had (at
+    # least tail_min_size). Otherwise the last long ranges run alone, and on a lossy path a part
     # alone waits out a timeout for each loss (no other part's acknowledgement reveals it):
     # at 1% loss, 32 MiB, the last 50-60 ms of 280 ms ran with fewer than half the parts.
     tail_seconds: float = 0.01

@@ -735,8 +735,7 @@ class ServerTransfer:
 
     def _arm(self, now):
         self._sent_at = now
-        # Wake up at the silence limit at the latest, so the slot is freed on time.
-        self.deadline = min(now + self.rto(), self._first_sent_at + self.s.client_silence)
+        self.deadline = self._timeout_at()
         self._early_at = None
 
     def _emit(self, datagram, now=None):
@@ -945,9 +944,15 @@ class ServerTransfer:
         self.deadline = min(self._early_at, self._hold())
         return True
 
+    def _timeout_at(self, rtos=1):
+        """When the outstanding datagram times out, after `rtos` RTOs: at the silence limit at
+        the latest, so the slot is freed on time."""
+        return min(self._sent_at + rtos * self.rto(),
+                   self._first_sent_at + self.s.client_silence)
+
     def _hold(self):
         """How long evidence of a loss may hold the timeout back (see on_timer)."""
-        return min(self._sent_at + 2 * self.rto(), self._first_sent_at + self.s.client_silence)
+        return self._timeout_at(2)
 
     def on_timer(self, now):
         """A timer expired: an early retransmission, the retransmission timer, or giving up."""
@@ -972,7 +977,7 @@ class ServerTransfer:
                 return
         # The timeout is taken again now: more DATAs may have joined the client's queue since
         # this datagram was sent (Path.queue_rto), and their round trips make its own longer.
-        due = min(self._sent_at + self.rto(), self._first_sent_at + self.s.client_silence)
+        due = self._timeout_at()
         if due > now:
             self.deadline = due
             return

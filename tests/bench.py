@@ -1558,9 +1558,10 @@ class Bench:
         notes = ["ours' times and client CPU include starting Python and importing client.py "
                  "(client.py --help here: %.2f s, %.2f s of CPU)" % py_start]
         if rate:
-            notes.append("with a rate limit, the qdisc's work (htb's timer interrupts, its dequeues "
-                         "and the delivery of what they release) runs in whichever process is on "
-                         "the CPU, mostly the server: that is most of its time in the kernel here")
+            notes.append("with a rate limit, the qdisc's work (htb's timer interrupts, its "
+                         "dequeues and the delivery of what they release) runs in whichever "
+                         "process is on the CPU, mostly the server: that is most of its time in "
+                         "the kernel here")
             a, h = rate_of("atftp"), rate_of("http")
             if a and h:
                 notes.append("atftp vs HTTP on this path: %.2f (it sends 45-fragment datagrams "
