@@ -3,7 +3,7 @@
 PROTOCOL.md).
 
 Strategy: a file is fetched as byte ranges, up to --parts at a time, each range one stop-and-wait
-transfer (protocol.ClientTransfer) over its own connected UDP socket; one single-threaded selector
+transfer (ClientTransfer) over its own connected UDP socket; one single-threaded selector
 loop drives them all. Bytes go straight to a partial file in downloads/ at their offsets, beside a
 small JSON record of which bytes are verified, the file's size and the server's version token, so
 an interrupted download resumes with only the missing bytes. A file is renamed to its real name
@@ -24,7 +24,10 @@ import time
 from collections import OrderedDict
 
 import config
-import protocol
+from udpxfer.client_transfer import FINISHED, ClientTransfer
+from udpxfer.display import duration, format_addr, human
+from udpxfer.rtt import RttEstimator
+from udpxfer.wire import HUGE, RECV_BUFSIZE, ProtocolError, is_servable_name, parse_listing
 
 MiB = 1024 * 1024
 
@@ -45,19 +48,10 @@ class NoServer(Failure):
 
     def __init__(self, address, why):
         super().__init__("no server at %s (%s): start server.py first, or give its address "
-                         "with --host and --port" % (protocol.format_addr(address), why))
+                         "with --host and --port" % (format_addr(address), why))
 
 
 # --- Small helpers ----------------------------------------------------------------------------
-
-human = protocol.human
-
-
-def duration(seconds):
-    seconds = int(seconds + 0.5)
-    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60) \
-        if seconds >= 3600 else "%d:%02d" % (seconds // 60, seconds % 60)
-
 
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -210,7 +204,7 @@ def locally_safe_name(name):
     """Whether this system stores `name` as itself. The server's rule (is_servable_name) is
     checked first; on Windows also no device names, no characters it refuses or turns into
     something else (a trailing dot or space vanishes, ":" opens a stream of another file)."""
-    if not protocol.is_servable_name(name):
+    if not is_servable_name(name):
         return False
     if os.name == "nt":
         if any(c in '<>:"|?*' for c in name) or name[-1] in ". ":
@@ -580,9 +574,9 @@ class Client:
         infos = socket.getaddrinfo(host.encode("ascii") if host.isascii() else host, port, 0,
                                    socket.SOCK_DGRAM)
         self.family, _, _, _, self.server = infos[0]
-        self.rtt = protocol.RttEstimator(self.s.request_timeout, self.s.request_timeout_min,
-                                         self.s.request_timeout_max)
-        self.buf = bytearray(protocol.RECV_BUFSIZE)
+        self.rtt = RttEstimator(self.s.request_timeout, self.s.request_timeout_min,
+                                self.s.request_timeout_max)
+        self.buf = bytearray(RECV_BUFSIZE)
         self.view = memoryview(self.buf)
         self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
         self._ports = OrderedDict()   # local port -> when it was last used
@@ -614,7 +608,7 @@ class Client:
                 except OSError as exc:   # e.g. no route to the server
                     sock.close()
                     raise Failure("cannot reach %s: %s" % (
-                        protocol.format_addr(self.server), exc.strerror or exc)) from None
+                        format_addr(self.server), exc.strerror or exc)) from None
                 sock.setblocking(False)
                 port = sock.getsockname()[1]
                 now = time.monotonic()
@@ -663,7 +657,7 @@ class Client:
     def listing(self, give_up=None):
         target = MemoryTarget()
         self.fetch(None, target, give_up=give_up)
-        return protocol.parse_listing(target.data)
+        return parse_listing(target.data)
 
     # -- one file
 
@@ -743,7 +737,7 @@ class _Fetch:
         if t.end is not None:
             return t.end
         if t.length is None or self.target.size is None:
-            return self.target.size if self.target.size is not None else protocol.HUGE
+            return self.target.size if self.target.size is not None else HUGE
         return min(t.start + t.length, self.target.size)
 
     def _first_length(self):
@@ -751,7 +745,7 @@ class _Fetch:
         if self.name is None:
             return None
         if self.plan_parts == 1:
-            return protocol.HUGE
+            return HUGE
         if self.size_hint:
             # With automatic parts it is cut for the most parts: the tuner does not know the
             # path yet, and on a long one a big first range would finish long after the rest.
@@ -768,8 +762,8 @@ class _Fetch:
 
     def _start(self, start, length, now):
         expect = (self.target.size, self.target.version) if self.target.version else None
-        t = protocol.ClientTransfer(self.name, start, length, now, self.s, expect,
-                                    request_rto=self.c.rtt.rto if self.c.rtt.srtt else None)
+        t = ClientTransfer(self.name, start, length, now, self.s, expect,
+                           request_rto=self.c.rtt.rto if self.c.rtt.srtt else None)
         part = Part(self.c._socket(), t)
         self.sel.register(part.sock, selectors.EVENT_READ, part)
         self.active.append(part)
@@ -777,7 +771,7 @@ class _Fetch:
         self.c.stats["transfers"] += 1
         self.c._flush(part)
         self.c.printer.detail("%s: asking for [%d, %s)" % (
-            self.label, start, "end" if length is None or length >= protocol.HUGE
+            self.label, start, "end" if length is None or length >= HUGE
             else start + length))
 
     def _schedule(self, now):
@@ -856,8 +850,7 @@ class _Fetch:
                     if payload is not None:
                         target.write(t.pos - len(payload), payload)
                         part.written = t.pos
-                    elif t.state == protocol.FINISHED or (t.size is not None
-                                                          and target.size is None):
+                    elif t.state == FINISHED or (t.size is not None and target.size is None):
                         next_check = 0.0
                     elif buf.startswith(b"DATA", 0, n):
                         self.unneeded += 1   # a retransmission (or a damaged copy)
@@ -901,7 +894,7 @@ class _Fetch:
                 self._adopt(t)
             t.handle_timer(now)
             self.c._flush(part)
-            if t.state == protocol.FINISHED:
+            if t.state == FINISHED:
                 self._ended(part, now)
             elif t.size is not None and self._conflicts(t):
                 self._restart("the file changed on the server", now)
@@ -910,9 +903,9 @@ class _Fetch:
         if now - self.last_progress > self.give_up:
             if self.busy and self.busy == self.attempts:
                 raise Failure("server busy (%s had no free transfer slot); gave up after %d s"
-                              % (protocol.format_addr(self.c.server), self.give_up))
+                              % (format_addr(self.c.server), self.give_up))
             raise Failure("server at %s not answering; gave up after %d s" % (
-                protocol.format_addr(self.c.server), self.give_up))
+                format_addr(self.c.server), self.give_up))
         if target.size is not None and target.done.covers(target.size) and not self.active:
             if self.confirmations >= 2 or self.name is None:
                 target.finish()
@@ -1059,7 +1052,7 @@ class _Fetch:
             if outcome == "stalled" and self.failures >= 2 and not self.warned:
                 self.warned = True
                 self.c.printer.line("%s: server at %s not answering; retrying" % (
-                    self.label, protocol.format_addr(self.c.server)))
+                    self.label, format_addr(self.c.server)))
 
     def _carry_on_without(self, part):
         """The server had no slot for this part (ERROR BUSY) while others of the file run:
@@ -1133,7 +1126,7 @@ class App:
                 self._print_json({"name": name, "size": size})
             return entries
         width = max([len(n) for n, _ in entries] + [4])
-        self.p.line("%d files on %s:" % (len(entries), protocol.format_addr(self.client.server)),
+        self.p.line("%d files on %s:" % (len(entries), format_addr(self.client.server)),
                     always)
         for name, size in entries:
             self.p.line("  %-*s  %10s" % (width, name, human(size)), always)
@@ -1144,7 +1137,7 @@ class App:
         a name worth trying again later goes into self.retry."""
         p = self.p
         started = time.monotonic()
-        if not protocol.is_servable_name(name):
+        if not is_servable_name(name):
             p.line("%s: not a valid file name; skipped" % name, always=True)
             return self.result(name, started, error="not a valid file name")
         final = os.path.join(self.args.out, name)
@@ -1389,7 +1382,7 @@ def main(argv=None):
         printer.line("client: cannot resolve --host %s: %s" % (args.host, exc.strerror or exc),
                      always=True)
         return 1
-    except (OSError, protocol.ProtocolError) as exc:
+    except (OSError, ProtocolError) as exc:
         printer.line("client: %s" % exc, always=True)
         return 1
     return 0

@@ -2,7 +2,8 @@
 
 Every tunable lives here once, with the reason for its value. The command lines override the
 common ones; tests build `ServerSettings` / `ClientSettings` with their own values.
-Limits that are part of the wire format itself (datagram size, error length) live in protocol.py.
+Limits that are part of the wire format itself (datagram size, error length) live in
+udpxfer/wire.py.
 """
 
 import os
@@ -37,8 +38,9 @@ class ServerSettings(NamedTuple):
     probe_after: int = 32
     probe_after_max: int = 8192
 
-    # Datagram size for the path (protocol.Path): the size from a ladder of whole-fragment
-    # sizes that moves the most bytes per second given the estimated per-packet loss rate.
+    # Datagram size for the path (Path in udpxfer/netpath.py): the size from a ladder of
+    # whole-fragment sizes that moves the most bytes per second given the estimated per-packet
+    # loss rate.
     # The cost of one datagram to both ends (system calls, parsing) and of one byte (the CRC
     # and copies), measured on a 2-core development machine; only their ratio to the loss
     # detection delay matters, so they need not be exact.
@@ -51,8 +53,9 @@ class ServerSettings(NamedTuple):
     loss_prior: int = 2000
     loss_decay: float = 0.9995
     # Above this estimated per-packet loss, datagrams of at most lossy_max_fragments are sent
-    # (see protocol.Path: lost fragments fill the receiver's reassembly buffer). Two losses in
-    # the prior's worth of fragments cross it; a spurious timeout, once recognised, does not.
+    # (see Path in udpxfer/netpath.py: lost fragments fill the receiver's reassembly buffer).
+    # Two losses in the prior's worth of fragments cross it; a spurious timeout, once
+    # recognised, does not.
     fragment_loss_limit: float = 0.0008
     # On such a path, datagrams of at most this many fragments (each loss leaves the others in
     # the receiver's reassembly buffer), at most heavy_loss_fragments above an estimated loss
@@ -69,12 +72,12 @@ class ServerSettings(NamedTuple):
     # More fragments spend that buffer faster per byte (three: two orphans per loss, a third
     # more bytes per datagram than two), and once it is full only unfragmented datagrams pass
     # (58 MB/s here). So k fragments only while the orphans the server caused in the last
-    # reassembly_backoff (protocol.Path.orphans), plus those k - 1 would leave for the rest of
-    # the client's downloads, stay within this budget; then fewer, down to two, which move
-    # twice the bytes of three before the buffer is full. Linux over veth here: 2.2 to 2.4 KB
-    # per orphan, 4 MB full at about 1,800; 1,400 leave a fifth for the next download and
-    # other traffic. At 1% loss a 32 MiB download orphans about 500 with three fragments and
-    # 750 with four (more when it starts with big datagrams).
+    # reassembly_backoff (Path.orphans in udpxfer/netpath.py), plus those k - 1 would leave
+    # for the rest of the client's downloads, stay within this budget; then fewer, down to two,
+    # which move twice the bytes of three before the buffer is full. Linux over veth here: 2.2
+    # to 2.4 KB per orphan, 4 MB full at about 1,800; 1,400 leave a fifth for the next
+    # download and other traffic. At 1% loss a 32 MiB download orphans about 500 with three
+    # fragments and 750 with four (more when it starts with big datagrams).
     orphan_budget: int = 1400
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at

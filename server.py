@@ -2,7 +2,7 @@
 """UDP file server: serves the files of one folder with protocol v2 (PROTOCOL.md).
 
 Strategy: one blocking loop on one socket. Each turn it receives one datagram (the socket timeout
-is the time to the nearest retransmission deadline), hands it to protocol.ServerDispatcher with the
+is the time to the nearest retransmission deadline), hands it to ServerDispatcher with the
 current time, sends what the dispatcher returns, then lets the dispatcher read ahead the next chunk
 of each transfer while the clients are busy with the last one. Files are streamed from disk: an
 active transfer holds at most two chunks. This module owns the I/O: the socket, the clock, the
@@ -22,7 +22,10 @@ import sys
 import time
 
 import config
-import protocol
+from udpxfer.dispatcher import ServerDispatcher
+from udpxfer.display import human
+from udpxfer.server_transfer import Changed, MemoryEntry
+from udpxfer.wire import RECV_BUFSIZE, format_listing, is_servable_name
 
 log = logging.getLogger("udpxfer.server")
 
@@ -54,7 +57,7 @@ class FileSource:
         try:
             self.identity = identity
             if not self.unchanged():
-                raise protocol.Changed()
+                raise Changed()
         except BaseException:
             self.f.close()
             raise
@@ -114,7 +117,7 @@ class Folder:
 
     def lookup(self, name):
         """The entry for a servable name, checked on disk now; None for anything else."""
-        if not protocol.is_servable_name(name):
+        if not is_servable_name(name):
             return None
         path = os.path.join(self.root, name)
         # A drive letter ("C:x") or anything that is not one plain component is refused here.
@@ -152,7 +155,7 @@ class Folder:
                 name.encode("utf-8")
             except UnicodeEncodeError:
                 continue   # not valid UTF-8 on disk: never listed nor served
-            if not protocol.is_servable_name(name):
+            if not is_servable_name(name):
                 continue
             try:
                 if e.is_file(follow_symlinks=False):   # the common case: no realpath needed
@@ -165,10 +168,10 @@ class Folder:
                 found[name] = entry.size
         self.files = found
         self._scanned_at = self._checked_at = time.monotonic()
-        data = protocol.format_listing(found.items())
+        data = format_listing(found.items())
         if data != self._listing_bytes:
             self._listing_bytes = data
-            self._listing = protocol.MemoryEntry(data)
+            self._listing = MemoryEntry(data)
             self._write_list(data)
         return found
 
@@ -276,8 +279,7 @@ class Server:
         self.settings = settings or config.ServerSettings()
         self.sock = _bind(host, port)
         self.server_address = self.sock.getsockname()
-        self.dispatcher = protocol.ServerDispatcher(folder, self.settings, log,
-                                                    path_mtu=path_mtu)
+        self.dispatcher = ServerDispatcher(folder, self.settings, log, path_mtu=path_mtu)
         self._stop = False
         self.send_errors = 0
         self.started = time.monotonic()
@@ -324,7 +326,7 @@ class Server:
         d = self.dispatcher
         sock = self.sock
         sock.setblocking(False)
-        buf = bytearray(protocol.RECV_BUFSIZE)
+        buf = bytearray(RECV_BUFSIZE)
         view = memoryview(buf)
         recv, monotonic = sock.recvfrom_into, time.monotonic
         self.folder.maybe_rescan(monotonic())   # scans unless main() just did
@@ -393,7 +395,7 @@ class Server:
         st = self.dispatcher.stats
         served = st.get("bytes_served", 0) + self.unfinished_bytes
         return "stopped after %s: %d transfers finished, %s served" % (
-            _uptime(time.monotonic() - self.started), st.get("finished", 0), protocol.human(served))
+            _uptime(time.monotonic() - self.started), st.get("finished", 0), human(served))
 
     def close(self):
         self.dispatcher.close()

@@ -229,7 +229,7 @@ def child_client(spec_text):
     """Runs the jobs of the spec (one thread each when there are several), all started at once
     on 'go'. A job downloads one name with client.Client.fetch, or fetches the listing."""
     import client
-    import protocol
+    from udpxfer.wire import format_listing
 
     spec = json.loads(spec_text)
     prepared = []
@@ -255,7 +255,7 @@ def child_client(spec_text):
                     a = time.perf_counter()
                     entries = c.listing()
                     times.append(time.perf_counter() - a)
-                data = protocol.format_listing(entries)
+                data = format_listing(entries)
                 results[i] = {"ok": True, "times": times, "count": len(entries),
                               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 return
@@ -506,13 +506,24 @@ def load_average():
         return None
 
 
-PRODUCT_FILES = ("server.py", "client.py", "protocol.py", "config.py")
+PRODUCT_FILES = ("server.py", "client.py", "config.py", "udpxfer")
+
+
+def product_sources():
+    """The product's source files: the three scripts and the engine package."""
+    names = [n for n in PRODUCT_FILES if n.endswith(".py")]
+    try:
+        package = os.listdir(os.path.join(ROOT, "udpxfer"))
+        names += sorted(os.path.join("udpxfer", n) for n in package if n.endswith(".py"))
+    except OSError:
+        pass
+    return names
 
 
 def product_fingerprint():
     """SHA-256 of the product's source files: a change during the run mixes versions."""
     h = hashlib.sha256()
-    for name in PRODUCT_FILES:
+    for name in product_sources():
         try:
             with open(os.path.join(ROOT, name), "rb") as f:
                 h.update(f.read())
@@ -1253,8 +1264,8 @@ class Bench:
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
             expected.append((name, len(data)))
-        import protocol
-        want = protocol.format_listing(expected)
+        from udpxfer.wire import format_listing
+        want = format_listing(expected)
         srv, port = self.start_server(folder)
         pause = config.ServerSettings().list_rescan_interval + 0.1
         try:

@@ -20,8 +20,9 @@ import time
 import unittest
 
 import client
-import protocol
 from tests import support
+from udpxfer.wire import (Data, Error, ProtocolError, Size, format_ack, format_download,
+                          parse_server_message)
 
 MiB = 1024 * 1024
 
@@ -189,7 +190,7 @@ class PieceTest(unittest.TestCase):
 def ack_datagram(size_msg, n):
     """The ACK of n for a transfer that got size_msg (its SIZE): it echoes the SIZE's token.
     The one place that builds an ACK here."""
-    return protocol.format_ack(n, size_msg.token)
+    return format_ack(n, size_msg.token)
 
 
 class Hog(threading.Thread):
@@ -215,7 +216,7 @@ class Hog(threading.Thread):
 
     def run(self):
         socks = []
-        request = protocol.format_download("hog.bin", 0, 10 ** 9)
+        request = format_download("hog.bin", 0, 10 ** 9)
         try:
             for _ in range(self.n):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -240,17 +241,17 @@ class Hog(threading.Thread):
                 ready, _, _ = select.select(socks, [], [], 0.01)
                 for s in ready:
                     try:
-                        m = protocol.parse_server_message(s.recv(65536))
-                    except (OSError, protocol.ProtocolError):
+                        m = parse_server_message(s.recv(65536))
+                    except (OSError, ProtocolError):
                         continue
-                    if isinstance(m, protocol.Size) and s not in flowing:
+                    if isinstance(m, Size) and s not in flowing:
                         sizes[s] = m
                         s.send(ack_datagram(m, 0))
-                    elif isinstance(m, protocol.Data) and s not in due and s in sizes:
+                    elif isinstance(m, Data) and s not in due and s in sizes:
                         flowing.add(s)
                         due[s] = (time.monotonic() + self.delay,
                                   ack_datagram(sizes[s], m.offset + len(m.payload)))
-                    elif isinstance(m, protocol.Error):
+                    elif isinstance(m, Error):
                         flowing.discard(s)
                         due.pop(s, None)
                 self.holding = len(flowing)

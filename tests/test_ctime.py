@@ -12,11 +12,11 @@ import re
 import time
 import unittest
 
-import protocol
 import server
 from tests import support
 from tests.impair import ImpairProxy, Impairment
 from tests.test_resume import DataCounter
+from udpxfer.wire import format_size
 
 SIZE = 3 * 1024 * 1024
 
@@ -59,7 +59,7 @@ class SameSizeOldMtimeTest(unittest.TestCase):
         self.assertNotEqual(server._version(after), server._version(before))
         for st in (before, after):
             self.assertTrue(re.fullmatch(r"[\x21-\x7e]{1,64}", server._version(st)))
-            protocol.format_size(st.st_size, server._version(st), b"0" * 16)   # a valid SIZE
+            format_size(st.st_size, server._version(st), b"0" * 16)   # a valid SIZE
 
     def test_open_source_notices(self):
         folder = server.Folder(self.tmp.files)

@@ -23,10 +23,12 @@ import unittest
 import zlib
 
 import client
-import protocol
 from tests import support
 from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
+from udpxfer.wire import (MAX_DATAGRAM, MAX_ERROR, RECV_BUFSIZE, Data, Eof, Error, Size, crc_start,
+                          format_ack, format_ack_eof, format_download, format_listing,
+                          parse_server_message)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024
@@ -34,8 +36,8 @@ MiB = 1024 * 1024
 # The server's DATA payload on loopback: the largest datagram minus the DATA header, whose length
 # depends on the number of digits of the offset. The first chunk (offset 0) carries BLOCK bytes,
 # the second one (offset BLOCK, five digits) four bytes fewer.
-BLOCK = protocol.MAX_DATAGRAM - len(b"DATA 0 00000000\n")                  # 65491
-BLOCK2 = protocol.MAX_DATAGRAM - len(b"DATA %d 00000000\n" % BLOCK)        # 65487
+BLOCK = MAX_DATAGRAM - len(b"DATA 0 00000000\n")                  # 65491
+BLOCK2 = MAX_DATAGRAM - len(b"DATA %d 00000000\n" % BLOCK)        # 65487
 
 
 def payload(size, seed):
@@ -67,9 +69,9 @@ class RawClient:
         self.sock.close()
 
     def recv(self):
-        data = self.sock.recv(protocol.RECV_BUFSIZE)
+        data = self.sock.recv(RECV_BUFSIZE)
         self.datagrams.append(data)
-        return protocol.parse_server_message(data)
+        return parse_server_message(data)
 
     def request(self, request):
         """Send a request; return the first SIZE or ERROR (asking again up to 3 times)."""
@@ -79,7 +81,7 @@ class RawClient:
                 msg = self.recv()
             except socket.timeout:
                 continue
-            if isinstance(msg, (protocol.Size, protocol.Error)):
+            if isinstance(msg, (Size, Error)):
                 return msg
         raise AssertionError("no SIZE nor ERROR for %r" % request[:60])
 
@@ -87,29 +89,29 @@ class RawClient:
         """One whole transfer: -> (Size, [(offset, payload bytes)], Eof). Raises on ERROR.
         Checks every DATA's running CRC, and that EOF carries the CRC of the whole range."""
         size = self.request(request)
-        if isinstance(size, protocol.Error):
+        if isinstance(size, Error):
             raise AssertionError("ERROR %s %s" % (size.code, size.text))
-        pos, chunks, r = start, [], protocol.crc_start(start)
-        self.sock.send(protocol.format_ack(pos, size.token))
+        pos, chunks, r = start, [], crc_start(start)
+        self.sock.send(format_ack(pos, size.token))
         end_by = time.monotonic() + deadline
         while time.monotonic() < end_by:
             msg = self.recv()
-            if isinstance(msg, protocol.Data):
+            if isinstance(msg, Data):
                 if msg.offset == pos:
                     if zlib.crc32(msg.payload, r) != msg.crc:
                         raise AssertionError("bad running CRC at %d" % pos)
                     r = msg.crc
                     chunks.append((msg.offset, bytes(msg.payload)))
                     pos += len(msg.payload)
-                self.sock.send(protocol.format_ack(pos, size.token))
-            elif isinstance(msg, protocol.Size):
-                self.sock.send(protocol.format_ack(pos, size.token))
-            elif isinstance(msg, protocol.Eof):
-                self.sock.send(protocol.format_ack_eof(size.token))
+                self.sock.send(format_ack(pos, size.token))
+            elif isinstance(msg, Size):
+                self.sock.send(format_ack(pos, size.token))
+            elif isinstance(msg, Eof):
+                self.sock.send(format_ack_eof(size.token))
                 if msg.crc != r:
                     raise AssertionError("EOF crc %08x, expected %08x" % (msg.crc, r))
                 return size, chunks, msg
-            elif isinstance(msg, protocol.Error):
+            elif isinstance(msg, Error):
                 raise AssertionError("ERROR %s during transfer" % msg.code)
         raise AssertionError("transfer did not end in %s s" % deadline)
 
@@ -190,7 +192,7 @@ class RewritingProxy:
         while not self._stop.is_set():
             for key, _ in self.sel.select(0.05):
                 try:
-                    data, addr = key.fileobj.recvfrom(protocol.RECV_BUFSIZE)
+                    data, addr = key.fileobj.recvfrom(RECV_BUFSIZE)
                 except OSError:
                     continue
                 try:
@@ -496,16 +498,16 @@ class SizesTest(EndToEndCase):
             with self.subTest(size=size):
                 raw = RawClient(st.address)
                 self.addCleanup(raw.close)
-                sz, chunks, eof = raw.transfer(protocol.format_download("b%d" % size, 0, 10 ** 12),
+                sz, chunks, eof = raw.transfer(format_download("b%d" % size, 0, 10 ** 12),
                                                0)
                 self.assertEqual(sz.size, size)
                 self.assertEqual([len(p) for _, p in chunks], lengths)
                 data = b"".join(p for _, p in chunks)
                 self.assertEqual(data, payload(size, size))
-                self.assertEqual(eof.crc, zlib.crc32(data, protocol.crc_start(0)))
-                self.assertLessEqual(max(len(d) for d in raw.datagrams), protocol.MAX_DATAGRAM)
+                self.assertEqual(eof.crc, zlib.crc32(data, crc_start(0)))
+                self.assertLessEqual(max(len(d) for d in raw.datagrams), MAX_DATAGRAM)
                 if size >= BLOCK:
-                    self.assertIn(protocol.MAX_DATAGRAM, [len(d) for d in raw.datagrams])
+                    self.assertIn(MAX_DATAGRAM, [len(d) for d in raw.datagrams])
 
 
 # --- 3. Offsets past 4 GiB -----------------------------------------------------------------------
@@ -584,33 +586,33 @@ class PastFourGiBTest(EndToEndCase):
         self.assertEqual(size.size, self.size)
         self.assertEqual([o for o, _ in chunks], [self.OFFSET])
         self.assertEqual(b"".join(p for _, p in chunks), self.TAIL)
-        self.assertEqual(eof.crc, zlib.crc32(self.TAIL, protocol.crc_start(self.OFFSET)))
+        self.assertEqual(eof.crc, zlib.crc32(self.TAIL, crc_start(self.OFFSET)))
         # The header really carries the 10-digit offset, and the crc covers it.
         self.assertTrue(raw.datagrams[1].startswith(b"DATA 5368709120 "), raw.datagrams[1][:40])
 
     def test_range_across_holes_past_4_gib_raw(self):
         start, length = self.OFFSET - 150000, 150000 + 10   # zeros, then the tail's start
         raw = self.raw()
-        size, chunks, eof = raw.transfer(protocol.format_download("big", start, length), start)
+        size, chunks, eof = raw.transfer(format_download("big", start, length), start)
         data = b"".join(p for _, p in chunks)
         want = bytes(150000) + self.TAIL[:10]
         self.assertEqual(data, want)
-        self.assertEqual(eof.crc, zlib.crc32(want, protocol.crc_start(start)))
+        self.assertEqual(eof.crc, zlib.crc32(want, crc_start(start)))
         self.assertGreater(len(chunks), 1)
         self.assertTrue(all(o > 2 ** 32 for o, _ in chunks))
 
     def test_empty_range_at_end_and_range_past_end(self):
         raw = self.raw()
-        _, chunks, eof = raw.transfer(protocol.format_download("big", self.size, 5), self.size)
-        self.assertEqual((chunks, eof.crc), ([], protocol.crc_start(self.size)))
-        err = self.raw().request(protocol.format_download("big", self.size + 1, 5))
-        self.assertIsInstance(err, protocol.Error)
+        _, chunks, eof = raw.transfer(format_download("big", self.size, 5), self.size)
+        self.assertEqual((chunks, eof.crc), ([], crc_start(self.size)))
+        err = self.raw().request(format_download("big", self.size + 1, 5))
+        self.assertIsInstance(err, Error)
         self.assertEqual(err.code, "BAD_REQUEST")
 
     def test_client_resumes_past_4_gib(self):
         """client.Client.fetch, told that all but the last bytes are here, fetches only them."""
-        sz = self.raw().request(protocol.format_download("big", self.size, 0))
-        self.assertIsInstance(sz, protocol.Size)
+        sz = self.raw().request(format_download("big", self.size, 0))
+        self.assertIsInstance(sz, Size)
         have = self.OFFSET + 7
         target = SparseTarget(sz.size, sz.version, have)
         c = support.make_client(self.st.address, self.tmp.downloads)
@@ -688,8 +690,8 @@ class LargeListingTest(EndToEndCase):
                                 self.tmp.downloads).listing()
         self.assertEqual(len(entries), 5000)
         self.assertEqual(entries, want)
-        text = protocol.format_listing(entries)
-        self.assertGreater(len(text), protocol.MAX_DATAGRAM, "the listing must need several DATA")
+        text = format_listing(entries)
+        self.assertGreater(len(text), MAX_DATAGRAM, "the listing must need several DATA")
         self.assertEqual(read_bytes(list_path), text)
 
         # And through a lossy, duplicating, corrupting network.
@@ -755,9 +757,9 @@ def garbage_datagrams():
         b"ACK 18446744073709551616", b"ACK EOF EOF", b"ACK 1 0000000000000000",
         b"ACK 1 " + b"f" * 16, b"ACK EOF " + b"0" * 16, b"ACK 1 " + b"0" * 15,
         b"DATA 0 00000000\nxyz", b"SIZE 1 v " + b"0" * 16, b"EOF 00000000", b"ERROR BUSY",
-        b"\x00" * protocol.MAX_DATAGRAM,
+        b"\x00" * MAX_DATAGRAM,
     ]
-    for n in (1, 2, 7, 64, 1500, 9000, protocol.MAX_DATAGRAM):
+    for n in (1, 2, 7, 64, 1500, 9000, MAX_DATAGRAM):
         items.append(bytes(rnd.getrandbits(8) for _ in range(min(n, 2000)))
                      + bytes(max(0, n - 2000)))
     return items
@@ -790,7 +792,7 @@ class GarbageTest(EndToEndCase):
             for s in socks:
                 while True:
                     try:
-                        replies.append(s.recv(protocol.RECV_BUFSIZE))
+                        replies.append(s.recv(RECV_BUFSIZE))
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError:
@@ -831,10 +833,10 @@ class GarbageTest(EndToEndCase):
         # Strangers got a SIZE (for the one valid request) or a small ERROR, never data.
         self.assertTrue(replies)
         for r in replies:
-            msg = protocol.parse_server_message(r)
-            self.assertIsInstance(msg, (protocol.Size, protocol.Error), r[:80])
-            if isinstance(msg, protocol.Error):
-                self.assertLessEqual(len(r), protocol.MAX_ERROR, r[:80])
+            msg = parse_server_message(r)
+            self.assertIsInstance(msg, (Size, Error), r[:80])
+            if isinstance(msg, Error):
+                self.assertLessEqual(len(r), MAX_ERROR, r[:80])
 
 
 # --- 8. The command lines ------------------------------------------------------------------------
@@ -976,7 +978,7 @@ class CommandLineTest(EndToEndCase):
         self.assertEqual(code, 0, out)
         self.assert_downloaded(self.tmp.downloads, "café.txt", self.files["café.txt"])
         self.assert_downloaded(self.tmp.downloads, "blob.bin", self.files["blob.bin"])
-        self.assertEqual(read_bytes(list_path), protocol.format_listing(
+        self.assertEqual(read_bytes(list_path), format_listing(
             (n, len(d)) for n, d in self.files.items()))
         stop()
         self.assertIsNotNone(proc.poll())
@@ -996,8 +998,8 @@ class FolderChangesTest(EndToEndCase):
             f.write(self.new)
 
     def listing_text(self, names):
-        return protocol.format_listing((n, os.path.getsize(os.path.join(self.tmp.files, n)))
-                                       for n in names)
+        return format_listing((n, os.path.getsize(os.path.join(self.tmp.files, n)))
+                              for n in names)
 
     def test_list_file_rewritten_by_periodic_scan(self):
         st = self.start_server(support.fast_server_settings(scan_interval=0.2),

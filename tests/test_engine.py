@@ -18,9 +18,16 @@ import zlib
 
 import client
 import config
-import protocol
 import server
 from tests import support
+from udpxfer.client_transfer import RECEIVING, ClientTransfer
+from udpxfer.dispatcher import ServerDispatcher
+from udpxfer.netpath import Path, fragment_payload, fragments, size_ladder
+from udpxfer.rtt import RttEstimator
+from udpxfer.server_transfer import MemoryEntry
+from udpxfer.wire import (Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
+                          format_ack_eof, format_data_header, format_download, format_eof,
+                          format_listing, format_size, parse_server_message, token_maker)
 
 QUIET = logging.getLogger("udpxfer.tests.test_engine")
 QUIET.addHandler(logging.NullHandler())
@@ -35,13 +42,13 @@ class Catalog:
     """Files in memory for the dispatcher."""
 
     def __init__(self, files):
-        self.files = {name: protocol.MemoryEntry(data) for name, data in files.items()}
+        self.files = {name: MemoryEntry(data) for name, data in files.items()}
 
     def lookup(self, name):
         return self.files.get(name)
 
     def listing(self):
-        return protocol.MemoryEntry(protocol.format_listing(
+        return MemoryEntry(format_listing(
             (n, e.size) for n, e in self.files.items()))
 
 
@@ -50,8 +57,7 @@ class Server:
 
     def __init__(self, files, mtu=1500, **settings):
         self.s = config.ServerSettings(**settings)
-        self.d = protocol.ServerDispatcher(Catalog(files), self.s, QUIET,
-                                           path_mtu=lambda ip: mtu)
+        self.d = ServerDispatcher(Catalog(files), self.s, QUIET, path_mtu=lambda ip: mtu)
         self.tokens = {}
 
     def recv(self, data, addr, now):
@@ -62,8 +68,8 @@ class Server:
         out = []
         for datagram, addr in self.d.datagrams_to_send():
             data = b"".join(bytes(p) for p in datagram)
-            msg = protocol.parse_server_message(data)
-            if isinstance(msg, protocol.Size):
+            msg = parse_server_message(data)
+            if isinstance(msg, Size):
                 self.tokens[addr] = msg.token
             out.append((msg, addr))
         return out
@@ -73,7 +79,7 @@ class Server:
         return self.drain()
 
     def ack(self, n, addr, now):
-        return self.recv(protocol.format_ack(n, self.tokens[addr]), addr, now)
+        return self.recv(format_ack(n, self.tokens[addr]), addr, now)
 
 
 def blob(n, seed=0):
@@ -132,7 +138,7 @@ class AutoPlanTest(unittest.TestCase):
     what is not yet asked for is cut again when the tuner changes its mind."""
 
     def fetch(self, parts=0):
-        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=protocol.RttEstimator(
+        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=RttEstimator(
             0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
         target = client.MemoryTarget()
         target.size, target.version = 256 << 20, "v"
@@ -275,18 +281,18 @@ class Sending:
 class PathSizeTest(unittest.TestCase):
 
     def test_nothing_fragments_on_loopback_so_loss_keeps_big_datagrams(self):
-        p = protocol.Path(config.ServerSettings(), 65507, mtu=65536)
+        p = Path(config.ServerSettings(), 65507, mtu=65536)
         for i in range(2000):
             p.outcome(65507, lost=(i % 10 == 0))
         self.assertEqual(p.size, 65507)
 
     def test_a_lossy_fragmenting_path_gets_few_fragment_datagrams_then_big_ones_again(self):
-        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        p = Path(config.ServerSettings(), 65507, mtu=1500)
         rng = random.Random(3)
         for _ in range(300):
-            p.outcome(p.size, lost=rng.random() > 0.99 ** protocol.fragments(p.size, 1480))
+            p.outcome(p.size, lost=rng.random() > 0.99 ** fragments(p.size, 1480))
         self.assertEqual(p.size, FOUR)
-        self.assertEqual(protocol.fragments(FOUR, 1480, 1480), 4)
+        self.assertEqual(fragments(FOUR, 1480, 1480), 4)
         for _ in range(20000):
             p.outcome(p.size, lost=False)
         self.assertEqual(p.size, 44 * 1480 - 8)   # 44 full fragments (65507 would be 45)
@@ -304,7 +310,7 @@ class PathSizeTest(unittest.TestCase):
         rng, seen = random.Random(seed), []
         for _ in range(int(seconds / 0.0002)):
             now += 0.0002
-            lost = rng.random() > (1 - loss) ** protocol.fragments(p.size, 1480)
+            lost = rng.random() > (1 - loss) ** fragments(p.size, 1480)
             if t is not None and not lost:
                 t.pos += p.size
             p.outcome(p.size, lost, now)
@@ -320,7 +326,7 @@ class PathSizeTest(unittest.TestCase):
         s = config.ServerSettings()
         for size, want, end in ((32 << 20, {4}, 4), (512 << 20, {2}, 4)):
             with self.subTest(size=size):
-                p = protocol.Path(s, 65507, mtu=1500)
+                p = Path(s, 65507, mtu=1500)
                 t = self.downloading(p, size)
                 _, seen = self.lossy(p, 0.2)
                 self.assertEqual(set(seen[20:]), want)    # (once the estimate settled)
@@ -331,7 +337,7 @@ class PathSizeTest(unittest.TestCase):
     def test_the_most_fragments_while_one_fewer_would_still_fit_the_rest(self):
         # 256 MiB fits the budget at two fragments, not at three: four while three would
         # still fit the rest, three while two would, then two.
-        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        p = Path(config.ServerSettings(), 65507, mtu=1500)
         t = self.downloading(p, 256 << 20)
         _, seen = self.lossy(p, 4.0, t=t)
         self.assertEqual(seen[0], 4)
@@ -341,7 +347,7 @@ class PathSizeTest(unittest.TestCase):
 
     def test_the_choice_depends_on_the_state_now_not_on_an_earlier_download(self):
         s = config.ServerSettings()
-        paths = [protocol.Path(s, 65507, mtu=1500) for _ in range(2)]
+        paths = [Path(s, 65507, mtu=1500) for _ in range(2)]
         for p in paths:
             p.loss_rate = lambda: 0.015
         old, fresh = paths
@@ -359,7 +365,7 @@ class PathSizeTest(unittest.TestCase):
         self.assertEqual(old.fragments(old.size), 3)
 
     def test_two_parts_of_one_file_count_once_and_two_files_add_up(self):
-        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        p = Path(config.ServerSettings(), 65507, mtu=1500)
         self.downloading(p, 100, 10)
         self.downloading(p, 100, 60)
         self.assertEqual(p.bytes_to_come(), 90)
@@ -370,7 +376,7 @@ class PathSizeTest(unittest.TestCase):
         # With nothing known to come (the listing, a client between files), four fragments
         # until the orphans counted pass the budget, then two; once they expire, four again.
         s = config.ServerSettings()
-        p = protocol.Path(s, 65507, mtu=1500)
+        p = Path(s, 65507, mtu=1500)
         now, seen = self.lossy(p, 10.0)
         self.assertGreater(p.orphans(now), s.orphan_budget)
         self.assertIn(4, seen)
@@ -385,23 +391,23 @@ class PathSizeTest(unittest.TestCase):
     def test_three_fragments_where_losses_are_heavy(self):
         # At 5% loss four-fragment datagrams are lost too often (16 MiB: 0.317 s against 0.308).
         s = config.ServerSettings()
-        p = protocol.Path(s, 65507, mtu=1500)
+        p = Path(s, 65507, mtu=1500)
         self.lossy(p, 0.6, seed=5, loss=0.05)
         self.assertGreater(p.loss_rate(), s.heavy_loss)
         self.assertEqual(p.size, THREE)
 
     def test_a_full_reassembly_buffer_means_unfragmented_datagrams_for_a_while(self):
         s = config.ServerSettings()
-        p = protocol.Path(s, 65507, mtu=1500)
+        p = Path(s, 65507, mtu=1500)
         rng = random.Random(4)
         now = 0.0
         for _ in range(300):                 # 1% loss: four-fragment datagrams
             now += 0.0001
-            p.outcome(p.size, rng.random() > 0.99 ** protocol.fragments(p.size, 1480), now)
+            p.outcome(p.size, rng.random() > 0.99 ** fragments(p.size, 1480), now)
         self.assertEqual(p.size, FOUR)
         for _ in range(200):                 # now every fragmented datagram is lost
             now += 0.0001
-            k = protocol.fragments(p.size, 1480, 1480)
+            k = fragments(p.size, 1480, 1480)
             p.outcome(p.size, k > 1 or rng.random() > 0.99, now)
         self.assertEqual(p.size, 1472)
         until = now + s.reassembly_backoff
@@ -415,7 +421,7 @@ class PathSizeTest(unittest.TestCase):
         self.assertEqual(p.size, FOUR, "four fragments are tried again after the backoff")
 
     def test_a_few_lost_fragmented_datagrams_are_not_a_full_buffer(self):
-        p = protocol.Path(config.ServerSettings(), 65507, mtu=1500)
+        p = Path(config.ServerSettings(), 65507, mtu=1500)
         now = 0.0
         for i in range(3000):                # 10% of datagrams lost, in bursts of 8
             now += 0.0001
@@ -423,20 +429,20 @@ class PathSizeTest(unittest.TestCase):
         self.assertEqual(p.size, FOUR)
 
     def test_ipv6_fragments_carry_less(self):
-        self.assertEqual(protocol.fragment_payload(1500), 1480)
-        self.assertEqual(protocol.fragment_payload(1500, ipv6=True), 1448)
-        self.assertEqual(protocol.size_ladder(1480, 65507, 1480)[0], 1472)
-        self.assertIn(65507, protocol.size_ladder(65512, 65507, 65516))
-        self.assertEqual(protocol.fragments(65507, 65512, 65516), 1)
-        self.assertEqual(protocol.fragments(65507, 1480, 1480), 45)
-        self.assertEqual(protocol.fragments(1472, 1480, 1480), 1)
-        self.assertEqual(protocol.fragments(1473, 1480, 1480), 2)
+        self.assertEqual(fragment_payload(1500), 1480)
+        self.assertEqual(fragment_payload(1500, ipv6=True), 1448)
+        self.assertEqual(size_ladder(1480, 65507, 1480)[0], 1472)
+        self.assertIn(65507, size_ladder(65512, 65507, 65516))
+        self.assertEqual(fragments(65507, 65512, 65516), 1)
+        self.assertEqual(fragments(65507, 1480, 1480), 45)
+        self.assertEqual(fragments(1472, 1480, 1480), 1)
+        self.assertEqual(fragments(1473, 1480, 1480), 2)
 
 
 class RetransmissionTest(unittest.TestCase):
 
     def start(self, srv, addr, now=0.0, name="f"):
-        srv.recv(protocol.format_download(name, 0, 10 ** 9), addr, now)
+        srv.recv(format_download(name, 0, 10 ** 9), addr, now)
         return srv.ack(0, addr, now + 0.001)
 
     def test_a_resend_is_recut_to_the_paths_size_when_it_came_down(self):
@@ -453,7 +459,7 @@ class RetransmissionTest(unittest.TestCase):
         again = out[0][0]
         self.assertEqual(again.offset, 0)
         self.assertLessEqual(len(again.payload) + len(b"DATA 0 00000000\n"), FOUR)
-        self.assertEqual(again.crc, zlib.crc32(bytes(again.payload), protocol.crc_start(0)))
+        self.assertEqual(again.crc, zlib.crc32(bytes(again.payload), crc_start(0)))
         # Either copy's ACK is good.
         out = srv.ack(len(again.payload), A, srv.d.get_timer())
         self.assertEqual(out[0][0].offset, len(again.payload))
@@ -502,7 +508,7 @@ class RetransmissionTest(unittest.TestCase):
         out_a = self.start(srv, A, 0.0, "f")
         out_b = self.start(srv, B, 0.0001, "g")
         srv.ack(len(out_a[0][0].payload), A, 0.0002)          # A: EOF comes back
-        srv.recv(protocol.format_ack_eof(srv.tokens[A]), A, 0.0003)
+        srv.recv(format_ack_eof(srv.tokens[A]), A, 0.0003)
         self.assertEqual(srv.d.stats["finished"], 1)
         srv.ack(len(out_b[0][0].payload), B, 0.01)
         self.assertEqual(srv.d.stats["finished"], 1)
@@ -566,7 +572,7 @@ class ReorderWindowTest(unittest.TestCase):
 
     def test_narrowed_again_only_after_reorder_persist_early_resends_none_needless(self):
         s = config.ServerSettings()
-        p = protocol.Path(s, 65507)
+        p = Path(s, 65507)
         p.spurious(early=True)
         self.assertEqual(p.reorder_mult, 2)
         p.spurious(early=False)                   # a needless timeout says nothing of order
@@ -590,9 +596,9 @@ class ReorderWindowTest(unittest.TestCase):
     def test_an_early_resend_counts_towards_narrowing(self):
         srv = Server({"f": blob(200000), "g": blob(4 << 20)}, mtu=65536, rto_initial=0.5,
                      rto_min=0.5)
-        srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)
+        srv.recv(format_download("f", 0, 10 ** 9), A, 0.0)
         srv.ack(0, A, 0.001)
-        srv.recv(protocol.format_download("g", 0, 10 ** 9), B, 0.0005)
+        srv.recv(format_download("g", 0, 10 ** 9), B, 0.0005)
         out_b = srv.ack(0, B, 0.0015)
         path = srv.d.paths[A[0]]
         path.reorder_mult, path._persist = 2, 1
@@ -667,73 +673,73 @@ class ForgottenRequestTest(unittest.TestCase):
 
     def test_a_request_made_anew_gets_the_same_token(self):
         srv = Server({"f": blob(100000)})
-        first = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)[0][0]
+        first = srv.recv(format_download("f", 0, 10 ** 9), A, 0.0)[0][0]
         now = 0.0
         while srv.d.pending and now < 10:
             now = srv.d.get_timer()
             srv.timer(now)
         self.assertFalse(srv.d.pending, "the unacknowledged request was forgotten")
-        again = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, now + 0.1)[0][0]
+        again = srv.recv(format_download("f", 0, 10 ** 9), A, now + 0.1)[0][0]
         self.assertEqual(again.token, first.token)
-        out = srv.recv(protocol.format_ack(0, first.token), A, now + 0.2)
-        self.assertIsInstance(out[0][0], protocol.Data)
+        out = srv.recv(format_ack(0, first.token), A, now + 0.2)
+        self.assertIsInstance(out[0][0], Data)
 
     def test_tokens_differ_by_address_and_request_and_server(self):
-        make = protocol.token_maker(b"k" * 32)
-        req = protocol.DownloadRequest("f", 0, 10)
-        tokens = {make(A, req), make(B, req), make(A, protocol.DownloadRequest("f", 1, 10)),
-                  make(A, protocol.ListRequest()), protocol.token_maker()(A, req)}
+        make = token_maker(b"k" * 32)
+        req = DownloadRequest("f", 0, 10)
+        tokens = {make(A, req), make(B, req), make(A, DownloadRequest("f", 1, 10)),
+                  make(A, ListRequest()), token_maker()(A, req)}
         self.assertEqual(len(tokens), 5)
         self.assertEqual(make(A, req), make(A, req))
         self.assertTrue(all(len(t) == 16 and t == t.lower() for t in tokens))
 
     def test_the_client_takes_the_token_of_a_transfer_made_anew_before_data(self):
-        t = protocol.ClientTransfer("f", 0, 100, 0.0)
+        t = ClientTransfer("f", 0, 100, 0.0)
         t.datagrams_to_send()
-        t.receive_datagram(protocol.format_size(100, "v", b"1" * 16), 0.01)
-        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"1" * 16)])
+        t.receive_datagram(format_size(100, "v", b"1" * 16), 0.01)
+        self.assertEqual(t.datagrams_to_send(), [format_ack(0, b"1" * 16)])
         # Another token before we asked again: not ours (forged, or a stray): not answered.
-        t.receive_datagram(protocol.format_size(100, "v", b"9" * 16), 0.02)
+        t.receive_datagram(format_size(100, "v", b"9" * 16), 0.02)
         self.assertEqual(t.datagrams_to_send(), [])
         t.handle_timer(t.get_timer())                 # no data: the request is repeated
         self.assertEqual(t.datagrams_to_send(), [t.request])
-        t.receive_datagram(protocol.format_size(100, "v", b"2" * 16), 0.2)
-        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack(0, b"2" * 16)])
+        t.receive_datagram(format_size(100, "v", b"2" * 16), 0.2)
+        self.assertEqual(t.datagrams_to_send(), [format_ack(0, b"2" * 16)])
         payload = b"x" * 100
-        crc = zlib.crc32(payload, protocol.crc_start(0))
+        crc = zlib.crc32(payload, crc_start(0))
         self.assertEqual(bytes(t.receive_datagram(
-            protocol.format_data_header(0, crc) + payload, 0.3)), payload)
+            format_data_header(0, crc) + payload, 0.3)), payload)
         t.datagrams_to_send()
         # Once data flows the token is fixed: a SIZE with another one is not answered.
-        t.receive_datagram(protocol.format_size(100, "v", b"3" * 16), 0.4)
+        t.receive_datagram(format_size(100, "v", b"3" * 16), 0.4)
         self.assertEqual(t.datagrams_to_send(), [])
 
     def test_an_eof_before_the_end_is_acknowledged_and_ignored(self):
-        t = protocol.ClientTransfer("f", 0, 100, 0.0)
-        t.receive_datagram(protocol.format_size(100, "v", b"1" * 16), 0.01)
+        t = ClientTransfer("f", 0, 100, 0.0)
+        t.receive_datagram(format_size(100, "v", b"1" * 16), 0.01)
         payload = b"y" * 40
-        crc = zlib.crc32(payload, protocol.crc_start(0))
-        t.receive_datagram(protocol.format_data_header(0, crc) + payload, 0.02)
+        crc = zlib.crc32(payload, crc_start(0))
+        t.receive_datagram(format_data_header(0, crc) + payload, 0.02)
         t.datagrams_to_send()
-        t.receive_datagram(protocol.format_eof(crc), 0.03)
-        self.assertEqual(t.datagrams_to_send(), [protocol.format_ack_eof(b"1" * 16)] * 2)
-        self.assertEqual((t.state, t.pos), (protocol.RECEIVING, 40))
+        t.receive_datagram(format_eof(crc), 0.03)
+        self.assertEqual(t.datagrams_to_send(), [format_ack_eof(b"1" * 16)] * 2)
+        self.assertEqual((t.state, t.pos), (RECEIVING, 40))
 
 
 class ForgedRequestTest(unittest.TestCase):
 
     def test_a_forged_request_from_the_victims_address_does_not_end_its_transfer(self):
         srv = Server({"f": blob(300000), "g": blob(10)})
-        out = srv.recv(protocol.format_download("f", 0, 10 ** 9), A, 0.0)
+        out = srv.recv(format_download("f", 0, 10 ** 9), A, 0.0)
         token = out[0][0].token
         data = srv.ack(0, A, 0.001)[0][0]
         victim = srv.d.active[A]
         srv.recv(b"LIST", A, 0.002)                                  # forged: a stranger
-        srv.recv(protocol.format_download("g", 0, 10), A, 0.003)     # ... and again
-        srv.recv(protocol.format_ack(0, b"0" * 16), A, 0.004)         # without the token
+        srv.recv(format_download("g", 0, 10), A, 0.003)     # ... and again
+        srv.recv(format_ack(0, b"0" * 16), A, 0.004)         # without the token
         self.assertIs(srv.d.active[A], victim)
         self.assertIsNone(victim.outcome)
-        out = srv.recv(protocol.format_ack(len(data.payload), token), A, 0.005)
+        out = srv.recv(format_ack(len(data.payload), token), A, 0.005)
         self.assertEqual(out[0][0].offset, len(data.payload), "the victim's ACKs still count")
 
 
@@ -741,7 +747,7 @@ class PathMemoryTest(unittest.TestCase):
 
     def test_send_order_stays_bounded_when_nothing_is_acknowledged_at_first_try(self):
         s = config.ServerSettings()
-        p = protocol.Path(s, 65507)
+        p = Path(s, 65507)
         for _ in range(100000):
             p.sent(None)
         self.assertLessEqual(len(p.outstanding), 2 * 4 * s.max_transfers + 64)

@@ -12,13 +12,13 @@ import unittest
 from unittest import mock
 
 import client
-import protocol
 from tests import support
+from udpxfer.client_transfer import ClientTransfer
 
 FLIP_AT = 100
 
 
-class FlippingTransfer(protocol.ClientTransfer):
+class FlippingTransfer(ClientTransfer):
     """Hands the caller a payload with the byte at FLIP_AT flipped (so that is what is written
     to disk), makes the range's end-to-end check fail, and raises KeyboardInterrupt right after
     the datagram that ended it, before housekeeping."""
@@ -59,7 +59,7 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
         c = support.make_client(st.address, self.tmp.downloads, settings)
         target = client.PartialFile(self.tmp.downloads, "f.bin")
         try:
-            with mock.patch.object(protocol, "ClientTransfer", FlippingTransfer):
+            with mock.patch.object(client, "ClientTransfer", FlippingTransfer):
                 with self.assertRaises(KeyboardInterrupt):
                     c.fetch("f.bin", target, 2, len(data))
         finally:
@@ -77,7 +77,7 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
         self.assertEqual(self.tmp.downloaded("f.bin"), data)
 
     def test_part_failed_check_predicate(self):
-        t = protocol.ClientTransfer("x", 0, 10, 0.0)
+        t = ClientTransfer("x", 0, 10, 0.0)
         part = client.Part(None, t)
         part.written = 7
         self.assertFalse(part.failed_check)

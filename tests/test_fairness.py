@@ -2,7 +2,7 @@
 that is merely kept alive does not hold its slot forever, the pending pool evicts the flooder,
 and a client that went quiet is given up about when it gives up itself.
 
-Protocol-level tests drive protocol.ServerDispatcher on a virtual clock (no sockets, no sleeps).
+Protocol-level tests drive ServerDispatcher on a virtual clock (no sockets, no sleeps).
 Every acknowledgement goes through ack() below: the one place that knows how an ACK is built.
 
 Run: python3 -m tests test_fairness
@@ -12,7 +12,11 @@ import logging
 import unittest
 
 import config
-import protocol
+from udpxfer.dispatcher import ServerDispatcher
+from udpxfer.limits import IpCounts, client_of
+from udpxfer.server_transfer import MemoryEntry
+from udpxfer.wire import (Data, Eof, Error, Size, format_ack, format_ack_eof, format_download,
+                          parse_server_message)
 
 QUIET = logging.getLogger("udpxfer.tests.test_fairness")
 QUIET.addHandler(logging.NullHandler())
@@ -26,7 +30,7 @@ NAME = "a.bin"
 class Catalog:
     def __init__(self, files):
         self.files = files
-        self.list_entry = protocol.MemoryEntry(b"", "list-1")
+        self.list_entry = MemoryEntry(b"", "list-1")
 
     def listing(self):
         return self.list_entry
@@ -41,8 +45,7 @@ class Harness:
     def __init__(self, **settings):
         settings.setdefault("datagram_size", 200)
         self.s = config.ServerSettings(**settings)
-        self.d = protocol.ServerDispatcher(Catalog({NAME: protocol.MemoryEntry(FILE, "v1")}),
-                                           self.s, QUIET)
+        self.d = ServerDispatcher(Catalog({NAME: MemoryEntry(FILE, "v1")}), self.s, QUIET)
 
     def _drain(self):
         return [(b"".join(bytes(b) for b in dg), addr)
@@ -57,7 +60,7 @@ class Harness:
         return self._drain()
 
     def request(self, addr, now, offset=0, length=10 ** 9):
-        return self.recv(protocol.format_download(NAME, offset, length), addr, now)
+        return self.recv(format_download(NAME, offset, length), addr, now)
 
     def transfer(self, addr):
         return self.d.active.get(addr) or self.d.pending.get(addr)
@@ -68,18 +71,18 @@ def ack(h, addr, n, now):
     that builds an ACK: adapt it here if ACKs carry more."""
     t = h.transfer(addr)
     token = t.token if t is not None else b"0" * 16   # no transfer: any well-formed token
-    return h.recv(protocol.format_ack_eof(token) if n is None else protocol.format_ack(n, token),
+    return h.recv(format_ack_eof(token) if n is None else format_ack(n, token),
                   addr, now)
 
 
 def parsed(out, addr):
-    return [protocol.parse_server_message(b) for b, a in out if a == addr]
+    return [parse_server_message(b) for b, a in out if a == addr]
 
 
 def start(h, addr, now, rtt=0.01, offset=0):
     """Request and acknowledge SIZE (rtt later); returns the first DATA (or what came instead)."""
     size = parsed(h.request(addr, now, offset), addr)
-    assert len(size) == 1 and isinstance(size[0], protocol.Size), size
+    assert len(size) == 1 and isinstance(size[0], Size), size
     out = parsed(ack(h, addr, offset, now + rtt), addr)
     assert len(out) == 1, out
     return out[0]
@@ -139,7 +142,7 @@ class ClientSilenceTest(unittest.TestCase):
             self.run_timers(h, now)
             self.assertIn(addr, h.d.active)
             msg = next_ack(h, addr, msg, now)[0]
-            self.assertIsInstance(msg, protocol.Data)
+            self.assertIsInstance(msg, Data)
         self.run_timers(h, now + h.s.client_silence - 0.01)
         self.assertIn(addr, h.d.active)
         self.run_timers(h, now + h.s.client_silence)
@@ -157,7 +160,7 @@ def ports(ip, n, first=1000):
 
 
 def is_busy(msgs):
-    return len(msgs) == 1 and isinstance(msgs[0], protocol.Error) and msgs[0].code == "BUSY"
+    return len(msgs) == 1 and isinstance(msgs[0], Error) and msgs[0].code == "BUSY"
 
 
 class Clients:
@@ -174,15 +177,15 @@ class Clients:
     def feed(self, out, now):
         mine = []
         for b, addr in out:
-            m = protocol.parse_server_message(b)
+            m = parse_server_message(b)
             mine.append((m, addr))
-            if isinstance(m, protocol.Data):
+            if isinstance(m, Data):
                 self.last[addr] = m
                 self.got[addr] = self.got.get(addr, 0) + len(m.payload)
             elif is_busy([m]):
                 self.busy.append(addr)
                 self.last.pop(addr, None)
-            elif isinstance(m, protocol.Eof):
+            elif isinstance(m, Eof):
                 self.last.pop(addr, None)
                 self.done.append(addr)
                 self.feed(ack(self.h, addr, None, now), now)
@@ -191,7 +194,7 @@ class Clients:
     def start(self, addr, now, rtt=0.01):
         """Request, and acknowledge SIZE rtt later: what addr got for its ACK."""
         got = self.feed(self.h.request(addr, now), now)
-        if not (got and isinstance(got[0][0], protocol.Size)):
+        if not (got and isinstance(got[0][0], Size)):
             return [m for m, a in got if a == addr]
         return [m for m, a in self.feed(ack(self.h, addr, 0, now + rtt), now + rtt) if a == addr]
 
@@ -228,7 +231,7 @@ class FairShareTest(unittest.TestCase):
         # A client on another IP, 300 ms away: its request gets SIZE, its ACK gets DATA.
         y = (Y, 5000)
         first = c.start(y, 10.2, rtt=0.3)
-        self.assertIsInstance(first[0], protocol.Data)
+        self.assertIsInstance(first[0], Data)
         self.assertIn(y, h.d.active)
         self.assertEqual(h.d.stats["preempted"], 1)
         self.assertEqual(len(c.busy), 1)              # the preempted one was told
@@ -239,7 +242,7 @@ class FairShareTest(unittest.TestCase):
         msg = first[0]
         for i in range(5):
             msg = next_ack(h, y, msg, 10.8 + 0.3 * i)[0]
-            self.assertIsInstance(msg, protocol.Data)
+            self.assertIsInstance(msg, Data)
 
     def test_preempted_transfer_is_told_busy(self):
         h = Harness(max_transfers=2)
@@ -249,11 +252,11 @@ class FairShareTest(unittest.TestCase):
         y = (Y, 5000)
         h.request(y, 1.0)
         out = ack(h, y, 0, 1.1)
-        told = [(protocol.parse_server_message(b), a) for b, a in out]
+        told = [(parse_server_message(b), a) for b, a in out]
         busy = [a for m, a in told if is_busy([m])]
         self.assertEqual(len(busy), 1)
         self.assertEqual(busy[0][0], X)
-        self.assertIsInstance([m for m, a in told if a == y][0], protocol.Data)
+        self.assertIsInstance([m for m, a in told if a == y][0], Data)
         self.assertEqual(h.d.stats["busy"], 1)
 
     def test_an_ip_holding_many_slots_gets_busy_for_more_while_another_is_served(self):
@@ -265,7 +268,7 @@ class FairShareTest(unittest.TestCase):
         # Y may have a second: it takes the slot of X's slowest.
         c.step(xs[1:], 0.5)                           # xs[0] moved least lately
         msg = c.start((Y, 5001), 1.0)[0]
-        self.assertIsInstance(msg, protocol.Data)
+        self.assertIsInstance(msg, Data)
         self.assertEqual(c.busy, [xs[0]])
         self.assertEqual((h.d.by_ip.held(X), h.d.by_ip.held(Y)), (2, 2))
         # Now both hold their share: more from either is BUSY, and nobody is preempted.
@@ -277,7 +280,7 @@ class FairShareTest(unittest.TestCase):
         h = Harness(max_transfers=4)
         c = Clients(self, h)
         for addr in ports(X, 4):                      # one IP may take every idle slot
-            self.assertIsInstance(c.start(addr, 0.0)[0], protocol.Data)
+            self.assertIsInstance(c.start(addr, 0.0)[0], Data)
         self.assertEqual(h.d.stats["busy"], 0)
 
     def test_two_clients_with_many_parts_both_progress(self):
@@ -306,7 +309,7 @@ class FairShareTest(unittest.TestCase):
         for second in (2, 4, 6, 8, 10, 12):           # an ACK every 2 s: kept alive, no more
             c.step(slow, float(second))
         self.assertEqual(len(h.d.active), 4)
-        self.assertIsInstance(c.start(z, 12.5)[0], protocol.Data)
+        self.assertIsInstance(c.start(z, 12.5)[0], Data)
         self.assertEqual(h.d.stats["preempted"], 1)
         self.assertEqual(c.busy[0], z)
         self.assertEqual([a in slow for a in c.busy[1:]], [True])   # one slow one gave way
@@ -330,28 +333,28 @@ class Ipv6ClientTest(unittest.TestCase):
     """An IPv6 host usually has a whole /64: its addresses are one client for fair shares."""
 
     def test_client_of(self):
-        self.assertEqual(protocol.client_of(("192.0.2.1", 1)), "192.0.2.1")
-        self.assertEqual(protocol.client_of(("::ffff:192.0.2.1", 1, 0, 0)), "192.0.2.1")
-        self.assertEqual(protocol.client_of(("2001:db8:1:2::5", 1, 0, 0)),
-                         protocol.client_of(("2001:db8:1:2:ffff:1:2:3", 9, 0, 0)))
-        self.assertNotEqual(protocol.client_of(("2001:db8:1:2::5", 1, 0, 0)),
-                            protocol.client_of(("2001:db8:1:3::5", 1, 0, 0)))
+        self.assertEqual(client_of(("192.0.2.1", 1)), "192.0.2.1")
+        self.assertEqual(client_of(("::ffff:192.0.2.1", 1, 0, 0)), "192.0.2.1")
+        self.assertEqual(client_of(("2001:db8:1:2::5", 1, 0, 0)),
+                         client_of(("2001:db8:1:2:ffff:1:2:3", 9, 0, 0)))
+        self.assertNotEqual(client_of(("2001:db8:1:2::5", 1, 0, 0)),
+                            client_of(("2001:db8:1:3::5", 1, 0, 0)))
 
     def test_one_64_with_many_addresses_gets_one_share(self):
         hogs = [("2001:db8:1:2::%x" % (i + 1), 1000, 0, 0) for i in range(4)]
         h, c = slots_taken(self, hogs)
         y = ("2001:db8:9:9::1", 5000, 0, 0)
-        self.assertIsInstance(c.start(y, 1.0)[0], protocol.Data)
+        self.assertIsInstance(c.start(y, 1.0)[0], Data)
         self.assertEqual(h.d.stats["preempted"], 1)
         self.assertTrue(is_busy(c.start(("2001:db8:1:2::99", 7, 0, 0), 1.5)))
 
     def test_pending_flood_from_one_64_evicts_itself(self):
         h = Harness(max_pending=16)
         real = ("2001:db8:9:9::1", 5000, 0, 0)
-        self.assertIsInstance(parsed(h.request(real, 0.0), real)[0], protocol.Size)
+        self.assertIsInstance(parsed(h.request(real, 0.0), real)[0], Size)
         for i in range(1000):
             h.request(("2001:db8:1:2::%x" % (i + 1), 4000, 0, 0), 0.3 * i / 1000)
-        self.assertIsInstance(parsed(ack(h, real, 0, 0.3), real)[0], protocol.Data)
+        self.assertIsInstance(parsed(ack(h, real, 0, 0.3), real)[0], Data)
 
 
 # --- Item 5: BUSY sent in one place; the dispatcher uses public properties --------------------
@@ -373,7 +376,7 @@ class OnePlaceForBusyTest(unittest.TestCase):
         h.recv(b"garbage", ("192.0.2.99", 9), 0.5)    # the error budget is spent
         self.assertEqual(h.d.errors.tokens, 0)
         y = (Y, 5000)
-        self.assertIsInstance(parsed(h.request(y, 1.0), y)[0], protocol.Size)
+        self.assertIsInstance(parsed(h.request(y, 1.0), y)[0], Size)
         self.assertTrue(is_busy(parsed(ack(h, y, 0, 1.1), y)))   # X's one transfer is young
 
     def test_tries_and_ceiling_are_public(self):
@@ -391,7 +394,7 @@ class OnePlaceForBusyTest(unittest.TestCase):
 class PendingPoolTest(unittest.TestCase):
 
     def test_ip_counts(self):
-        counts = protocol.IpCounts()
+        counts = IpCounts()
         for addr in [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("c", 1)]:
             counts.add(addr)
         self.assertEqual((counts.size, counts.most(), counts.heaviest()), (6, 3, "b"))
@@ -409,7 +412,7 @@ class PendingPoolTest(unittest.TestCase):
     def flood_then_ack(self, h, real, flood_addrs, rtt=0.3, t0=1.0):
         """real asks at t0; the flood's requests arrive during its round trip; real's ACK
         comes rtt later. Returns what real got for its ACK."""
-        self.assertIsInstance(parsed(h.request(real, t0), real)[0], protocol.Size)
+        self.assertIsInstance(parsed(h.request(real, t0), real)[0], Size)
         for i, addr in enumerate(flood_addrs):
             h.request(addr, t0 + rtt * i / len(flood_addrs))
             self.assertLessEqual(len(h.d.pending), h.s.max_pending)
@@ -419,7 +422,7 @@ class PendingPoolTest(unittest.TestCase):
         h = Harness(max_pending=16)
         real = (Y, 5000)
         got = self.flood_then_ack(h, real, ports(X, 2000))
-        self.assertIsInstance(got[0], protocol.Data)
+        self.assertIsInstance(got[0], Data)
         self.assertIn(real, h.d.active)
         self.assertGreater(h.d.stats["evicted"], 1900)
         self.assertEqual({a[0] for a in h.d.pending}, {X})
@@ -442,7 +445,7 @@ class PendingPoolTest(unittest.TestCase):
         self.assertIn(Y, h.d.known)
         forged = [("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 4000) for i in range(2000)]
         got = self.flood_then_ack(h, (Y, 5001), forged)
-        self.assertIsInstance(got[0], protocol.Data)
+        self.assertIsInstance(got[0], Data)
         strangers = [a for a in h.d.pending if a[0] != Y]
         reserved = int(h.s.max_pending * h.s.pending_reserved)
         self.assertLessEqual(len(strangers), h.s.max_pending - reserved)

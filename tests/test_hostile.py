@@ -33,10 +33,15 @@ import zlib
 from collections import Counter
 
 import client
-import protocol
 from tests import support
 from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
+from udpxfer.client_transfer import ClientTransfer
+from udpxfer.wire import (HUGE, MAX_DATAGRAM, MAX_ERROR, Ack, Data, DownloadRequest, Error,
+                          ListRequest, ProtocolError, Size, crc_start, format_ack,
+                          format_data_header, format_download, format_eof, format_error,
+                          format_listing, format_size, is_servable_name, parse_client_message,
+                          parse_listing, parse_server_message)
 
 MiB = 1024 * 1024
 SECRET = b"TOPSECRET-do-not-serve-me\n"
@@ -162,12 +167,12 @@ def _server_bases():
     payload = bytes(range(256)) * 4
     bases = [b"SIZE 1000 v1 " + TOKEN, b"SIZE 0 " + b"x" * 64 + b" " + TOKEN,
              b"SIZE 18446744073709551616 a-b-c ffffffffffffffff",
-             protocol.format_eof(zlib.crc32(b"x")), protocol.format_eof(0),
-             protocol.format_error("NOT_FOUND"), protocol.format_error("BUSY", "try later"),
-             protocol.format_error("BAD_REQUEST", "x" * 80)]
+             format_eof(zlib.crc32(b"x")), format_eof(0),
+             format_error("NOT_FOUND"), format_error("BUSY", "try later"),
+             format_error("BAD_REQUEST", "x" * 80)]
     for offset, n in ((0, 1), (0, 100), (1000, 1024), (10 ** 12, 33)):
         p = payload[:n]
-        bases.append(protocol.format_data_header(offset, zlib.crc32(p)) + p)
+        bases.append(format_data_header(offset, zlib.crc32(p)) + p)
     return bases
 
 
@@ -193,7 +198,7 @@ class Fuzzer:
         self.r = random.Random(seed)
         self.bases = bases
         big = random.Random(seed + 1)
-        self.big = bytes(big.getrandbits(8) for _ in range(protocol.MAX_DATAGRAM))
+        self.big = bytes(big.getrandbits(8) for _ in range(MAX_DATAGRAM))
         self.digits = {}
 
     def _huge(self):
@@ -219,7 +224,7 @@ class Fuzzer:
             return base[:r.randrange(len(base))]
         if kind == 3:     # oversized: a few up to the 65507-byte limit, most a little longer
             if r.random() < 0.05:
-                return (base + b" " + self.big)[:r.randrange(60000, protocol.MAX_DATAGRAM + 1)]
+                return (base + b" " + self.big)[:r.randrange(60000, MAX_DATAGRAM + 1)]
             return base + self.big[:r.randrange(0, 2000)]
         if kind == 4:     # invalid UTF-8 somewhere
             i = r.randrange(len(base) + 1)
@@ -263,7 +268,7 @@ class CodecFuzzTest(unittest.TestCase):
     def check(self, parse, data, tally):
         try:
             msg = parse(data)
-        except protocol.ProtocolError:
+        except ProtocolError:
             tally["rejected"] += 1
             return None
         except Exception as exc:   # anything else is a crash of the receive loop
@@ -281,18 +286,18 @@ class CodecFuzzTest(unittest.TestCase):
                 if i & 1:
                     data = memoryview(data)   # the server hands the parser a memoryview
                 count += 1
-                m = self.check(protocol.parse_client_message, data, tally_c)
-                if isinstance(m, protocol.DownloadRequest):
+                m = self.check(parse_client_message, data, tally_c)
+                if isinstance(m, DownloadRequest):
                     self.assertIsInstance(m.name, str)
-                    self.assertTrue(0 <= m.offset <= protocol.HUGE)
-                    self.assertTrue(0 <= m.chunk_size <= protocol.HUGE)
-                elif isinstance(m, protocol.Ack):
-                    self.assertTrue(m.n is None or 0 <= m.n <= protocol.HUGE)
-                m = self.check(protocol.parse_server_message, data, tally_s)
-                if isinstance(m, protocol.Data):
+                    self.assertTrue(0 <= m.offset <= HUGE)
+                    self.assertTrue(0 <= m.chunk_size <= HUGE)
+                elif isinstance(m, Ack):
+                    self.assertTrue(m.n is None or 0 <= m.n <= HUGE)
+                m = self.check(parse_server_message, data, tally_s)
+                if isinstance(m, Data):
                     self.assertGreater(len(m.payload), 0)
-                elif isinstance(m, protocol.Error):
-                    self.assertLessEqual(len(data), protocol.MAX_ERROR)
+                elif isinstance(m, Error):
+                    self.assertLessEqual(len(data), MAX_ERROR)
         report("codec fuzz: %d inputs, each through both parsers; client side %s; server side %s"
                % (count, dict(tally_c), dict(tally_s)))
         self.assertGreaterEqual(count, 100000)
@@ -307,12 +312,12 @@ class CodecFuzzTest(unittest.TestCase):
         the client transfer must refuse every damaged copy, and take the good one."""
         payload = bytes(random.Random(5).getrandbits(8) for _ in range(300))
         start = 123456
-        good = protocol.format_data_header(
-            start, zlib.crc32(payload, protocol.crc_start(start))) + payload
+        good = format_data_header(
+            start, zlib.crc32(payload, crc_start(start))) + payload
 
         def receiver():
-            t = protocol.ClientTransfer("f", start, 1000, 0.0)
-            t.receive_datagram(protocol.format_size(10 ** 6, "v", TOKEN), 0.0)
+            t = ClientTransfer("f", start, 1000, 0.0)
+            t.receive_datagram(format_size(10 ** 6, "v", TOKEN), 0.0)
             t.datagrams_to_send()
             return t
 
@@ -335,11 +340,11 @@ class CodecFuzzTest(unittest.TestCase):
         for _ in range(5000):
             data = fz.one()
             try:
-                entries = protocol.parse_listing(data)
-            except protocol.ProtocolError:
+                entries = parse_listing(data)
+            except ProtocolError:
                 continue
             for name, size in entries:
-                self.assertIsInstance(protocol.is_servable_name(name), bool)
+                self.assertIsInstance(is_servable_name(name), bool)
                 self.assertGreaterEqual(size, 0)
 
 
@@ -520,13 +525,13 @@ class PathTest(unittest.TestCase):
 
     def test_traps_get_not_found_and_no_content(self):
         names = list(self.TRAPS) + (self.LINK_TRAPS if self.links else [])
-        requests = [protocol.format_download(n, 0, 10 ** 9) for n in names]
+        requests = [format_download(n, 0, 10 ** 9) for n in names]
         replies = self.exchange(requests)
         for name, datagrams in zip(names, replies):
             with self.subTest(name=name[:40]):
                 self.assertEqual(len(datagrams), 1, "expected exactly one reply: %r" % datagrams)
-                msg = protocol.parse_server_message(datagrams[0])
-                self.assertIsInstance(msg, protocol.Error)
+                msg = parse_server_message(datagrams[0])
+                self.assertIsInstance(msg, Error)
                 self.assertEqual(msg.code, "NOT_FOUND")
                 self.assertNotIn(b"TOPSECRET", datagrams[0])
         if not self.links:
@@ -539,8 +544,8 @@ class PathTest(unittest.TestCase):
             requests.append(b"DOWNLOAD bad\xff.txt 0 1000000000")
         for datagrams in self.exchange(requests):
             self.assertEqual(len(datagrams), 1, datagrams)
-            msg = protocol.parse_server_message(datagrams[0])
-            self.assertIsInstance(msg, protocol.Error)
+            msg = parse_server_message(datagrams[0])
+            self.assertIsInstance(msg, Error)
             # Not UTF-8 is a malformed request (BAD_REQUEST); never SIZE or DATA.
             self.assertIn(msg.code, ("BAD_REQUEST", "NOT_FOUND"))
 
@@ -549,7 +554,7 @@ class PathTest(unittest.TestCase):
         entries = support.make_client(self.st.address, self.tmp.downloads).listing(give_up=5)
         self.assertEqual(dict(entries), expected)
         self.assertEqual(len(entries), len(expected))
-        want = protocol.format_listing(expected.items())
+        want = format_listing(expected.items())
         with open(self.list_path, "rb") as f:
             self.assertEqual(f.read(), want)
         self.assertNotIn(b"TOPSECRET", want)
@@ -588,7 +593,7 @@ class AmplificationTest(unittest.TestCase):
         self.addCleanup(victim.close)
         rng = random.Random(11)
         sent = 0
-        request = protocol.format_download("big.bin", 0, 10 ** 12)
+        request = format_download("big.bin", 0, 10 ** 12)
         victim.sendto(request, self.st.address)   # the forged request (from the victim's port)
         sent += len(request)
         got = []
@@ -597,7 +602,7 @@ class AmplificationTest(unittest.TestCase):
         while time.monotonic() - t0 < pending_lifetime(s) + 0.3:
             # the expected ACKs, each with a guessed token: ACK 0, then what DATA would need
             guess = ("%016x" % rng.getrandbits(64)).encode()
-            ack = protocol.format_ack(n, guess)
+            ack = format_ack(n, guess)
             victim.sendto(ack, self.st.address)
             sent += len(ack)
             acks += 1
@@ -605,7 +610,7 @@ class AmplificationTest(unittest.TestCase):
             got += collect([victim], 0.01)[victim]
         got += collect([victim], 0.3)[victim]
         received = sum(map(len, got))
-        kinds = {type(protocol.parse_server_message(g)).__name__ for g in got}
+        kinds = {type(parse_server_message(g)).__name__ for g in got}
         self.assertLessEqual(kinds, {"Size", "Error"}, "no DATA ever reaches a blind sender")
         self.assertLessEqual(received, s.amplification_factor * sent)
         self.assertLessEqual(sum(len(g) for g in got if g.startswith(b"SIZE")), self.BUDGET)
@@ -619,9 +624,9 @@ class AmplificationTest(unittest.TestCase):
         garbage_big = b"\xff" + bytes(rng.getrandbits(8) for _ in range(199))
         cases = {
             "LIST": [b"LIST"],
-            "DOWNLOAD": [protocol.format_download("big.bin", 0, 10 ** 12)],
+            "DOWNLOAD": [format_download("big.bin", 0, 10 ** 12)],
             # The same request again and again (a spoofer repeating itself): still one budget.
-            "DOWNLOAD x30": [protocol.format_download("big.bin", 0, 10 ** 12)] * 30,
+            "DOWNLOAD x30": [format_download("big.bin", 0, 10 ** 12)] * 30,
             "garbage 200 B": [garbage_big],
             "garbage text": [b"HELLO THIS IS NOT A REQUEST AT ALL"],
             "garbage 60000 B": [b"X" * 60000],
@@ -669,7 +674,7 @@ class AmplificationTest(unittest.TestCase):
                     # SIZE only (no data before the first ACK), within the byte budget.
                     self.assertGreaterEqual(len(replies), 1)
                     for r in replies:
-                        self.assertIsInstance(protocol.parse_server_message(r), protocol.Size)
+                        self.assertIsInstance(parse_server_message(r), Size)
                     self.assertLessEqual(bytes_out, self.BUDGET)
                     self.assertLessEqual(bytes_out, s.pending_byte_budget)
                     # by timer: the first SIZE and one retransmission, or 3x what came in;
@@ -681,12 +686,12 @@ class AmplificationTest(unittest.TestCase):
                     # At most one short error, never retransmitted, at most `factor` times the
                     # datagram it answers.
                     self.assertLessEqual(len(replies), 1)
-                    self.assertLessEqual(bytes_out, protocol.MAX_ERROR)
+                    self.assertLessEqual(bytes_out, MAX_ERROR)
                     self.assertLessEqual(bytes_out, factor * bytes_in)
                     self.assertLessEqual(bytes_out / bytes_in, factor)
                     for r in replies:
-                        msg = protocol.parse_server_message(r)
-                        self.assertIsInstance(msg, protocol.Error)
+                        msg = parse_server_message(r)
+                        self.assertIsInstance(msg, Error)
                         self.assertEqual(msg.code, "BAD_REQUEST")
         self.assertEqual(len(got[socks["garbage 200 B"]]), 1, "garbage gets one error")
         for label, (i, o, n, ratio) in ratios.items():
@@ -732,8 +737,8 @@ class Flood:
         self.max_recent = max(self.max_recent, len(d.recent))
 
     def _run(self):
-        requests = [protocol.format_download("big.bin", 0, 10 ** 9), b"LIST",
-                    protocol.format_download("big.bin", 4096, 10 ** 6)]
+        requests = [format_download("big.bin", 0, 10 ** 9), b"LIST",
+                    format_download("big.bin", 4096, 10 ** 6)]
         socks = []
         try:
             t0 = time.monotonic()
@@ -943,10 +948,10 @@ def range_server(contents, announce=None, wrong_content=False, wrong_digest=Fals
 
     def handler(srv, data, addr):
         try:
-            msg = protocol.parse_client_message(data)
-        except protocol.ProtocolError:
+            msg = parse_client_message(data)
+        except ProtocolError:
             return []
-        if isinstance(msg, protocol.Ack):
+        if isinstance(msg, Ack):
             st = srv.state.get(addr)
             if st is None or msg.n is None or silent:
                 return []
@@ -957,29 +962,28 @@ def range_server(contents, announce=None, wrong_content=False, wrong_digest=Fals
                 crc = zlib.crc32(payload, running_crc(content, start, n))
                 if wrong_content:   # bytes that do not match the crc they come with
                     payload = bytes(rng.getrandbits(8) for _ in range(len(payload)))
-                return [protocol.format_data_header(n, crc) + payload]
+                return [format_data_header(n, crc) + payload]
             if n == end:
                 crc = running_crc(content, start, end)
                 if wrong_digest:
                     crc ^= 1
-                return [protocol.format_eof(crc)]
+                return [format_eof(crc)]
             return []
-        name = None if isinstance(msg, protocol.ListRequest) else msg.name
+        name = None if isinstance(msg, ListRequest) else msg.name
         if name not in contents:
-            return [protocol.format_error("NOT_FOUND")]
+            return [format_error("NOT_FOUND")]
         content = contents[name]
         start = 0 if name is None else msg.offset
         end = len(content) if name is None else min(len(content), start + msg.chunk_size)
         srv.state[addr] = (content, start, end)
-        return [protocol.format_size(len(content) if announce is None else announce, "v1",
-                                     TOKEN)]
+        return [format_size(len(content) if announce is None else announce, "v1", TOKEN)]
 
     return handler
 
 
 def running_crc(content, start, n):
     """R(n) of the range that starts at `start` (PROTOCOL.md "The running CRC")."""
-    return zlib.crc32(content[start:n], protocol.crc_start(start))
+    return zlib.crc32(content[start:n], crc_start(start))
 
 
 class HostileServerTest(unittest.TestCase):
@@ -1057,13 +1061,13 @@ class HostileServerTest(unittest.TestCase):
             if data.startswith(b"ACK %d " % offset) and not changed:
                 changed.append(addr)
                 contents["f.bin"] = replace(contents["f.bin"])
-                return [protocol.format_error("CHANGED")]
+                return [format_error("CHANGED")]
             return serve(srv, data, addr)
 
         srv = self.fake(handler)
         _, error, _ = self.fetch(srv, "f.bin", 8)
         self.assertTrue(changed)
-        offsets = [protocol.parse_client_message(d).offset for d, _ in srv.requests()
+        offsets = [parse_client_message(d).offset for d, _ in srv.requests()
                    if d.startswith(b"DOWNLOAD")]
         return error, contents["f.bin"], offsets
 
@@ -1105,15 +1109,15 @@ class HostileServerTest(unittest.TestCase):
         the start: nothing is accepted, memory stays small, the client gives up in time."""
         def handler(srv, data, addr):
             if data == b"LIST":
-                return [protocol.format_size(100, "v1", TOKEN)]
+                return [format_size(100, "v1", TOKEN)]
             if data.startswith(b"ACK ") and not data.startswith(b"ACK EOF"):
                 big = b"z" * 65000
                 far = b"w" * 1000
-                r = protocol.crc_start(0)
-                return [protocol.format_data_header(0, zlib.crc32(big, r)) + big,
-                        protocol.format_data_header(10 ** 15, zlib.crc32(far, r)) + far,
-                        protocol.format_data_header(10 ** 60, zlib.crc32(far, r)) + far,
-                        protocol.format_eof(zlib.crc32(big, r))]
+                r = crc_start(0)
+                return [format_data_header(0, zlib.crc32(big, r)) + big,
+                        format_data_header(10 ** 15, zlib.crc32(far, r)) + far,
+                        format_data_header(10 ** 60, zlib.crc32(far, r)) + far,
+                        format_eof(zlib.crc32(big, r))]
             return []
 
         import tracemalloc
@@ -1152,7 +1156,7 @@ class HostileServerTest(unittest.TestCase):
         # hold terminal escape codes), and refused if asked for all the same.
         self.assertEqual(sorted(n for n, _ in entries), ["ok.txt"])
         for name in evil:
-            self.assertFalse(protocol.is_servable_name(name), name)
+            self.assertFalse(is_servable_name(name), name)
             ok, error, _ = run_bounded(self, lambda: app.download(name, self.GIVE_UP), 5)
             self.assertIsNone(error)
             self.assertFalse(ok, "the client accepted %r" % name)

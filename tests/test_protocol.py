@@ -1,4 +1,5 @@
-"""Tests for protocol.py alone, on a virtual clock: no sockets, no sleeps, no threads.
+"""Tests for the wire format and the transfer state machines of udpxfer/, on a virtual clock:
+no sockets, no sleeps, no threads.
 
 Every `now` is a float the test chooses, so retransmission schedules are asserted as numbers and a
 lossy network is simulated deterministically from a seed. Run: `python3 -m tests test_protocol`.
@@ -17,8 +18,18 @@ import unittest
 import zlib
 
 import config
-import protocol
-from protocol import ProtocolError
+from udpxfer import wire
+from udpxfer.client_transfer import FINISHED, ClientTransfer
+from udpxfer.dispatcher import ServerDispatcher
+from udpxfer.netpath import Path, fragment_payload, fragments, size_ladder
+from udpxfer.rtt import RttEstimator
+from udpxfer.server_transfer import WAIT_DATA, WAIT_EOF, Changed, MemoryEntry
+from udpxfer.wire import (ERROR_CODES, HUGE, MAX_DATAGRAM, MAX_DIGITS, MAX_ERROR, Ack, Data,
+                          DownloadRequest, Eof, Error, ListRequest, ProtocolError, Size, crc_start,
+                          format_ack, format_ack_eof, format_data_header, format_download,
+                          format_eof, format_error, format_list, format_listing, format_size,
+                          is_servable_name, new_token, parse_client_message, parse_listing,
+                          parse_number, parse_server_message)
 
 # The dispatcher logs warnings about strangers; keep the test output clean.
 QUIET = logging.getLogger("udpxfer.tests.test_protocol")
@@ -35,10 +46,10 @@ OTHER_TOKEN = b"fedcba9876543210"
 
 def ack(n, token=TOKEN):
     """The ACK a client of TOKEN's transfer sends."""
-    return protocol.format_ack(n, token)
+    return format_ack(n, token)
 
 
-ACK_EOF = protocol.format_ack_eof(TOKEN)
+ACK_EOF = format_ack_eof(TOKEN)
 
 
 def blob(n, seed=0):
@@ -49,7 +60,7 @@ def blob(n, seed=0):
 def range_crc(content, start, end):
     """R(end) of a transfer of `content` that started at `start` (PROTOCOL.md "The running
     CRC"), computed in one go over the whole range."""
-    return zlib.crc32(content[start:end], protocol.crc_start(start))
+    return zlib.crc32(content[start:end], crc_start(start))
 
 
 def data_datagram(offset, payload, r=None, field=None):
@@ -57,11 +68,11 @@ def data_datagram(offset, payload, r=None, field=None):
     (crc_start(offset) if not given: a transfer that starts at offset); `field` lets a test write
     a non-canonical offset."""
     field = b"%d" % offset if field is None else field
-    r = protocol.crc_start(offset) if r is None else r
+    r = crc_start(offset) if r is None else r
     return b"DATA %s %08x\n" % (field, zlib.crc32(payload, r)) + payload
 
 
-def wire(datagram):
+def joined(datagram):
     """The dispatcher queues datagrams as tuples of buffers (scatter-gather): join them."""
     return b"".join(bytes(part) for part in datagram)
 
@@ -71,9 +82,9 @@ def wire(datagram):
 class CodecRoundTrips(unittest.TestCase):
 
     def test_list(self):
-        self.assertEqual(protocol.format_list(), b"LIST")
-        self.assertIsInstance(protocol.parse_client_message(protocol.format_list()),
-                              protocol.ListRequest)
+        self.assertEqual(format_list(), b"LIST")
+        self.assertIsInstance(parse_client_message(format_list()),
+                              ListRequest)
 
     def test_download(self):
         for name, offset, chunk in [("a.txt", 0, 10), ("my file.txt", 7, 1),
@@ -81,53 +92,53 @@ class CodecRoundTrips(unittest.TestCase):
                                     ("東京.bin", 0, 10 ** 30),
                                     ("  spaced  name ", 3, 4), ("x 1 2", 0, 5)]:
             with self.subTest(name=name):
-                msg = protocol.parse_client_message(protocol.format_download(name, offset, chunk))
-                self.assertIsInstance(msg, protocol.DownloadRequest)
+                msg = parse_client_message(format_download(name, offset, chunk))
+                self.assertIsInstance(msg, DownloadRequest)
                 self.assertEqual((msg.name, msg.offset, msg.chunk_size), (name, offset, chunk))
-                self.assertEqual(msg, protocol.DownloadRequest(name, offset, chunk))
+                self.assertEqual(msg, DownloadRequest(name, offset, chunk))
 
     def test_ack(self):
         for n in [0, 1, 65000, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1, 2 ** 64 + 12345, 10 ** 39]:
             for token in (TOKEN, OTHER_TOKEN, b"0" * 16, b"f" * 16):
                 with self.subTest(n=n, token=token):
-                    datagram = protocol.format_ack(n, token)
+                    datagram = format_ack(n, token)
                     self.assertEqual(datagram, b"ACK %d %s" % (n, token))
-                    msg = protocol.parse_client_message(datagram)
-                    self.assertIsInstance(msg, protocol.Ack)
-                    self.assertEqual(msg, protocol.Ack(n, token))
+                    msg = parse_client_message(datagram)
+                    self.assertIsInstance(msg, Ack)
+                    self.assertEqual(msg, Ack(n, token))
                     self.assertIsInstance(msg.token, bytes)
 
     def test_ack_eof(self):
         for token in (TOKEN, OTHER_TOKEN):
-            datagram = protocol.format_ack_eof(token)
+            datagram = format_ack_eof(token)
             self.assertEqual(datagram, b"ACK EOF " + token)
-            msg = protocol.parse_client_message(datagram)
-            self.assertEqual(msg, protocol.Ack(None, token))
+            msg = parse_client_message(datagram)
+            self.assertEqual(msg, Ack(None, token))
             self.assertIsNone(msg.n)
-        self.assertFalse(hasattr(protocol, "ACK_EOF"))   # v1's constant is gone
+        self.assertFalse(hasattr(wire, "ACK_EOF"))   # v1's constant is gone
 
     def test_size(self):
         for size, version in [(0, "v"), (150000, "18c2f09e3b7-249f0"), (5 * 2 ** 32, "x" * 64),
                               (2 ** 70, "!~")]:
             for token in (TOKEN, b"00000000000000ff"):
                 with self.subTest(size=size, version=version, token=token):
-                    datagram = protocol.format_size(size, version, token)
+                    datagram = format_size(size, version, token)
                     self.assertEqual(datagram, b"SIZE %d %s %s" % (size, version.encode(), token))
-                    msg = protocol.parse_server_message(datagram)
-                    self.assertIsInstance(msg, protocol.Size)
-                    self.assertEqual(msg, protocol.Size(size, version, token))
+                    msg = parse_server_message(datagram)
+                    self.assertIsInstance(msg, Size)
+                    self.assertEqual(msg, Size(size, version, token))
                     self.assertIsInstance(msg.token, bytes)
 
     def test_size_refuses_to_format_a_bad_version_or_token(self):
         for version in ["", "x" * 65, "a b", "vé", "a\nb"]:
             with self.subTest(version=version):
                 with self.assertRaises(ValueError):
-                    protocol.format_size(1, version, TOKEN)
+                    format_size(1, version, TOKEN)
         for token in [b"", TOKEN[:15], TOKEN + b"0", TOKEN.upper(), b"g" * 16, b"0123456789abcde ",
                       b"0x23456789abcdef"]:
             with self.subTest(token=token):
                 with self.assertRaises(ValueError):
-                    protocol.format_size(1, "v", token)
+                    format_size(1, "v", token)
 
     def test_data(self):
         cases = [(0, b"x"), (1234, b"hello world"), (5 * 2 ** 32 + 7, bytes(range(256))),
@@ -136,122 +147,122 @@ class CodecRoundTrips(unittest.TestCase):
         for offset, payload in cases:
             for crc in (0, 1, 0xdeadbeef, 0xffffffff, zlib.crc32(payload, 12345)):
                 with self.subTest(offset=offset, n=len(payload), crc=crc):
-                    header = protocol.format_data_header(offset, crc)
+                    header = format_data_header(offset, crc)
                     self.assertEqual(header, b"DATA %d %08x\n" % (offset, crc))
                     datagram = header + payload
-                    msg = protocol.parse_server_message(datagram)
-                    self.assertIsInstance(msg, protocol.Data)
+                    msg = parse_server_message(datagram)
+                    self.assertIsInstance(msg, Data)
                     self.assertEqual((msg.offset, msg.crc), (offset, crc))
                     self.assertEqual(bytes(msg.payload), payload)   # trailing \n is payload
                     # bytearray and memoryview inputs (recv_into buffers) parse the same
                     for form in (bytearray(datagram), memoryview(datagram)):
-                        msg = protocol.parse_server_message(form)
+                        msg = parse_server_message(form)
                         self.assertEqual((msg.offset, msg.crc, bytes(msg.payload)),
                                          (offset, crc, payload))
 
     def test_data_crc_is_not_checked_by_the_parser(self):
         # Only the receiver knows R(offset): any 8-hex-digit crc parses.
-        msg = protocol.parse_server_message(b"DATA 65000 00000000\nabc")
-        self.assertEqual(msg, protocol.Data(65000, 0, msg.payload))
+        msg = parse_server_message(b"DATA 65000 00000000\nabc")
+        self.assertEqual(msg, Data(65000, 0, msg.payload))
         self.assertEqual(bytes(msg.payload), b"abc")
 
     def test_eof(self):
-        for crc in [0, 1, 0xffffffff, protocol.crc_start(0), zlib.crc32(b"abc")]:
+        for crc in [0, 1, 0xffffffff, crc_start(0), zlib.crc32(b"abc")]:
             with self.subTest(crc=crc):
-                datagram = protocol.format_eof(crc)
+                datagram = format_eof(crc)
                 self.assertEqual(datagram, b"EOF %08x" % crc)
-                msg = protocol.parse_server_message(datagram)
-                self.assertEqual(msg, protocol.Eof(crc))
-        self.assertFalse(hasattr(protocol, "EMPTY_SHA256"))
-        self.assertFalse(hasattr(protocol, "data_crc"))
+                msg = parse_server_message(datagram)
+                self.assertEqual(msg, Eof(crc))
+        self.assertFalse(hasattr(wire, "EMPTY_SHA256"))
+        self.assertFalse(hasattr(wire, "data_crc"))
 
     def test_error(self):
-        for code in protocol.ERROR_CODES:
+        for code in ERROR_CODES:
             for text in ["", "no such file", "x" * 200, "naïve\ttext"]:
                 with self.subTest(code=code, text=text[:10]):
-                    datagram = protocol.format_error(code, text)
-                    self.assertLessEqual(len(datagram), protocol.MAX_ERROR)
-                    msg = protocol.parse_server_message(datagram)
-                    self.assertIsInstance(msg, protocol.Error)
+                    datagram = format_error(code, text)
+                    self.assertLessEqual(len(datagram), MAX_ERROR)
+                    msg = parse_server_message(datagram)
+                    self.assertIsInstance(msg, Error)
                     self.assertEqual(msg.code, code)
                     if text == "no such file":
                         self.assertEqual(msg.text, text)
-        self.assertEqual(protocol.format_error("BUSY"), b"ERROR BUSY")
-        self.assertEqual(protocol.parse_server_message(b"ERROR BUSY"), protocol.Error("BUSY"))
+        self.assertEqual(format_error("BUSY"), b"ERROR BUSY")
+        self.assertEqual(parse_server_message(b"ERROR BUSY"), Error("BUSY"))
 
     def test_one_trailing_newline_accepted_on_control_messages(self):
-        client = [(b"LIST", protocol.ListRequest), (b"ACK 5 " + TOKEN, protocol.Ack),
-                  (b"ACK EOF " + TOKEN, protocol.Ack),
-                  (b"DOWNLOAD a b 0 10", protocol.DownloadRequest)]
+        client = [(b"LIST", ListRequest), (b"ACK 5 " + TOKEN, Ack),
+                  (b"ACK EOF " + TOKEN, Ack),
+                  (b"DOWNLOAD a b 0 10", DownloadRequest)]
         for base, kind in client:
             for end in (b"\n", b"\r\n"):
                 with self.subTest(base=base, end=end):
-                    self.assertIsInstance(protocol.parse_client_message(base + end), kind)
+                    self.assertIsInstance(parse_client_message(base + end), kind)
                     for bad in (end + end, b"\n\n", b"\r\n\n", b"\n\r\n", b"\r", b" \n"):
                         with self.assertRaises(ProtocolError):
-                            protocol.parse_client_message(base + bad)
-        msg = protocol.parse_client_message(b"DOWNLOAD a b 0 10\r\n")
+                            parse_client_message(base + bad)
+        msg = parse_client_message(b"DOWNLOAD a b 0 10\r\n")
         self.assertEqual((msg.name, msg.offset, msg.chunk_size), ("a b", 0, 10))
-        self.assertEqual(protocol.parse_client_message(b"ACK 5 %s\n" % TOKEN),
-                         protocol.Ack(5, TOKEN))
-        self.assertEqual(protocol.parse_client_message(b"ACK EOF %s\r\n" % TOKEN),
-                         protocol.Ack(None, TOKEN))
-        server = [protocol.format_size(10, "v1", TOKEN), protocol.format_eof(0x1234abcd),
+        self.assertEqual(parse_client_message(b"ACK 5 %s\n" % TOKEN),
+                         Ack(5, TOKEN))
+        self.assertEqual(parse_client_message(b"ACK EOF %s\r\n" % TOKEN),
+                         Ack(None, TOKEN))
+        server = [format_size(10, "v1", TOKEN), format_eof(0x1234abcd),
                   b"ERROR BUSY"]
         for base in server:
             for end in (b"\n", b"\r\n"):
                 with self.subTest(base=base, end=end):
-                    protocol.parse_server_message(base + end)
+                    parse_server_message(base + end)
                     with self.assertRaises(ProtocolError):
-                        protocol.parse_server_message(base + end + end)
-        msg = protocol.parse_server_message(b"SIZE 10 v1 %s\r\n" % TOKEN)
-        self.assertEqual(msg, protocol.Size(10, "v1", TOKEN))
-        self.assertEqual(protocol.parse_server_message(b"EOF 0000abcd\n"), protocol.Eof(0xabcd))
+                        parse_server_message(base + end + end)
+        msg = parse_server_message(b"SIZE 10 v1 %s\r\n" % TOKEN)
+        self.assertEqual(msg, Size(10, "v1", TOKEN))
+        self.assertEqual(parse_server_message(b"EOF 0000abcd\n"), Eof(0xabcd))
 
     def test_names_with_spaces(self):
-        msg = protocol.parse_client_message(b"DOWNLOAD my file.txt 0 10")
+        msg = parse_client_message(b"DOWNLOAD my file.txt 0 10")
         self.assertEqual((msg.name, msg.offset, msg.chunk_size), ("my file.txt", 0, 10))
-        msg = protocol.parse_client_message(b"DOWNLOAD a 1 2 3 4")
+        msg = parse_client_message(b"DOWNLOAD a 1 2 3 4")
         self.assertEqual((msg.name, msg.offset, msg.chunk_size), ("a 1 2", 3, 4))
         # PROTOCOL.md: the name is *everything* between "DOWNLOAD " and the last two fields.
-        msg = protocol.parse_client_message(b"DOWNLOAD a  0 10")
+        msg = parse_client_message(b"DOWNLOAD a  0 10")
         self.assertEqual(msg.name, "a ")
 
     def test_numbers_past_4_gib(self):
         big = 2 ** 32 + 17
-        msg = protocol.parse_client_message(b"DOWNLOAD f %d %d" % (big, 2 * big))
+        msg = parse_client_message(b"DOWNLOAD f %d %d" % (big, 2 * big))
         self.assertEqual((msg.offset, msg.chunk_size), (big, 2 * big))
-        self.assertEqual(protocol.parse_client_message(b"ACK %d %s" % (2 ** 63 + 1, TOKEN)).n,
+        self.assertEqual(parse_client_message(b"ACK %d %s" % (2 ** 63 + 1, TOKEN)).n,
                          2 ** 63 + 1)
-        self.assertEqual(protocol.parse_server_message(b"SIZE %d v %s" % (2 ** 45, TOKEN)).size,
+        self.assertEqual(parse_server_message(b"SIZE %d v %s" % (2 ** 45, TOKEN)).size,
                          2 ** 45)
-        self.assertEqual(protocol.parse_number("9" * protocol.MAX_DIGITS),
-                         10 ** protocol.MAX_DIGITS - 1)
+        self.assertEqual(parse_number("9" * MAX_DIGITS),
+                         10 ** MAX_DIGITS - 1)
 
     def test_numbers_longer_than_max_digits_are_huge(self):
-        for digits in (protocol.MAX_DIGITS + 1, protocol.MAX_DIGITS + 2, 1000, 60000):
+        for digits in (MAX_DIGITS + 1, MAX_DIGITS + 2, 1000, 60000):
             with self.subTest(digits=digits):
                 text = "1" + "7" * (digits - 1)
-                self.assertEqual(protocol.parse_number(text), protocol.HUGE)
-                msg = protocol.parse_client_message(b"ACK %s %s" % (text.encode(), TOKEN))
-                self.assertEqual(msg, protocol.Ack(protocol.HUGE, TOKEN))
-                msg = protocol.parse_client_message(("DOWNLOAD f 0 " + text).encode())
-                self.assertEqual(msg.chunk_size, protocol.HUGE)
-        self.assertGreater(protocol.HUGE, 10 ** (protocol.MAX_DIGITS - 1))
+                self.assertEqual(parse_number(text), HUGE)
+                msg = parse_client_message(b"ACK %s %s" % (text.encode(), TOKEN))
+                self.assertEqual(msg, Ack(HUGE, TOKEN))
+                msg = parse_client_message(("DOWNLOAD f 0 " + text).encode())
+                self.assertEqual(msg.chunk_size, HUGE)
+        self.assertGreater(HUGE, 10 ** (MAX_DIGITS - 1))
 
     def test_parse_number_table(self):
         good = {"0": 0, "1": 1, "10": 10, "4294967296": 2 ** 32}
         for text, value in good.items():
-            self.assertEqual(protocol.parse_number(text), value)
+            self.assertEqual(parse_number(text), value)
         for text in ["", "007", "00", "-1", "+1", "-0", " 1", "1 ", "1.0", "0x10", "1e3",
                      "١٢", "１", "²", "1_000", "\u0661", "1\n"]:
             with self.subTest(text=text):
                 with self.assertRaises(ProtocolError):
-                    protocol.parse_number(text)
+                    parse_number(text)
 
 
 GOOD_DATA = data_datagram(1234, b"hello world")
-CRC = b"%08x" % zlib.crc32(b"hello world", protocol.crc_start(1234))
+CRC = b"%08x" % zlib.crc32(b"hello world", crc_start(1234))
 assert CRC.upper() != CRC   # so that the uppercase case below really differs
 T = TOKEN
 
@@ -335,34 +346,34 @@ MALFORMED_CLIENT = [
 def waiting_client(offset, size=None):
     """A ClientTransfer of the range [offset, size) that has acknowledged SIZE: it waits for the
     DATA at `offset`, with R(offset) = crc_start(offset)."""
-    c = protocol.ClientTransfer("f", offset, 10 ** 12, 0.0, config.ClientSettings())
+    c = ClientTransfer("f", offset, 10 ** 12, 0.0, config.ClientSettings())
     c.datagrams_to_send()
-    c.receive_datagram(protocol.format_size(size or offset + 10 ** 6, "v", TOKEN), 0.01)
-    assert c.datagrams_to_send() == [protocol.format_ack(offset, TOKEN)]
+    c.receive_datagram(format_size(size or offset + 10 ** 6, "v", TOKEN), 0.01)
+    assert c.datagrams_to_send() == [format_ack(offset, TOKEN)]
     return c
 
 
 class CodecMalformed(unittest.TestCase):
 
     def test_good_data_is_good(self):
-        msg = protocol.parse_server_message(GOOD_DATA)   # the table's base case really parses
+        msg = parse_server_message(GOOD_DATA)   # the table's base case really parses
         self.assertEqual((msg.offset, msg.crc, bytes(msg.payload)),
                          (1234, int(CRC, 16), b"hello world"))
         c = waiting_client(1234)                         # and is accepted where it belongs
         self.assertEqual(bytes(c.receive_datagram(GOOD_DATA, 0.1)), b"hello world")
-        self.assertEqual(c.datagrams_to_send(), [protocol.format_ack(1245, TOKEN)])
+        self.assertEqual(c.datagrams_to_send(), [format_ack(1245, TOKEN)])
 
     def test_server_messages_table(self):
         for datagram in MALFORMED_SERVER:
             with self.subTest(datagram=datagram[:80]):
                 with self.assertRaises(ProtocolError):
-                    protocol.parse_server_message(datagram)
+                    parse_server_message(datagram)
 
     def test_client_messages_table(self):
         for datagram in MALFORMED_CLIENT:
             with self.subTest(datagram=datagram[:80]):
                 with self.assertRaises(ProtocolError):
-                    protocol.parse_client_message(datagram)
+                    parse_client_message(datagram)
 
     def test_damaged_data_parses_but_is_refused_by_the_transfer(self):
         # v1's parser checked a per-datagram crc; v2's crc is the running CRC, which only the
@@ -376,7 +387,7 @@ class CodecMalformed(unittest.TestCase):
                 data_datagram(1234, b"hello world", r=0),            # another R(1234)
                 ]:
             with self.subTest(datagram=datagram):
-                self.assertIsInstance(protocol.parse_server_message(datagram), protocol.Data)
+                self.assertIsInstance(parse_server_message(datagram), Data)
                 c = waiting_client(1234)
                 self.assertIsNone(c.receive_datagram(datagram, 0.1))
                 self.assertEqual(c.datagrams_to_send(), [])        # not acknowledged
@@ -389,28 +400,28 @@ class CodecMalformed(unittest.TestCase):
     def test_error_limit_is_64_bytes(self):
         ok = b"ERROR BUSY " + b"x" * (64 - 11)
         self.assertEqual(len(ok), 64)
-        self.assertIsInstance(protocol.parse_server_message(ok), protocol.Error)
+        self.assertIsInstance(parse_server_message(ok), Error)
         with self.assertRaises(ProtocolError):
-            protocol.parse_server_message(ok + b"x")
+            parse_server_message(ok + b"x")
 
     def test_protocol_error_carries_a_code(self):
         with self.assertRaises(ProtocolError) as cm:
-            protocol.parse_client_message(b"nonsense")
+            parse_client_message(b"nonsense")
         self.assertEqual(cm.exception.code, "BAD_REQUEST")
 
     def assert_never_accepted(self, c, datagram, offset):
         """`datagram` is not accepted by `c`, which waits at `offset`: either the parser raises,
         or the transfer refuses it (nothing returned, position kept, no ACK of anything new)."""
         try:
-            msg = protocol.parse_server_message(datagram)
+            msg = parse_server_message(datagram)
         except ProtocolError:
             msg = None
         self.assertIsNone(c.receive_datagram(datagram, 0.1))
         self.assertEqual(c.pos, offset)
         out = c.datagrams_to_send()
-        if isinstance(msg, protocol.Data) and msg.offset < offset:
+        if isinstance(msg, Data) and msg.offset < offset:
             # read as a copy of data already received: the client says again where it is
-            self.assertEqual(out, [protocol.format_ack(offset, TOKEN)])
+            self.assertEqual(out, [format_ack(offset, TOKEN)])
         else:
             self.assertEqual(out, [])
         return msg
@@ -448,9 +459,9 @@ class RunningCrc(unittest.TestCase):
     CONTENT = blob(3000, 21)
 
     def test_crc_start(self):
-        self.assertEqual(protocol.crc_start(0), zlib.crc32(b"0"))
-        self.assertEqual(protocol.crc_start(5 * 2 ** 32), zlib.crc32(b"21474836480"))
-        self.assertNotEqual(protocol.crc_start(1), protocol.crc_start(10))
+        self.assertEqual(crc_start(0), zlib.crc32(b"0"))
+        self.assertEqual(crc_start(5 * 2 ** 32), zlib.crc32(b"21474836480"))
+        self.assertNotEqual(crc_start(1), crc_start(10))
 
     def test_value_does_not_depend_on_the_cuts(self):
         rng = random.Random(5)
@@ -460,7 +471,7 @@ class RunningCrc(unittest.TestCase):
                 with self.subTest(start=start, end=end, trial=trial):
                     n = rng.randrange(0, min(40, end - start))
                     cuts = sorted(rng.sample(range(start + 1, end), n)) + [end]
-                    r, pos = protocol.crc_start(start), start
+                    r, pos = crc_start(start), start
                     for cut in cuts:
                         r, pos = zlib.crc32(self.CONTENT[pos:cut], r), cut
                     self.assertEqual(r, whole)
@@ -469,11 +480,11 @@ class RunningCrc(unittest.TestCase):
         rng = random.Random(8)
         start, end = 17, 2900
         for trial in range(10):
-            c = protocol.ClientTransfer("f", start, end - start, 0.0, config.ClientSettings())
+            c = ClientTransfer("f", start, end - start, 0.0, config.ClientSettings())
             c.datagrams_to_send()
-            c.receive_datagram(protocol.format_size(3000, "v", TOKEN), 0.01)
+            c.receive_datagram(format_size(3000, "v", TOKEN), 0.01)
             c.datagrams_to_send()
-            r, pos = protocol.crc_start(start), start
+            r, pos = crc_start(start), start
             while pos < end:
                 n = min(end - pos, rng.randrange(1, 400))
                 payload = self.CONTENT[pos:pos + n]
@@ -481,7 +492,7 @@ class RunningCrc(unittest.TestCase):
                                  payload)
                 self.assertEqual(c.datagrams_to_send(), [ack(pos + n)])
                 r, pos = zlib.crc32(payload, r), pos + n
-            c.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, start, end)), 0.2)
+            c.receive_datagram(format_eof(range_crc(self.CONTENT, start, end)), 0.2)
             self.assertEqual(c.outcome, "done")
 
     def test_server_eof_is_the_same_whatever_the_datagram_size(self):
@@ -489,11 +500,11 @@ class RunningCrc(unittest.TestCase):
         for size in (64, 100, 333, 1000, 65507):
             for offset, chunk in [(0, 3000), (17, 2883), (2999, 10)]:
                 with self.subTest(size=size, offset=offset):
-                    srv = Server({"f": protocol.MemoryEntry(self.CONTENT)}, datagram_size=size)
+                    srv = Server({"f": MemoryEntry(self.CONTENT)}, datagram_size=size)
                     _, first = DispatcherCase.start(self, srv, "f", offset, chunk)
-                    if isinstance(first, protocol.Data):
+                    if isinstance(first, Data):
                         self.assertEqual(first.crc, zlib.crc32(first.payload,
-                                                               protocol.crc_start(offset)))
+                                                               crc_start(offset)))
                         _, crc, _ = DispatcherCase.run_to_eof(self, srv, first)
                     else:
                         crc = first.crc
@@ -501,8 +512,8 @@ class RunningCrc(unittest.TestCase):
 
     def client_at(self, start, pos):
         """A client of the range [start, 3000) of CONTENT that has accepted up to pos."""
-        c = protocol.ClientTransfer("f", start, 3000 - start, 0.0, config.ClientSettings())
-        c.receive_datagram(protocol.format_size(3000, "v", TOKEN), 0.01)
+        c = ClientTransfer("f", start, 3000 - start, 0.0, config.ClientSettings())
+        c.receive_datagram(format_size(3000, "v", TOKEN), 0.01)
         if pos > start:
             c.receive_datagram(data_datagram(start, self.CONTENT[start:pos]), 0.02)
         self.assertEqual(c.pos, pos)
@@ -516,7 +527,7 @@ class RunningCrc(unittest.TestCase):
         r = range_crc(self.CONTENT, start, o)
         big = data_datagram(o, self.CONTENT[o:700], r)
         small = data_datagram(o, self.CONTENT[o:500], r)
-        self.assertEqual(protocol.parse_server_message(small).crc,
+        self.assertEqual(parse_server_message(small).crc,
                          zlib.crc32(self.CONTENT[o:500], r))
         for first, second, pos in [(big, small, 700), (small, big, 500)]:
             with self.subTest(first=len(first)):
@@ -530,7 +541,7 @@ class RunningCrc(unittest.TestCase):
                                     range_crc(self.CONTENT, start, pos))
                 self.assertEqual(bytes(c.receive_datagram(nxt, 0.2)),
                                  self.CONTENT[pos:pos + 50])
-                c.receive_datagram(protocol.format_eof(0), 0.3)   # (ends it; crc irrelevant)
+                c.receive_datagram(format_eof(0), 0.3)   # (ends it; crc irrelevant)
 
     def test_data_at_the_wrong_offset_is_refused_even_if_self_consistent(self):
         start, o = 100, 400
@@ -569,8 +580,8 @@ class RunningCrc(unittest.TestCase):
                 self.CONTENT, start, 500)), 0.3)
             self.assertEqual(c.pos, 3000)
             c.datagrams_to_send()
-        mine.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
-        theirs.receive_datagram(protocol.format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
+        mine.receive_datagram(format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
+        theirs.receive_datagram(format_eof(range_crc(self.CONTENT, 0, 3000)), 0.4)
         self.assertEqual((mine.outcome, theirs.outcome), ("mismatch", "done"))
         self.assertEqual(mine.datagrams_to_send(), [ACK_EOF, ACK_EOF])
 
@@ -588,31 +599,31 @@ class Names(unittest.TestCase):
     def test_accepted(self):
         for name in self.ACCEPTED:
             with self.subTest(name=name[:20]):
-                self.assertTrue(protocol.is_servable_name(name))
+                self.assertTrue(is_servable_name(name))
 
     def test_refused(self):
         for name in self.REFUSED:
             with self.subTest(name=name[:20]):
-                self.assertFalse(protocol.is_servable_name(name))
+                self.assertFalse(is_servable_name(name))
 
     def test_listing_round_trip_and_order(self):
         entries = [("b.txt", 2), ("a b.txt", 0), ("東京.bin", 2 ** 40), ("café.txt", 5),
                    ("Z", 1), ("trail ", 3)]
-        data = protocol.format_listing(entries)
+        data = format_listing(entries)
         self.assertEqual(data.decode("utf-8").splitlines()[0], "Z 1")   # code point order
-        self.assertEqual(protocol.parse_listing(data), sorted(entries))
+        self.assertEqual(parse_listing(data), sorted(entries))
         self.assertTrue(data.endswith(b"\n"))
-        self.assertEqual(protocol.parse_listing(b""), [])
+        self.assertEqual(parse_listing(b""), [])
 
     def test_listing_round_trip_for_every_servable_name(self):
         # PROTOCOL.md: one line per file, "<name> <size>\n". Any name the server may list must
         # come back unchanged, including names with Unicode line/paragraph separators (U+2028,
         # U+2029 are not control characters, so is_servable_name accepts them).
         names = self.ACCEPTED + ["a\u2028b.txt", "p\u2029q", "form\u000cfeed"]
-        entries = [(n, i) for i, n in enumerate(names) if protocol.is_servable_name(n)]
+        entries = [(n, i) for i, n in enumerate(names) if is_servable_name(n)]
         self.assertIn(("a\u2028b.txt", len(self.ACCEPTED)), entries)
         try:
-            parsed = protocol.parse_listing(protocol.format_listing(entries))
+            parsed = parse_listing(format_listing(entries))
         except ProtocolError as exc:
             self.fail("a listing of servable names does not parse: %s (lines must be split on "
                       "\\n only, not str.splitlines())" % exc)
@@ -623,7 +634,7 @@ class Names(unittest.TestCase):
                      b"ok 1\nbad\n"]:
             with self.subTest(data=data):
                 with self.assertRaises(ProtocolError):
-                    protocol.parse_listing(data)
+                    parse_listing(data)
 
 
 # --- 3. RTT estimator -------------------------------------------------------------------------
@@ -631,7 +642,7 @@ class Names(unittest.TestCase):
 class Rtt(unittest.TestCase):
 
     def est(self, **kw):
-        return protocol.RttEstimator(kw.pop("initial", 0.25), kw.pop("minimum", 0.01),
+        return RttEstimator(kw.pop("initial", 0.25), kw.pop("minimum", 0.01),
                                      kw.pop("maximum", 2.0), **kw)
 
     def test_initial(self):
@@ -661,7 +672,7 @@ class Rtt(unittest.TestCase):
         for _ in range(300):
             e.sample(0.1)
         self.assertAlmostEqual(e.srtt, 0.1)
-        self.assertAlmostEqual(e.rto, 0.1 + protocol.RttEstimator.G, places=6)
+        self.assertAlmostEqual(e.rto, 0.1 + RttEstimator.G, places=6)
 
     def test_clamping(self):
         e = self.est()
@@ -687,7 +698,7 @@ class Rtt(unittest.TestCase):
         self.assertAlmostEqual(e.rto, 0.3)
 
 
-def rfc6298(samples, lo=0.01, hi=2.0, g=protocol.RttEstimator.G):
+def rfc6298(samples, lo=0.01, hi=2.0, g=RttEstimator.G):
     """Reference RFC 6298 computation: -> (srtt, rttvar, rto)."""
     srtt = rttvar = None
     for r in samples:
@@ -705,7 +716,7 @@ class FakeCatalog:
     def __init__(self, files, listing=b""):
         self.files = dict(files)
         self.lookups = []
-        self.list_entry = protocol.MemoryEntry(listing, "list-1")
+        self.list_entry = MemoryEntry(listing, "list-1")
 
     def listing(self):
         return self.list_entry
@@ -741,7 +752,7 @@ class FakeEntry:
 
     def open(self):
         if self.fail_open:
-            raise protocol.Changed()
+            raise Changed()
         return FakeSource(self)
 
 
@@ -755,16 +766,16 @@ class Server:
         self.catalog = FakeCatalog(files or {}, listing)
         self.s = config.ServerSettings(**settings)
         kw = {} if new_token is None else {"new_token": new_token}
-        self.d = protocol.ServerDispatcher(self.catalog, self.s, QUIET, **kw)
+        self.d = ServerDispatcher(self.catalog, self.s, QUIET, **kw)
         self.sent = []
         self.tokens = {}
 
     def _drain(self):
-        out = [(wire(dg), addr) for dg, addr in self.d.datagrams_to_send()]
+        out = [(joined(dg), addr) for dg, addr in self.d.datagrams_to_send()]
         self.sent.extend(out)
         for b, addr in out:
             if b.startswith(b"SIZE "):
-                self.tokens[addr] = protocol.parse_server_message(b).token
+                self.tokens[addr] = parse_server_message(b).token
         return out
 
     def recv(self, data, addr=A, now=0.0):
@@ -773,10 +784,10 @@ class Server:
 
     def ack(self, n, addr=A, now=0.0, token=None):
         """ACK n from addr, with the token of the SIZE it got (or `token`)."""
-        return self.recv(protocol.format_ack(n, token or self.tokens[addr]), addr, now)
+        return self.recv(format_ack(n, token or self.tokens[addr]), addr, now)
 
     def ack_eof(self, addr=A, now=0.0, token=None):
-        return self.recv(protocol.format_ack_eof(token or self.tokens[addr]), addr, now)
+        return self.recv(format_ack_eof(token or self.tokens[addr]), addr, now)
 
     def timer(self, now):
         self.d.handle_timer(now)
@@ -793,7 +804,7 @@ def one(test, out, addr=A):
     """Exactly one datagram, to addr: parsed."""
     test.assertEqual(len(out), 1, out)
     test.assertEqual(out[0][1], addr)
-    return protocol.parse_server_message(out[0][0])
+    return parse_server_message(out[0][0])
 
 
 def end_of(msg):
@@ -812,8 +823,8 @@ class DispatcherCase(unittest.TestCase):
     """Helpers only (no tests of its own, so subclasses do not run them again)."""
 
     def start(self, srv, name="a.bin", offset=0, chunk=10 ** 9, addr=A, now=0.0, ack_at=None):
-        size = one(self, srv.recv(protocol.format_download(name, offset, chunk), addr, now), addr)
-        self.assertIsInstance(size, protocol.Size)
+        size = one(self, srv.recv(format_download(name, offset, chunk), addr, now), addr)
+        self.assertIsInstance(size, Size)
         first = one(self, srv.ack(offset, addr, now if ack_at is None else ack_at), addr)
         return size, first
 
@@ -825,19 +836,19 @@ class DispatcherCase(unittest.TestCase):
         is checked (CRC-32 chaining is one-to-one in its starting value)."""
         msg, got, count, r = first, [], 0, None
         limit = limit or srv.s.datagram_size
-        while isinstance(msg, protocol.Data):
+        while isinstance(msg, Data):
             self.assertLess(count, 100000, "no end in sight")
             self.assertEqual(msg.offset, (got and got[-1][0] + len(got[-1][1])) or msg.offset)
             if r is not None:
                 self.assertEqual(msg.crc, zlib.crc32(msg.payload, r), "running CRC broken")
             r = msg.crc
             got.append((msg.offset, bytes(msg.payload)))
-            self.assertLessEqual(len(protocol.format_data_header(msg.offset, msg.crc))
+            self.assertLessEqual(len(format_data_header(msg.offset, msg.crc))
                                  + len(msg.payload), limit)
             count += 1
             now += step
             msg = one(self, srv.ack(end_of(msg), addr, now), addr)
-        self.assertIsInstance(msg, protocol.Eof)
+        self.assertIsInstance(msg, Eof)
         if r is not None:
             self.assertEqual(msg.crc, r)
         self.last_now = now
@@ -847,14 +858,14 @@ class DispatcherCase(unittest.TestCase):
 class DispatcherBasics(DispatcherCase):
 
     def test_whole_transfer(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE, "ver-1")}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE, "ver-1")}, **SMALL)
         size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000000"))
         self.assertEqual((size.size, size.version), (5000, "ver-1"))
         self.assertRegex(size.token, b"^[0-9a-f]{16}$")
         self.assertIn(A, srv.d.pending)
         self.assertEqual(srv.ack(1), [])       # not the ACK of SIZE: ignored
         first = one(self, srv.ack(0))
-        self.assertIsInstance(first, protocol.Data)
+        self.assertIsInstance(first, Data)
         self.assertEqual(first.offset, 0)
         self.assertIn(A, srv.d.active)
         data, crc, count = self.run_to_eof(srv, first)
@@ -869,7 +880,7 @@ class DispatcherBasics(DispatcherCase):
         self.assertEqual(srv.recv(b"DOWNLOAD a.bin 0 1000000"), [])   # late request copy
 
     def test_list(self):
-        listing = protocol.format_listing([("a.bin", 5000), ("b c", 3)] * 20)
+        listing = format_listing([("a.bin", 5000), ("b c", 3)] * 20)
         srv = Server({}, listing=listing, datagram_size=100)
         size, first = self.start_list(srv)
         self.assertEqual(size.size, len(listing))
@@ -883,9 +894,9 @@ class DispatcherBasics(DispatcherCase):
 
     def test_range_and_cut_at_end(self):
         for offset, chunk in [(1000, 1500), (1000, 10 ** 9), (0, 1), (4999, 5), (17, 2 ** 64),
-                              (0, protocol.HUGE)]:
+                              (0, HUGE)]:
             with self.subTest(offset=offset, chunk=chunk):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
                 size, first = self.start(srv, offset=offset, chunk=chunk)
                 self.assertEqual(size.size, 5000)       # always the whole file's size
                 self.assertEqual(first.offset, offset)
@@ -895,38 +906,38 @@ class DispatcherBasics(DispatcherCase):
                 self.assertEqual(crc, range_crc(FILE, offset, offset + len(want)))
 
     def test_empty_range(self):
-        for files, req in [({"a.bin": protocol.MemoryEntry(FILE)}, b"DOWNLOAD a.bin 5000 10"),
-                           ({"e": protocol.MemoryEntry(b"")}, b"DOWNLOAD e 0 10"),
-                           ({"a.bin": protocol.MemoryEntry(FILE)}, b"DOWNLOAD a.bin 0 0")]:
+        for files, req in [({"a.bin": MemoryEntry(FILE)}, b"DOWNLOAD a.bin 5000 10"),
+                           ({"e": MemoryEntry(b"")}, b"DOWNLOAD e 0 10"),
+                           ({"a.bin": MemoryEntry(FILE)}, b"DOWNLOAD a.bin 0 0")]:
             with self.subTest(req=req):
                 srv = Server(files, **SMALL)
-                self.assertIsInstance(one(self, srv.recv(req)), protocol.Size)
-                offset = protocol.parse_client_message(req).offset
+                self.assertIsInstance(one(self, srv.recv(req)), Size)
+                offset = parse_client_message(req).offset
                 eof = one(self, srv.ack(offset))
-                self.assertIsInstance(eof, protocol.Eof)
-                self.assertEqual(eof.crc, protocol.crc_start(offset))   # R(start)
+                self.assertIsInstance(eof, Eof)
+                self.assertEqual(eof.crc, crc_start(offset))   # R(start)
                 self.assertEqual(srv.ack_eof(), [])
                 self.assertEqual(srv.d.active, {})
 
     def test_offset_past_end_is_bad_request(self):
-        for offset in (5001, 2 ** 40, protocol.HUGE):
+        for offset in (5001, 2 ** 40, HUGE):
             with self.subTest(offset=offset):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
                 err = one(self, srv.recv(b"DOWNLOAD a.bin %d 10" % offset))
-                self.assertIsInstance(err, protocol.Error)
+                self.assertIsInstance(err, Error)
                 self.assertEqual(err.code, "BAD_REQUEST")
                 self.assertEqual((srv.d.active, dict(srv.d.pending)), ({}, {}))
                 self.assertIsNone(srv.d.get_timer())      # an ERROR is never retransmitted
 
     def test_unknown_or_unservable_name_is_not_found(self):
-        entry = protocol.MemoryEntry(b"secret")
+        entry = MemoryEntry(b"secret")
         # The catalog would even serve these names: the dispatcher must refuse them first.
         bad = ["../x", ".hidden", "a/b", "a\\b", "x\x00y", "a\nb", ".", ".."]
         srv = Server({n: entry for n in bad}, **SMALL)
         for name in bad + ["missing.txt", "", "a" * 1100]:
             with self.subTest(name=name[:20]):
                 err = one(self, srv.recv(("DOWNLOAD %s 0 100000" % name).encode(), C), C)
-                self.assertIsInstance(err, protocol.Error)
+                self.assertIsInstance(err, Error)
                 self.assertEqual(err.code, "NOT_FOUND")
                 self.assertEqual(srv.d.active, {})
                 self.assertEqual(len(srv.d.pending), 0)
@@ -939,7 +950,7 @@ class DispatcherTimers(DispatcherCase):
     def test_size_schedule_without_sample(self):
         # The timer schedule alone: the anti-amplification allowance is lifted here (it is
         # tested in DispatcherPools).
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, amplification_factor=100, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, amplification_factor=100, **SMALL)
         one(self, srv.recv(b"DOWNLOAD a.bin 0 100", now=100.0))
         self.assertAlmostEqual(srv.d.get_timer(), 100.0 + srv.s.rto_initial)
         # pending_max_sends sends of SIZE in all, each RTO doubled, then forgotten
@@ -949,7 +960,7 @@ class DispatcherTimers(DispatcherCase):
             self.assertEqual(srv.timer(deadline - 1e-6), [])
             out = srv.timer(deadline)
             if out:
-                self.assertIsInstance(one(self, out), protocol.Size)
+                self.assertIsInstance(one(self, out), Size)
                 times.append(round(deadline - 100.0, 9))
             deadline = srv.d.get_timer()
         self.assertEqual(times, [0.25, 0.75, 1.75])
@@ -957,7 +968,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(len(srv.d.pending), 0)
         late = srv.ack(0, now=104.0)   # too late: no data, ever; at most an error
         for b, _ in late:
-            self.assertIsInstance(protocol.parse_server_message(b), protocol.Error)
+            self.assertIsInstance(parse_server_message(b), Error)
         self.assertLessEqual(len(late), 1)
 
     def test_a_slow_newcomer_on_a_fast_ip_is_waited_for(self):
@@ -965,14 +976,14 @@ class DispatcherTimers(DispatcherCase):
         socket of the same IP, answers its SIZE 0.5 s later (another host behind a NAT, a path
         that changed). The expiries alone end by about 30 ms; the request is kept pending_keep
         seconds all the same, and B's ACK starts the data (found by a clean-room client)."""
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE[:150])}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE[:150])}, **SMALL)
         size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000", A, now=10.0), A)
         t = 10.0001
         msg = one(self, srv.ack(0, A, now=t), A)
-        while isinstance(msg, protocol.Data):
+        while isinstance(msg, Data):
             t += 0.0001
             msg = one(self, srv.ack(end_of(msg), A, now=t), A)
-        self.assertIsInstance(msg, protocol.Eof)
+        self.assertIsInstance(msg, Eof)
         srv.ack_eof(A, now=t + 0.0001)
         self.assertLess(srv.d.paths["192.0.2.10"].rtt.rto, 0.01)
         start = 20.0
@@ -985,10 +996,10 @@ class DispatcherTimers(DispatcherCase):
         self.assertLessEqual(sizes, srv.s.pending_max_sends)
         self.assertIsNotNone(srv.transfer(B), "forgotten before pending_keep")
         data = one(self, srv.ack(0, B, now=start + 0.5), B)
-        self.assertIsInstance(data, protocol.Data)
+        self.assertIsInstance(data, Data)
         self.assertEqual(data.offset, 0)
         # never acknowledged: forgotten at pending_keep, not before
-        srv2 = Server({"a.bin": protocol.MemoryEntry(FILE[:150])}, **SMALL)
+        srv2 = Server({"a.bin": MemoryEntry(FILE[:150])}, **SMALL)
         srv2.d.paths.update(srv.d.paths)
         one(self, srv2.recv(b"DOWNLOAD a.bin 0 1000", B, now=start), B)
         deadline = srv2.d.get_timer()
@@ -1000,7 +1011,7 @@ class DispatcherTimers(DispatcherCase):
 
     def test_data_schedule_without_sample_then_give_up(self):
         # The count rule alone (the silence rule is tested in test_fairness.py).
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.05)   # SIZE sent twice: Karn, no sample
         first = srv.ack(0, now=0.1)
@@ -1025,7 +1036,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(len(data_sent), 1 + srv.s.max_retransmits)
 
     def test_rfc6298_after_samples(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, client_silence=1000.0, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         rtts = [0.1, 0.05, 0.2, 0.02, 0.3, 0.3, 0.001]
         now, samples = rtts[0], []
@@ -1053,12 +1064,12 @@ class DispatcherTimers(DispatcherCase):
             deadline += rto
 
     def test_rtt_remembered_per_host(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         _, first = self.start(srv, ack_at=0.04)
         count = self.run_to_eof(srv, first, now=0.04, step=0.04)[2]
         srv.ack_eof(now=self.last_now + 0.04)
         self.assertEqual(srv.d.active, {})
-        self.assertIsInstance(srv.d.paths[A[0]], protocol.Path)
+        self.assertIsInstance(srv.d.paths[A[0]], Path)
         srtt = srv.d.paths[A[0]].rtt.srtt
         self.assertAlmostEqual(srtt, 0.04)
         srv.recv(b"DOWNLOAD a.bin 0 10", B, now=20.0)   # same host, new socket
@@ -1069,7 +1080,7 @@ class DispatcherTimers(DispatcherCase):
         self.assertEqual(srv.transfer(C).rtt.rto, srv.s.rto_initial)
 
     def test_karn(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100000", now=0.0)
         first = one(self, srv.ack(0, now=0.1))
         t = srv.transfer()
@@ -1090,7 +1101,7 @@ class DispatcherTimers(DispatcherCase):
 class DispatcherAcks(DispatcherCase):
 
     def test_duplicate_stale_malformed_acks_send_nothing(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         _, msg = self.start(srv)
         msg = one(self, srv.ack(len(msg.payload), now=0.01))
         pos = msg.offset
@@ -1099,13 +1110,13 @@ class DispatcherAcks(DispatcherCase):
         tok = srv.tokens[A]
         junk = [ack(pos, tok), ack(pos, tok)] + [
             ack(n, tok) for n in (0, pos - 1, pos + 1, nxt - 1, nxt + 1, 5000,
-                                  10 ** 12, protocol.HUGE)] + [
-            protocol.format_ack_eof(tok), b"ACK", b"ACK -1", b"ACK 0%d %s" % (nxt, tok),
+                                  10 ** 12, HUGE)] + [
+            format_ack_eof(tok), b"ACK", b"ACK -1", b"ACK 0%d %s" % (nxt, tok),
             b"ACK %d %s " % (nxt, tok), b"ACK \xff", b"\x00", b"", b"garbage garbage garbage",
             b"x" * 2000, ack(nxt, tok)[:-1],
             # v2: the right offset without the right token
             b"ACK %d" % nxt, ack(nxt, OTHER_TOKEN), ack(nxt, tok.upper()),
-            ack(nxt, tok[::-1]), protocol.format_ack_eof(OTHER_TOKEN)]
+            ack(nxt, tok[::-1]), format_ack_eof(OTHER_TOKEN)]
         self.assertNotIn(OTHER_TOKEN, (tok, tok[::-1]))
         for k, datagram in enumerate(junk):
             with self.subTest(datagram=datagram[:30]):
@@ -1121,13 +1132,13 @@ class DispatcherAcks(DispatcherCase):
         self.assertEqual(srv.ack(5000, now=1.0), [])
         self.assertEqual(srv.ack(4000, now=1.0), [])
         self.assertIn(A, srv.d.active)
-        self.assertEqual(srv.recv(protocol.format_ack_eof(srv.tokens[A]) + b"\r\n", now=1.0), [])
+        self.assertEqual(srv.recv(format_ack_eof(srv.tokens[A]) + b"\r\n", now=1.0), [])
         self.assertEqual(srv.d.active, {})
 
     def test_no_retransmission_on_duplicate_ack_after_loss(self):
         # Sorcerer's Apprentice: DATA k times out and is resent; the client's late ACK for k-1
         # arrives again and again: nothing may be sent in reply.
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         _, first = self.start(srv)
         end = len(first.payload)
         second = one(self, srv.ack(end, now=0.01))
@@ -1138,7 +1149,7 @@ class DispatcherAcks(DispatcherCase):
             self.assertEqual(srv.ack(end, now=1.0), [])
 
     def test_same_request_while_size_unacknowledged(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         req = b"DOWNLOAD a.bin 10 100"
         first = srv.recv(req, now=0.0)
         t = srv.transfer()
@@ -1153,7 +1164,7 @@ class DispatcherAcks(DispatcherCase):
 
     def test_different_request_replaces(self):
         other = blob(700, 3)
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE), "b.bin": protocol.MemoryEntry(other)},
+        srv = Server({"a.bin": MemoryEntry(FILE), "b.bin": MemoryEntry(other)},
                      **SMALL)
         _, first = self.start(srv)
         old = srv.transfer()
@@ -1189,7 +1200,7 @@ class DispatcherShrink(DispatcherCase):
     DATA = blob(60000, 11)
 
     def begin(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(self.DATA)}, **self.SETTINGS)
+        srv = Server({"a.bin": MemoryEntry(self.DATA)}, **self.SETTINGS)
         _, first = self.start(srv, ack_at=0.01)
         big = srv.sent[-1][0]
         self.assertEqual(len(big), 2000)
@@ -1204,7 +1215,7 @@ class DispatcherShrink(DispatcherCase):
         self.assertEqual(bytes(small.payload), self.DATA[:len(small.payload)])
         # each copy carries the running CRC of its own payload: crc32(payload, R(0))
         for copy in [first] + resent:
-            self.assertEqual(copy.crc, zlib.crc32(copy.payload, protocol.crc_start(0)))
+            self.assertEqual(copy.crc, zlib.crc32(copy.payload, crc_start(0)))
         self.assertNotEqual(first.crc, small.crc)
         self.assertEqual(srv.transfer().shrinks, 1)
         return srv, len(first.payload), len(small.payload)
@@ -1212,7 +1223,7 @@ class DispatcherShrink(DispatcherCase):
     def sizes_until_big(self, srv, msg, now):
         """Ack each DATA; -> number of small ones acknowledged before a big one is sent."""
         small = 0
-        while len(protocol.format_data_header(msg.offset, msg.crc)) + len(msg.payload) <= 500:
+        while len(format_data_header(msg.offset, msg.crc)) + len(msg.payload) <= 500:
             self.assertLess(small, 1000, "never probes")
             small += 1
             now += 0.01
@@ -1264,14 +1275,14 @@ class DispatcherShrink(DispatcherCase):
                 self.assertEqual(crc, range_crc(self.DATA, 0, len(self.DATA)))
 
     def test_too_big_lowers_ceiling(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(blob(300000))})
+        srv = Server({"a.bin": MemoryEntry(blob(300000))})
         _, first = self.start(srv)
         self.assertEqual(len(srv.sent[-1][0]), ETHERNET_TOP)
         srv.d.too_big(A, 65507, 0.0)
         resent = one(self, srv._drain())
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
         self.assertLessEqual(srv.transfer().ceiling, 65507 // 2)
-        self.assertEqual(resent.crc, zlib.crc32(resent.payload, protocol.crc_start(0)))
+        self.assertEqual(resent.crc, zlib.crc32(resent.payload, crc_start(0)))
         msg = one(self, srv.ack(len(resent.payload)))
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
         self.assertEqual(msg.offset, len(resent.payload))
@@ -1280,11 +1291,11 @@ class DispatcherShrink(DispatcherCase):
 class DispatcherPools(DispatcherCase):
 
     def test_pending_pool_evicts_oldest(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_pending=3, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, max_pending=3, **SMALL)
         addrs = [("203.0.113.5", 1000 + i) for i in range(5)]
         for i, addr in enumerate(addrs):
             self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD a.bin 0 100", addr, i * 0.01),
-                                      addr), protocol.Size)
+                                      addr), Size)
         self.assertEqual(list(srv.d.pending), addrs[2:])
         self.assertEqual(srv.d.stats["evicted"], 2)
         for addr in addrs[:2]:   # evicted: their ACK starts nothing, and sends no data
@@ -1292,18 +1303,18 @@ class DispatcherPools(DispatcherCase):
                 self.assertFalse(b.startswith(b"DATA"))
         self.assertEqual(srv.d.active, {})
         data = one(self, srv.ack(0, addrs[4], 0.1), addrs[4])   # a real client
-        self.assertIsInstance(data, protocol.Data)
+        self.assertIsInstance(data, Data)
         self.assertIn(addrs[4], srv.d.active)
 
     def test_flood_does_not_crowd_out_a_real_client(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_pending=8, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, max_pending=8, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100", C, 0.0)
         srv.ack(0, C, 0.01)
         for i in range(500):
             srv.recv(b"DOWNLOAD a.bin 0 100", ("203.0.113.9", 2000 + i), 0.02)
         self.assertLessEqual(len(srv.d.pending), 8)
         self.assertIn(C, srv.d.active)
-        self.assertIsInstance(one(self, srv.ack(100, C, 0.03), C), protocol.Eof)
+        self.assertIsInstance(one(self, srv.ack(100, C, 0.03), C), Eof)
 
     def test_byte_budget_while_remembered(self):
         # The request repeated for as long as the server remembers the address (pending, then
@@ -1311,7 +1322,7 @@ class DispatcherPools(DispatcherCase):
         for version in ("v", "x" * 64):
             for times in ([0.0, 0.25, 0.75, 1.75], [i * 0.01 for i in range(100)]):
                 with self.subTest(version=version, requests=len(times)):
-                    srv = Server({"a.bin": protocol.MemoryEntry(FILE, version)}, **SMALL)
+                    srv = Server({"a.bin": MemoryEntry(FILE, version)}, **SMALL)
                     req = b"DOWNLOAD a.bin 0 1000000"
                     for now in times:
                         srv.timer(now)
@@ -1336,7 +1347,7 @@ class DispatcherPools(DispatcherCase):
         # sent, over any length of time, and at most pending_byte_budget per request remembered.
         for version in ("v", "x" * 64):
             with self.subTest(version=version):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE, version)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE, version)}, **SMALL)
                 req = b"DOWNLOAD a.bin 0 1000000"
                 now = 0.0
                 while now < 12.0:       # the request again every 50 ms; timers in between
@@ -1357,7 +1368,7 @@ class DispatcherPools(DispatcherCase):
     def test_busy_beyond_max_transfers(self):
         # Two IPs with one transfer each: nobody holds more than a fair share, so a third IP
         # gets SIZE (its address is not proven yet) and BUSY for its ACK (test_fairness.py).
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_transfers=2, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, max_transfers=2, **SMALL)
         D = ("203.0.113.77", 7000)
         for addr in (A, D):
             srv.recv(b"DOWNLOAD a.bin 0 100", addr)
@@ -1365,22 +1376,22 @@ class DispatcherPools(DispatcherCase):
         self.assertEqual(len(srv.d.active), 2)
         srv.recv(b"DOWNLOAD a.bin 0 100", C)
         err = one(self, srv.ack(0, C), C)
-        self.assertIsInstance(err, protocol.Error)
+        self.assertIsInstance(err, Error)
         self.assertEqual(err.code, "BUSY")
         self.assertNotIn(C, srv.d.pending)
         self.assertIsNone(srv.transfer(C))
         # when one ends, there is room again
         srv.ack(100, A)
         srv.ack_eof(A)
-        self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD a.bin 0 100", C), C), protocol.Size)
+        self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD a.bin 0 100", C), C), Size)
 
     def test_busy_when_pool_fills_before_ack(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, max_transfers=1, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, max_transfers=1, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 100", A)
         srv.recv(b"DOWNLOAD a.bin 0 100", B)
-        self.assertIsInstance(one(self, srv.ack(0, A)), protocol.Data)
+        self.assertIsInstance(one(self, srv.ack(0, A)), Data)
         err = one(self, srv.ack(0, B), B)
-        self.assertEqual((type(err), err.code), (protocol.Error, "BUSY"))
+        self.assertEqual((type(err), err.code), (Error, "BUSY"))
         self.assertEqual(list(srv.d.active), [A])
         self.assertEqual(len(srv.d.pending), 0)
         srv.timer(100.0)
@@ -1396,16 +1407,16 @@ class DispatcherStrangers(DispatcherCase):
     def test_garbage_from_stranger_gets_at_most_one_small_error(self):
         for datagram in self.GARBAGE:
             with self.subTest(datagram=datagram[:30]):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
                 out = srv.recv(datagram, C)
                 self.assertLessEqual(len(out), 1)
                 for b, addr in out:
                     self.assertEqual(addr, C)
-                    msg = protocol.parse_server_message(b)
-                    self.assertEqual((type(msg), msg.code), (protocol.Error, "BAD_REQUEST"))
+                    msg = parse_server_message(b)
+                    self.assertEqual((type(msg), msg.code), (Error, "BAD_REQUEST"))
                     # at most amplification_factor (3) times what it answers
                     self.assertLessEqual(len(b), 3 * len(datagram))
-                    self.assertLessEqual(len(b), protocol.MAX_ERROR)
+                    self.assertLessEqual(len(b), MAX_ERROR)
                 if 3 * len(datagram) >= len(b"ERROR BAD_REQUEST"):
                     self.assertEqual(len(out), 1)   # a long enough datagram is answered
                 self.assertIsNone(srv.d.get_timer())
@@ -1425,7 +1436,7 @@ class DispatcherStrangers(DispatcherCase):
         self.assertEqual(len(srv.recv(b"DOWNLOAD nothing-here 0 10", C, 2.0)), 1)
 
     def test_garbage_from_transfer_address_is_ignored(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         # while SIZE is unacknowledged
         size = srv.recv(b"DOWNLOAD a.bin 0 100000", A)
         for datagram in self.GARBAGE:
@@ -1442,7 +1453,7 @@ class DispatcherStrangers(DispatcherCase):
         self.assertEqual(len(size), 1)
 
     def test_garbage_from_others_does_not_disturb_a_transfer(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         _, first = self.start(srv)
         for datagram in self.GARBAGE + [b"ACK 182", b"ACK EOF"]:
             for b, addr in srv.recv(datagram, C, 0.01):
@@ -1454,7 +1465,7 @@ class DispatcherStrangers(DispatcherCase):
         for datagram in (ack(5), ACK_EOF, b"ACK 12345678901234567890123 " + TOKEN,
                          b"ACK 5", b"ACK EOF", b"ACK 12345678901234567890123"):
             with self.subTest(ack=datagram):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
                 out = srv.recv(datagram, C)
                 self.assertLessEqual(len(out), 1)
                 for b, addr in out:
@@ -1478,18 +1489,18 @@ class DispatcherTokens(DispatcherCase):
         """ACKs of SIZE that A could send without having received its SIZE (`token`)."""
         guessed = token[:-1] + (b"0" if token[-1:] != b"0" else b"1")
         return {"no token": b"ACK 0",
-                "guessed token": protocol.format_ack(0, guessed),
-                "zero token": protocol.format_ack(0, b"0" * 16),
-                "B's token": protocol.format_ack(0, srv.tokens[B]),
-                "C's token": protocol.format_ack(0, srv.tokens[C]),
-                "uppercase": protocol.format_ack(0, token.upper()),
-                "ACK EOF, right token": protocol.format_ack_eof(token)}
+                "guessed token": format_ack(0, guessed),
+                "zero token": format_ack(0, b"0" * 16),
+                "B's token": format_ack(0, srv.tokens[B]),
+                "C's token": format_ack(0, srv.tokens[C]),
+                "uppercase": format_ack(0, token.upper()),
+                "ACK EOF, right token": format_ack_eof(token)}
 
     def test_forged_ack_of_size_never_gets_data(self):
         for label in ["no token", "guessed token", "zero token", "B's token", "C's token",
                       "uppercase", "ACK EOF, right token"]:
             with self.subTest(label):
-                srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+                srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
                 srv.recv(self.REQ, B, 0.0)             # other transfers, same IP and not
                 srv.recv(self.REQ, C, 0.0)
                 size = srv.recv(self.REQ, A, 0.0)[0][0]
@@ -1523,7 +1534,7 @@ class DispatcherTokens(DispatcherCase):
                 self.assertLessEqual(total, srv.s.pending_byte_budget)
 
     def test_forged_acks_leave_the_real_client_its_transfer(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(self.REQ, B, 0.0)
         srv.recv(self.REQ, C, 0.0)
         srv.recv(self.REQ, A, 0.0)
@@ -1532,12 +1543,12 @@ class DispatcherTokens(DispatcherCase):
             self.assertEqual(srv.recv(forged, A, 0.001 * k), [])
         self.assertIn(A, srv.d.pending)
         first = one(self, srv.ack(0, A, 0.02))                # the right token
-        self.assertEqual((type(first), first.offset), (protocol.Data, 0))
+        self.assertEqual((type(first), first.offset), (Data, 0))
         data, crc, _ = self.run_to_eof(srv, first, now=0.02)
         self.assertEqual((data, crc), (FILE, range_crc(FILE, 0, len(FILE))))
 
     def test_wrong_tokens_never_move_an_active_transfer(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(self.REQ, B, 0.0)
         srv.ack(0, B, 0.01)
         _, first = self.start(srv, ack_at=0.01)
@@ -1550,12 +1561,12 @@ class DispatcherTokens(DispatcherCase):
         deadline = srv.d.get_timer()
         attempts = [b"ACK %d" % nxt, b"ACK EOF"]
         for tok in wrong:
-            attempts += [protocol.format_ack(n, tok) for n in (0, nxt, nxt - 1, 5000)]
-            attempts.append(protocol.format_ack_eof(tok))
+            attempts += [format_ack(n, tok) for n in (0, nxt, nxt - 1, 5000)]
+            attempts.append(format_ack_eof(tok))
         for datagram in attempts:
             with self.subTest(datagram=datagram):
                 self.assertEqual(srv.recv(datagram, A, 0.02), [])
-                self.assertEqual((t.pos, t.state, t.outcome), (0, protocol.WAIT_DATA, None))
+                self.assertEqual((t.pos, t.state, t.outcome), (0, WAIT_DATA, None))
                 self.assertEqual((t.retransmissions, t.tries), (0, 1))
                 self.assertEqual(srv.d.get_timer(), deadline)
         nxt_msg = one(self, srv.ack(nxt, A, 0.03))              # the right token: on it goes
@@ -1565,7 +1576,7 @@ class DispatcherTokens(DispatcherCase):
         # EOF outstanding: ACK EOF with a wrong token does not end it
         for tok in wrong:
             self.assertEqual(srv.ack_eof(A, 0.5, token=tok), [])
-            self.assertEqual((t.state, t.outcome), (protocol.WAIT_EOF, None))
+            self.assertEqual((t.state, t.outcome), (WAIT_EOF, None))
         self.assertIn(A, srv.d.active)
         self.assertEqual(t.retransmissions, 0)
         self.assertEqual(srv.ack_eof(A, 0.5), [])
@@ -1573,12 +1584,12 @@ class DispatcherTokens(DispatcherCase):
         self.assertNotIn(A, srv.d.active)
 
     def test_tokens(self):
-        tokens = {protocol.new_token() for _ in range(2000)}
+        tokens = {new_token() for _ in range(2000)}
         self.assertEqual(len(tokens), 2000)
         for token in tokens:
             self.assertIsInstance(token, bytes)
             self.assertRegex(token, b"^[0-9a-f]{16}$")
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         addrs = [A, B, C] + [("203.0.113.%d" % i, 7000 + i) for i in range(50)]
         for addr in addrs:
             srv.recv(self.REQ, addr, 0.0)
@@ -1590,7 +1601,7 @@ class DispatcherTokens(DispatcherCase):
         # a repeated request gets the same SIZE, token included
         first = srv.sent_to(A)[0]
         self.assertEqual(one(self, srv.recv(self.REQ, A, 0.01)),
-                         protocol.parse_server_message(first))
+                         parse_server_message(first))
         self.assertEqual(srv.sent_to(A)[-1], first)
         self.assertEqual(srv.tokens[A], seen[0])
         srv.recv(self.REQ + b"\r\n", A, 0.02)
@@ -1598,15 +1609,15 @@ class DispatcherTokens(DispatcherCase):
         # a different request is a new transfer, with a new token
         srv.recv(b"DOWNLOAD a.bin 0 10", A, 0.03)
         self.assertNotEqual(srv.tokens[A], seen[0])
-        self.assertEqual(srv.recv(protocol.format_ack(0, seen[0]), A, 0.04), [])
-        self.assertIsInstance(one(self, srv.ack(0, A, 0.04)), protocol.Data)
+        self.assertEqual(srv.recv(format_ack(0, seen[0]), A, 0.04), [])
+        self.assertIsInstance(one(self, srv.ack(0, A, 0.04)), Data)
 
     def test_deterministic_token(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, new_token=lambda addr, req: TOKEN, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, new_token=lambda addr, req: TOKEN, **SMALL)
         size = one(self, srv.recv(self.REQ))
-        self.assertEqual(size, protocol.Size(5000, protocol.MemoryEntry(FILE).version, TOKEN))
+        self.assertEqual(size, Size(5000, MemoryEntry(FILE).version, TOKEN))
         self.assertEqual(srv.recv(ack(0, OTHER_TOKEN)), [])
-        self.assertIsInstance(one(self, srv.recv(ack(0))), protocol.Data)
+        self.assertIsInstance(one(self, srv.recv(ack(0))), Data)
 
 
 class DispatcherEarlyRetransmission(DispatcherCase):
@@ -1619,7 +1630,7 @@ class DispatcherEarlyRetransmission(DispatcherCase):
     def begin(self, b_sent):
         """A's DATA 1 sent at 0.02, B's first DATA at b_sent; C's first DATA at 0.01. ->
         (srv, A's DATA 1 as sent, B's first DATA)."""
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", C, 0.0)
         srv.ack(0, C, 0.01)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
@@ -1663,11 +1674,11 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         # Karn: the ACK of the resent DATA gives no RTT sample, to the transfer or the path
         path = srv.d.paths[A[0]]
         before = (t.rtt.srtt, t.rtt.rttvar, path.rtt.srtt, path.rtt.rttvar, path.latest_rtt)
-        nxt = one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.04))
-        self.assertIsInstance(nxt, protocol.Data)
+        nxt = one(self, srv.ack(end_of(parse_server_message(a1)), A, 0.04))
+        self.assertIsInstance(nxt, Data)
         self.assertEqual((t.rtt.srtt, t.rtt.rttvar, path.rtt.srtt, path.rtt.rttvar,
                           path.latest_rtt), before)
-        self.assertEqual(nxt.offset, end_of(protocol.parse_server_message(a1)))
+        self.assertEqual(nxt.offset, end_of(parse_server_message(a1)))
 
     def test_deadline_moved_when_the_threshold_has_not_passed(self):
         srv, a1, b0 = self.begin(b_sent=0.02)
@@ -1700,8 +1711,8 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         srv, a1, b0 = self.begin(b_sent=0.02)
         t = srv.transfer(A)
         rto_at = t.deadline
-        a0_end = end_of(protocol.parse_server_message(a1)) - len(
-            protocol.parse_server_message(a1).payload)
+        a0_end = end_of(parse_server_message(a1)) - len(
+            parse_server_message(a1).payload)
         # long after A's DATA 1 was sent, but before its RTO: A repeats old ACKs, B too
         for k, (n, addr) in enumerate([(a0_end, A), (a0_end, A), (0, A), (0, B),
                                        (a0_end - 1, A)] * 3):
@@ -1716,13 +1727,13 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         t = srv.transfer(A)
         srv.ack(end_of(b0), B, 0.035)                        # evidence, threshold passed
         self.assertAlmostEqual(t.deadline, 0.036)
-        nxt = one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.0355))
-        self.assertIsInstance(nxt, protocol.Data)            # A's own ACK came meanwhile
+        nxt = one(self, srv.ack(end_of(parse_server_message(a1)), A, 0.0355))
+        self.assertIsInstance(nxt, Data)            # A's own ACK came meanwhile
         self.assertEqual([a for _, a in srv.timer(0.0365)], [])
         self.assertEqual(t.retransmissions, 0)
 
     def test_on_a_fast_path_the_wait_after_the_evidence_is_one_round_trip(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
         a0 = one(self, srv.ack(0, A, 0.0002))
         srv.recv(b"DOWNLOAD a.bin 0 5000", B, 0.0002)
@@ -1821,7 +1832,7 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         c = srv.transfer(C)
         c_deadline = c.deadline
         srv.ack(end_of(b0), B, 0.035)
-        one(self, srv.ack(end_of(protocol.parse_server_message(a1)), A, 0.036))
+        one(self, srv.ack(end_of(parse_server_message(a1)), A, 0.036))
         self.assertEqual((c.retransmissions, c.early_retransmissions, c.deadline),
                          (0, 0, c_deadline))
         self.assertEqual(len(srv.sent_to(C)), 2)             # SIZE and DATA 0 only
@@ -1832,7 +1843,7 @@ class DispatcherQueue(DispatcherCase):
     client's DATAs in flight, and is taken again when the timer expires."""
 
     def test_queue_rto(self):
-        path = protocol.Path(config.ServerSettings(), 65507)
+        path = Path(config.ServerSettings(), 65507)
         path.flights = 3
         self.assertEqual(path.queue_rto(), 0.0)            # nothing timed yet
         path.sample(0.002)                     # a SIZE: not a DATA, no per-flight sample
@@ -1841,14 +1852,14 @@ class DispatcherQueue(DispatcherCase):
         path.sample(0.014, flights=4)          # 12 ms more than the smallest: 3 ms per DATA
         self.assertAlmostEqual(path.per_flight.srtt, 0.003)
         self.assertAlmostEqual(path.per_flight.rttvar, 0.0015)
-        g = protocol.RttEstimator.G                        # the granularity counts once
+        g = RttEstimator.G                        # the granularity counts once
         self.assertAlmostEqual(path.queue_rto(), 0.002 + 3 * (0.003 + 4 * 0.0015) + g)
         path.flights = 6
         self.assertAlmostEqual(path.queue_rto(), 0.002 + 6 * (0.003 + 4 * 0.0015) + g)
         path.flights = 1000                                # never above the RTO ceiling
         self.assertEqual(path.queue_rto(), path.s.rto_max)
         # a long path without a queue: round trips that do not grow with the DATAs in flight
-        far = protocol.Path(config.ServerSettings(), 65507)
+        far = Path(config.ServerSettings(), 65507)
         for flights in (1, 2, 4, 8, 8, 8):
             far.sample(0.3, flights=flights)
         far.flights = 8
@@ -1856,7 +1867,7 @@ class DispatcherQueue(DispatcherCase):
         self.assertLess(far.queue_rto(), far.rtt.rto)
 
     def test_an_eof_waits_behind_the_datas_in_flight_too(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE), "s.bin": protocol.MemoryEntry(b"x")},
+        srv = Server({"a.bin": MemoryEntry(FILE), "s.bin": MemoryEntry(b"x")},
                      **SMALL)
         for addr in (A, B):   # SIZE 10 ms, then the DATAs take 20 ms: 10 ms of queue
             srv.recv(b"DOWNLOAD a.bin 0 5000", addr, 0.0)
@@ -1871,7 +1882,7 @@ class DispatcherQueue(DispatcherCase):
         one(self, srv.ack(0, third, 0.031), third)
         self.assertIn(srv.transfer(third), path.sending)
         eof = one(self, srv.ack(1, third, 0.032), third)
-        self.assertIsInstance(eof, protocol.Eof)
+        self.assertIsInstance(eof, Eof)
         t = srv.transfer(third)
         self.assertNotIn(t, path.sending)
         self.assertEqual(path.flights, 2)        # an EOF is not a DATA in flight ...
@@ -1879,7 +1890,7 @@ class DispatcherQueue(DispatcherCase):
         self.assertAlmostEqual(t.deadline, 0.032 + path.queue_rto())   # ... but waits behind them
 
     def test_a_size_timer_is_moved_too(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
         d0 = one(self, srv.ack(0, A, 0.01))            # SIZE: 10 ms, the smallest round trip
         one(self, srv.ack(end_of(d0), A, 0.03))        # DATA: 20 ms with one in flight
@@ -1899,7 +1910,7 @@ class DispatcherQueue(DispatcherCase):
         self.assertGreater(b.deadline, first_deadline)
 
     def test_timer_moved_when_more_datas_joined(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
         d0 = one(self, srv.ack(0, A, 0.01))            # SIZE: 10 ms, the smallest round trip
         one(self, srv.ack(end_of(d0), A, 0.03))        # DATA: 20 ms with one in flight
@@ -1914,7 +1925,7 @@ class DispatcherQueue(DispatcherCase):
         one(self, srv.ack(0, B, 0.041), B)
         b = srv.transfer(B)
         self.assertEqual(path.flights, 2)
-        self.assertAlmostEqual(a.rto(), 0.01 + 2 * (0.01 + 4 * 0.005) + protocol.RttEstimator.G)
+        self.assertAlmostEqual(a.rto(), 0.01 + 2 * (0.01 + 4 * 0.005) + RttEstimator.G)
         self.assertGreater(a.rto(), a.rtt.rto)
         # A's timer expires as set: the timeout is taken again with two DATAs in flight
         self.assertEqual(srv.timer(first_deadline), [])
@@ -1935,7 +1946,7 @@ class DispatcherQueue(DispatcherCase):
 
 
 class PathSize(DispatcherCase):
-    """protocol.Path's datagram size, chosen from the estimated per-fragment loss rate."""
+    """Path's datagram size, chosen from the estimated per-fragment loss rate."""
 
     S = config.ServerSettings()
 
@@ -1945,27 +1956,27 @@ class PathSize(DispatcherCase):
         rng = random.Random(seed)
         for _ in range(count):
             size = path.size
-            k = protocol.fragments(size, path.per_fragment)
+            k = fragments(size, path.per_fragment)
             path.outcome(size, lost=any(rng.random() < per_fragment_loss for _ in range(k)))
 
     def test_the_largest_size_fills_its_last_fragment(self):
-        eth, eth6 = protocol.fragment_payload(1500), protocol.fragment_payload(1500, ipv6=True)
-        self.assertEqual(protocol.size_ladder(eth, 65507, 1480)[-1], ETHERNET_TOP)
-        self.assertEqual((protocol.fragments(ETHERNET_TOP, eth, 1480),
-                          protocol.fragments(65507, eth, 1480)), (44, 45))
-        self.assertEqual(protocol.size_ladder(eth6, 65507, 1460)[-1], 45 * 1448 - 8)
+        eth, eth6 = fragment_payload(1500), fragment_payload(1500, ipv6=True)
+        self.assertEqual(size_ladder(eth, 65507, 1480)[-1], ETHERNET_TOP)
+        self.assertEqual((fragments(ETHERNET_TOP, eth, 1480),
+                          fragments(65507, eth, 1480)), (44, 45))
+        self.assertEqual(size_ladder(eth6, 65507, 1460)[-1], 45 * 1448 - 8)
         # not where that would cost much of the datagram, nor where nothing fragments
-        self.assertEqual(protocol.size_ladder(eth, 2000, 1480)[-1], 2000)
-        self.assertEqual(protocol.size_ladder(eth, 9216, 1480)[-1], 9216)
-        loopback = protocol.fragment_payload(65536)
-        self.assertEqual(protocol.size_ladder(loopback, 65507, 65516)[-1], 65507)
+        self.assertEqual(size_ladder(eth, 2000, 1480)[-1], 2000)
+        self.assertEqual(size_ladder(eth, 9216, 1480)[-1], 9216)
+        loopback = fragment_payload(65536)
+        self.assertEqual(size_ladder(loopback, 65507, 65516)[-1], 65507)
 
     def test_no_loss_stays_at_the_ceiling(self):
         # (or just below it, filling the last fragment, where that costs under 1/64 of it)
-        for ceiling, top in ((protocol.MAX_DATAGRAM, ETHERNET_TOP), (9216, 9216), (2000, 2000),
+        for ceiling, top in ((MAX_DATAGRAM, ETHERNET_TOP), (9216, 9216), (2000, 2000),
                              (1000, 1000)):
             with self.subTest(ceiling=ceiling):
-                path = protocol.Path(self.S, ceiling)
+                path = Path(self.S, ceiling)
                 self.assertEqual(path.size, top)
                 for _ in range(5000):
                     path.outcome(path.size, lost=False)
@@ -1975,9 +1986,9 @@ class PathSize(DispatcherCase):
     def test_loss_brings_the_size_down_and_no_loss_back_up(self):
         for seed in (1, 2, 3):
             with self.subTest(seed=seed):
-                path = protocol.Path(self.S, protocol.MAX_DATAGRAM)
+                path = Path(self.S, MAX_DATAGRAM)
                 self.lossy(path, 0.01, 3000, seed)       # 1% of fragments lost
-                self.assertLess(path.size, protocol.MAX_DATAGRAM)
+                self.assertLess(path.size, MAX_DATAGRAM)
                 self.assertLess(path.size, 9216)       # a 45-fragment datagram: 36% lost
                 self.assertGreater(path.loss_rate(), 0.004)
                 self.assertLess(path.loss_rate(), 0.025)
@@ -1989,14 +2000,14 @@ class PathSize(DispatcherCase):
                 self.assertGreater(n, 100)             # not at the first good datagram
 
     def test_rare_loss_keeps_big_datagrams(self):
-        path = protocol.Path(self.S, protocol.MAX_DATAGRAM)
+        path = Path(self.S, MAX_DATAGRAM)
         self.lossy(path, 0.00001, 3000, 4)
         self.assertEqual(path.size, ETHERNET_TOP)
 
     def test_spurious_undoes_a_loss(self):
         rng = random.Random(6)
         history = [(rng.choice((1472, 8000, 65507)), rng.random() < 0.01) for _ in range(500)]
-        clean, undone = protocol.Path(self.S, 65507), protocol.Path(self.S, 65507)
+        clean, undone = Path(self.S, 65507), Path(self.S, 65507)
         for path in (clean, undone):
             for size, lost in history:
                 path.outcome(size, lost)
@@ -2005,13 +2016,13 @@ class PathSize(DispatcherCase):
         self.assertGreater(undone.loss_rate(), clean.loss_rate())
         undone.spurious(False)
         self.assertAlmostEqual(undone.loss_rate(), clean.loss_rate(), places=12)
-        fresh = protocol.Path(self.S, 65507)
+        fresh = Path(self.S, 65507)
         fresh.outcome(65507, lost=True)
         fresh.spurious(False)
         self.assertEqual(fresh.loss_rate(), 0.0)       # never below no loss
 
     def test_transfers_use_the_smaller_of_path_size_and_ceiling(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(blob(20000))}, datagram_size=2000)
+        srv = Server({"a.bin": MemoryEntry(blob(20000))}, datagram_size=2000)
         _, first = self.start(srv, ack_at=0.01)
         self.assertEqual(len(srv.sent[-1][0]), 2000)
         path = srv.d.paths[A[0]]
@@ -2034,12 +2045,12 @@ class DispatcherChanged(DispatcherCase):
             if read_ahead:
                 srv.d.read_ahead()
             msg = one(self, srv.ack(msg.offset + len(msg.payload)))
-            self.assertIsInstance(msg, protocol.Data)
+            self.assertIsInstance(msg, Data)
         return srv, msg
 
     def assert_changed_once(self, srv, out, entry):
         err = one(self, out)
-        self.assertEqual((type(err), err.code), (protocol.Error, "CHANGED"))
+        self.assertEqual((type(err), err.code), (Error, "CHANGED"))
         self.assertEqual(srv.d.active, {})
         self.assertIsNone(srv.d.get_timer())
         self.assertEqual(srv.timer(1000.0), [])             # sent once, never again
@@ -2081,19 +2092,19 @@ class DispatcherChanged(DispatcherCase):
             out = srv.ack(msg.offset + len(msg.payload))
             srv.d.read_ahead()
             msg = one(self, out)
-            if not isinstance(msg, protocol.Data):
+            if not isinstance(msg, Data):
                 break
             data_after_change += 1
         self.assertLessEqual(data_after_change, 1)   # only a chunk read before the change
-        self.assertEqual((type(msg), msg.code), (protocol.Error, "CHANGED"))
+        self.assertEqual((type(msg), msg.code), (Error, "CHANGED"))
         self.assertEqual(srv.timer(1000.0), [])
 
     def test_open_fails(self):
         entry = FakeEntry(FILE, fail_open=True)
         srv = Server({"f": entry}, **SMALL)
-        self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD f 0 100")), protocol.Size)
+        self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD f 0 100")), Size)
         err = one(self, srv.ack(0))
-        self.assertEqual((type(err), err.code), (protocol.Error, "CHANGED"))
+        self.assertEqual((type(err), err.code), (Error, "CHANGED"))
         self.assertEqual(srv.d.active, {})
         self.assertEqual(srv.timer(1000.0), [])
 
@@ -2102,14 +2113,14 @@ class DispatcherLong(DispatcherCase):
 
     def test_more_than_70000_datagrams(self):
         data = blob(3200000, 5)
-        srv = protocol.ServerDispatcher(
-            FakeCatalog({"big.bin": protocol.MemoryEntry(data)}),
+        srv = ServerDispatcher(
+            FakeCatalog({"big.bin": MemoryEntry(data)}),
             config.ServerSettings(datagram_size=64), QUIET)
-        srv.receive_datagram(b"DOWNLOAD big.bin 0 %d" % protocol.HUGE, A, 0.0)
-        size = protocol.parse_server_message(wire(srv.datagrams_to_send()[0][0]))
+        srv.receive_datagram(b"DOWNLOAD big.bin 0 %d" % HUGE, A, 0.0)
+        size = parse_server_message(joined(srv.datagrams_to_send()[0][0]))
         self.assertEqual(size.size, len(data))
         token = size.token
-        srv.receive_datagram(protocol.format_ack(0, token), A, 0.0)
+        srv.receive_datagram(format_ack(0, token), A, 0.0)
         now, pos, count = 0.0, 0, 0
         while True:
             self.assertLess(count, 200000, "no end in sight")
@@ -2118,20 +2129,20 @@ class DispatcherLong(DispatcherCase):
                 self.fail("expected one datagram, got %r" % out)
             (datagram, addr), = out
             srv.read_ahead()
-            msg = protocol.parse_server_message(wire(datagram))
-            if not isinstance(msg, protocol.Data):
+            msg = parse_server_message(joined(datagram))
+            if not isinstance(msg, Data):
                 break
             if msg.offset != pos or bytes(msg.payload) != data[pos:pos + len(msg.payload)]:
                 self.fail("bad DATA at %d" % pos)
             pos += len(msg.payload)
             count += 1
             now += 0.0001
-            srv.receive_datagram(protocol.format_ack(pos, token), A, now)
-        self.assertIsInstance(msg, protocol.Eof)
+            srv.receive_datagram(format_ack(pos, token), A, now)
+        self.assertIsInstance(msg, Eof)
         self.assertEqual(pos, len(data))
         self.assertGreater(count, 70000)
         self.assertEqual(msg.crc, range_crc(data, 0, len(data)))
-        srv.receive_datagram(protocol.format_ack_eof(token), A, now)
+        srv.receive_datagram(format_ack_eof(token), A, now)
         self.assertEqual(srv.active, {})
 
 
@@ -2143,9 +2154,9 @@ CS = config.ClientSettings()
 class Client(unittest.TestCase):
 
     def receiving(self, offset=100, length=1000, now=0.0, **kw):
-        c = protocol.ClientTransfer("a.bin", offset, length, now, CS, **kw)
+        c = ClientTransfer("a.bin", offset, length, now, CS, **kw)
         self.assertEqual(c.datagrams_to_send(), [b"DOWNLOAD a.bin %d %d" % (offset, length)])
-        self.assertIsNone(c.receive_datagram(protocol.format_size(len(FILE), "v1", TOKEN),
+        self.assertIsNone(c.receive_datagram(format_size(len(FILE), "v1", TOKEN),
                                              now + 0.1))
         self.assertEqual(c.datagrams_to_send(), [ack(offset)])
         self.assertEqual(c.token, TOKEN)
@@ -2163,11 +2174,11 @@ class Client(unittest.TestCase):
             with self.subTest(idle=idle):
                 s = config.ClientSettings(request_timeout=0.25, request_timeout_max=2.0,
                                           idle_timeout=idle)
-                c = protocol.ClientTransfer("a.bin", 0, 10, 0.0, s)
+                c = ClientTransfer("a.bin", 0, 10, 0.0, s)
                 self.assertEqual(c.datagrams_to_send(), [b"DOWNLOAD a.bin 0 10"])
                 times = []
                 for _ in range(20):
-                    if c.state == protocol.FINISHED or len(times) >= 8:
+                    if c.state == FINISHED or len(times) >= 8:
                         break
                     deadline = c.get_timer()
                     c.handle_timer(deadline - 1e-6)
@@ -2184,7 +2195,7 @@ class Client(unittest.TestCase):
                     self.assertEqual(times, [0.25, 0.75, 1.75, 3.75, 5.75, 7.75, 9.75, 11.75])
 
     def test_list_request(self):
-        c = protocol.ClientTransfer(None, 0, None, 0.0, CS)
+        c = ClientTransfer(None, 0, None, 0.0, CS)
         self.assertEqual(c.datagrams_to_send(), [b"LIST"])
         c.receive_datagram(b"SIZE 12 list-1 " + TOKEN, 0.05)
         self.assertEqual(c.datagrams_to_send(), [ack(0)])
@@ -2193,10 +2204,10 @@ class Client(unittest.TestCase):
 
     def size_after_a_repeat(self):
         """A transfer whose request went twice (lost once): SIZE at 0.15 gives no sample."""
-        c = protocol.ClientTransfer("a.bin", 100, 1000, 0.0, CS)
+        c = ClientTransfer("a.bin", 100, 1000, 0.0, CS)
         c.datagrams_to_send()
         c.handle_timer(c.get_timer())                      # the request again, at 0.1
-        c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 0.15)
+        c.receive_datagram(format_size(5000, "v1", TOKEN), 0.15)
         self.assertEqual(c.datagrams_to_send(), [b"DOWNLOAD a.bin 100 1000", ack(100)])
         self.assertIsNone(c.rtt_sample, "Karn: which request SIZE answers is unknown")
         return c
@@ -2211,7 +2222,7 @@ class Client(unittest.TestCase):
 
     def test_not_when_our_ack_of_size_went_twice(self):
         c = self.size_after_a_repeat()
-        c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 0.16)   # ours was lost?
+        c.receive_datagram(format_size(5000, "v1", TOKEN), 0.16)   # ours was lost?
         self.assertEqual(c.datagrams_to_send(), [ack(100)])
         self.feed(c, 100, 300, now=0.161)
         self.assertIsNone(c.rtt_sample)
@@ -2234,9 +2245,9 @@ class Client(unittest.TestCase):
                 got, out = self.feed(c, offset, n)
                 self.assertIsNone(got)
                 self.assertEqual(out, [ack(400)])
-        self.assertIsNone(c.receive_datagram(protocol.format_size(5000, "v1", TOKEN), 2.0))
+        self.assertIsNone(c.receive_datagram(format_size(5000, "v1", TOKEN), 2.0))
         self.assertEqual(c.datagrams_to_send(), [ack(400)])           # duplicate SIZE
-        c.receive_datagram(protocol.format_size(5001, "v1", TOKEN), 2.0)       # not a duplicate
+        c.receive_datagram(format_size(5001, "v1", TOKEN), 2.0)       # not a duplicate
         self.assertEqual(c.datagrams_to_send(), [])
         self.assertEqual(c.pos, 400)
 
@@ -2264,7 +2275,7 @@ class Client(unittest.TestCase):
         self.assertEqual(out, [ack(1100)])
 
     def test_data_before_size_is_ignored(self):
-        c = protocol.ClientTransfer("a.bin", 0, 100, 0.0, CS)
+        c = ClientTransfer("a.bin", 0, 100, 0.0, CS)
         c.datagrams_to_send()
         self.assertIsNone(c.receive_datagram(data_datagram(0, FILE[:10]), 0.1))
         self.assertEqual(c.datagrams_to_send(), [])
@@ -2277,12 +2288,12 @@ class Client(unittest.TestCase):
     def test_eof_good(self):
         c = self.receiving()
         self.finish(c)
-        self.assertIsNone(c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 1100)), 3.0))
+        self.assertIsNone(c.receive_datagram(format_eof(range_crc(FILE, 100, 1100)), 3.0))
         out = c.datagrams_to_send()
         self.assertEqual(out, [ACK_EOF, ACK_EOF])            # twice: a spare for a lost one
-        self.assertEqual((c.state, c.outcome), (protocol.FINISHED, "done"))
+        self.assertEqual((c.state, c.outcome), (FINISHED, "done"))
         self.assertIsNone(c.get_timer())
-        c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 1100)), 4.0)
+        c.receive_datagram(format_eof(range_crc(FILE, 100, 1100)), 4.0)
         self.assertEqual(set(c.datagrams_to_send()), {ACK_EOF})   # our ACK was lost
         c.receive_datagram(b"ERROR CHANGED", 4.0)
         self.assertEqual(c.outcome, "done")
@@ -2291,35 +2302,35 @@ class Client(unittest.TestCase):
         for label, crc in [("one byte short", range_crc(FILE, 100, 1099)),
                            ("one bit off", range_crc(FILE, 100, 1100) ^ 1),
                            ("another start", range_crc(FILE, 0, 1100)),
-                           ("R(start)", protocol.crc_start(100))]:
+                           ("R(start)", crc_start(100))]:
             with self.subTest(label):
                 c = self.receiving()
                 self.finish(c)
-                c.receive_datagram(protocol.format_eof(crc), 3.0)
+                c.receive_datagram(format_eof(crc), 3.0)
                 # still acknowledged (twice): the server is done either way
                 self.assertEqual(c.datagrams_to_send(), [ACK_EOF, ACK_EOF])
-                self.assertEqual((c.state, c.outcome), (protocol.FINISHED, "mismatch"))
-                c.receive_datagram(protocol.format_eof(crc), 4.0)    # and again if repeated
+                self.assertEqual((c.state, c.outcome), (FINISHED, "mismatch"))
+                c.receive_datagram(format_eof(crc), 4.0)    # and again if repeated
                 self.assertEqual(set(c.datagrams_to_send()), {ACK_EOF})
                 self.assertEqual(c.outcome, "mismatch")
 
     def test_eof_before_range_complete_is_not_done(self):
         c = self.receiving()
         self.feed(c, 100, 600)
-        c.receive_datagram(protocol.format_eof(range_crc(FILE, 100, 700)), 3.0)
+        c.receive_datagram(format_eof(range_crc(FILE, 100, 700)), 3.0)
         self.assertNotEqual(c.outcome, "done")
 
     def test_empty_range(self):
-        c = protocol.ClientTransfer("a.bin", 5000, 10, 0.0, CS)
+        c = ClientTransfer("a.bin", 5000, 10, 0.0, CS)
         c.datagrams_to_send()
         c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
         self.assertEqual(c.datagrams_to_send(), [ack(5000)])
-        c.receive_datagram(protocol.format_eof(protocol.crc_start(5000)), 0.2)   # R(start)
+        c.receive_datagram(format_eof(crc_start(5000)), 0.2)   # R(start)
         self.assertEqual(c.outcome, "done")
         self.assertEqual(c.datagrams_to_send(), [ACK_EOF, ACK_EOF])
-        c = protocol.ClientTransfer("a.bin", 5000, 10, 0.0, CS)
+        c = ClientTransfer("a.bin", 5000, 10, 0.0, CS)
         c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
-        c.receive_datagram(protocol.format_eof(protocol.crc_start(0)), 0.2)
+        c.receive_datagram(format_eof(crc_start(0)), 0.2)
         self.assertEqual(c.outcome, "mismatch")
 
     def test_errors(self):
@@ -2331,9 +2342,9 @@ class Client(unittest.TestCase):
                         c = self.receiving()
                         self.feed(c, 100, 10)
                     else:
-                        c = protocol.ClientTransfer("a.bin", 0, 10, 0.0, CS)
+                        c = ClientTransfer("a.bin", 0, 10, 0.0, CS)
                         c.datagrams_to_send()
-                    c.receive_datagram(protocol.format_error(code, "text"), 1.0)
+                    c.receive_datagram(format_error(code, "text"), 1.0)
                     self.assertEqual((c.outcome, c.error_code), (outcome, code))
                     self.assertEqual(c.datagrams_to_send(), [])
                     self.assertIsNone(c.get_timer())
@@ -2353,7 +2364,7 @@ class Client(unittest.TestCase):
     def test_expect_mismatch(self):
         for expect in [(5000, "v2"), (4999, "v1")]:
             with self.subTest(expect=expect):
-                c = protocol.ClientTransfer("a.bin", 100, 1000, 0.0, CS, expect=expect)
+                c = ClientTransfer("a.bin", 100, 1000, 0.0, CS, expect=expect)
                 c.datagrams_to_send()
                 c.receive_datagram(b"SIZE 5000 v1 " + TOKEN, 0.1)
                 self.assertEqual(c.outcome, "version")
@@ -2413,7 +2424,7 @@ def simulate(seed, size=36000, **impairments):
     ss = config.ServerSettings(datagram_size=200, rto_initial=0.1, rto_min=0.01, rto_max=1.0,
                                max_retransmits=20)
     cs = config.ClientSettings(request_timeout=0.1, request_timeout_max=1.0, idle_timeout=3.0)
-    d = protocol.ServerDispatcher(FakeCatalog({"f.bin": protocol.MemoryEntry(data)}), ss, QUIET)
+    d = ServerDispatcher(FakeCatalog({"f.bin": MemoryEntry(data)}), ss, QUIET)
     transfers = {}
     result = {"attempts": 0, "outcomes": [], "pieces": []}
     have, expect, client, caddr, accepted = bytearray(), None, None, None, {}
@@ -2421,7 +2432,7 @@ def simulate(seed, size=36000, **impairments):
 
     def server_send():
         for datagram, addr in d.datagrams_to_send():
-            net.send(wire(datagram), SERVER_ADDR, addr, now)
+            net.send(joined(datagram), SERVER_ADDR, addr, now)
         d.read_ahead()
         for t in list(d.active.values()) + list(d.pending.values()):
             transfers[id(t)] = t
@@ -2435,7 +2446,7 @@ def simulate(seed, size=36000, **impairments):
         steps += 1
         if steps > 500000 or now > 2000:
             break   # a hung simulation fails its assertions instead of hanging the suite
-        if client is None or client.state == protocol.FINISHED:
+        if client is None or client.state == FINISHED:
             if client is not None:
                 outcome = client.outcome
                 result["outcomes"].append(outcome)
@@ -2456,7 +2467,7 @@ def simulate(seed, size=36000, **impairments):
             result["attempts"] += 1
             port += 1
             caddr, accepted = ("198.51.100.20", port), {}
-            client = protocol.ClientTransfer("f.bin", len(have), 10 ** 12, now, cs, expect=expect)
+            client = ClientTransfer("f.bin", len(have), 10 ** 12, now, cs, expect=expect)
             client_send()
         times = [x for x in (net.next_time(), d.get_timer(), client.get_timer()) if x is not None]
         now = max(now, min(times))
@@ -2550,17 +2561,17 @@ class ReviewRegressions(unittest.TestCase):
             if deadline is None:
                 break
             now = deadline
-            errors += [m for m in (protocol.parse_server_message(b) for b, _ in srv.timer(now))
-                       if isinstance(m, protocol.Error)]
+            errors += [m for m in (parse_server_message(b) for b, _ in srv.timer(now))
+                       if isinstance(m, Error)]
         self.assertEqual([e.code for e in errors], ["CHANGED"])
         self.assertEqual(srv.d.active, {})
         self.assertIsNone(srv.d.get_timer())
 
     def test_a_refused_new_request_leaves_the_running_transfer(self):
-        srv = Server({"a.bin": protocol.MemoryEntry(FILE)}, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
         srv.recv(b"DOWNLOAD a.bin 0 5000")
         first = one(self, srv.ack(0, now=0.01))
-        self.assertIsInstance(first, protocol.Data)
+        self.assertIsInstance(first, Data)
         # a damaged copy names another file: NOT_FOUND, and the transfer goes on
         srv.recv(b"DOWNLOAD a.bim 0 5000", now=0.02)
         self.assertIn(A, srv.d.active)
@@ -2574,7 +2585,7 @@ class ReviewRegressions(unittest.TestCase):
 
     def test_listing_drops_names_no_server_may_serve(self):
         text = b"ok.txt 5\n\x1b[2Jevil 3\n../up 4\n"
-        self.assertEqual(protocol.parse_listing(text), [("ok.txt", 5)])
+        self.assertEqual(parse_listing(text), [("ok.txt", 5)])
 
 
 if __name__ == "__main__":

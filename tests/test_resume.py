@@ -17,10 +17,10 @@ import unittest
 from unittest import mock
 
 import client
-import protocol
 from tests import support
 from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
+from udpxfer.wire import is_servable_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -317,7 +317,7 @@ class PlanningTests(unittest.TestCase):
         self.assertIsNone(again.size)
         self.assertEqual(again.resumed, 0)
         self.assertFalse(os.path.exists(again.part_path))
-        self.assertTrue(protocol.is_servable_name("x.bin"))
+        self.assertTrue(is_servable_name("x.bin"))
 
 
 class InterruptedWriteTests(unittest.TestCase):

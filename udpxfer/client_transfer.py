@@ -1,0 +1,174 @@
+"""The client side of one transfer: a range of a file, or the listing. It retransmits its request
+until the server answers, accepts bytes in order by offset under the running CRC, acknowledges
+cumulatively with the token of SIZE, checks the whole range against EOF, and notices a stall.
+
+Relies on: wire (parse and format, the CRC seed), config (the client's timers). Must not know:
+sockets, the clock (every call takes `now`), files, or the other transfers of the download.
+"""
+
+import zlib
+
+from config import ClientSettings
+from udpxfer.wire import (Data, Eof, Error, ProtocolError, Size, crc_start, format_ack,
+                          format_ack_eof, format_download, format_list, parse_server_message)
+
+REQUESTING, RECEIVING, FINISHED = "requesting", "receiving", "finished"
+
+
+class ClientTransfer:
+    """The client side of one transfer (one socket): a range of a file, or the listing.
+
+    Use: datagrams_to_send() after creating it and after every call; receive_datagram(data, now)
+    returns the payload it accepted (or None), already checked under the running CRC. Send the
+    ACK first, then write the payload: the disk write overlaps with the server preparing the next.
+
+    `outcome` once finished: "done", "mismatch" (EOF's CRC differs from ours: discard this
+    transfer's bytes), "changed" (ERROR CHANGED), "version" (SIZE differs from the expected
+    file), "error" (ERROR with `error_code`), "stalled" (nothing new for idle_timeout).
+    """
+
+    def __init__(self, name, offset, length, now, settings=None, expect=None, request_rto=None):
+        self.s = settings or ClientSettings()
+        self.name = name
+        self.request = format_list() if name is None else format_download(name, offset, length)
+        self.start = self.pos = offset
+        self.length = length
+        self.end = None
+        self.size = self.version = None
+        self.expect = expect            # (size, version) the file must still have, or None
+        self.state = REQUESTING
+        self.outcome = self.error_code = None
+        # The request -> SIZE time, if the request was sent once (else our ACK of SIZE -> the
+        # first DATA).
+        self.rtt_sample = None
+        self.token = None               # from SIZE; every ACK echoes it
+        self._r = crc_start(offset)     # R(pos): the running CRC up to the next byte needed
+        self._sent_at = self._last_heard = now
+        self._request_rto = request_rto or self.s.request_timeout
+        self._requests = 1
+        self._next_request = now + self._request_rto
+        self._flowing = False           # a DATA or EOF arrived after SIZE
+        self._size_acked_at = None      # when SIZE was acknowledged, if timing the first DATA
+        self._out = [self.request]
+
+    def datagrams_to_send(self):
+        out, self._out = self._out, []
+        return out
+
+    def _asking(self):
+        """The request is retransmitted until data flows: also after SIZE, in case our ACK of
+        it was lost (a server may not be allowed to resend SIZE to an unproven address; a
+        repeated request makes it do so, and is ignored once the transfer is under way)."""
+        return self.state == REQUESTING or (self.state == RECEIVING and not self._flowing)
+
+    def get_timer(self):
+        if self.state == FINISHED:
+            return None
+        idle = self._last_heard + self.s.idle_timeout
+        return min(idle, self._next_request) if self._asking() else idle
+
+    def handle_timer(self, now):
+        if self.state == FINISHED:
+            return
+        if now >= self._last_heard + self.s.idle_timeout:
+            return self._finish("stalled")
+        if self._asking() and now >= self._next_request:
+            self._request_rto = min(self._request_rto * 2, self.s.request_timeout_max)
+            self._next_request = now + self._request_rto
+            self._requests += 1
+            self._out.append(self.request)
+
+    def _finish(self, outcome, code=None):
+        self.state = FINISHED
+        self.outcome, self.error_code = outcome, code
+
+    def receive_datagram(self, data, now):
+        try:
+            msg = parse_server_message(data)
+        except ProtocolError:
+            return None   # corrupted or garbage: no answer (the server will retransmit)
+        if self.state == RECEIVING and not isinstance(msg, Size):
+            # "Nothing at all arrives for idle time" is a stall. Repeated SIZEs do not count:
+            # a server that answers our repeated request but never sends data is stalled.
+            self._last_heard = now
+        if isinstance(msg, Data):
+            return self._on_data(msg, now)
+        if isinstance(msg, Size):
+            self._on_size(msg, now)
+        elif isinstance(msg, Eof):
+            self._on_eof(msg, now)
+        elif isinstance(msg, Error) and self.state != FINISHED:
+            self._finish("changed" if msg.code == "CHANGED" else "error", msg.code)
+        return None
+
+    def _on_size(self, msg, now):
+        if self.state == RECEIVING:
+            if (msg.size, msg.version) == (self.size, self.version):
+                if (msg.token != self.token and not self._flowing
+                        and self._requests > self._token_requests):
+                    # Our ACK was lost and the server forgot the request meanwhile: this SIZE
+                    # answers our repeated request with a transfer made anew, its own token.
+                    self.token = msg.token
+                    self._token_requests = self._requests
+                if msg.token == self.token:
+                    self._out.append(format_ack(self.pos, self.token))   # our ACK was lost
+                    self._size_acked_at = None   # which ACK the first DATA answers is unknown
+            return
+        if self.state != REQUESTING:
+            return
+        if self.expect is not None and (msg.size, msg.version) != tuple(self.expect):
+            return self._finish("version")   # not acknowledged: the server sends no data
+        if self.start > msg.size:
+            return self._finish("error", "BAD_REQUEST")
+        self.size, self.version, self.token = msg
+        self._token_requests = self._requests   # requests sent when the token was taken
+        self.end = min(msg.size, self.start + self.length) if self.length is not None else msg.size
+        if self._requests == 1:
+            self.rtt_sample = now - self._sent_at
+        else:   # Karn's rule: not the request's round trip, but that of our ACK to the DATA
+            self._size_acked_at = now
+        self.state = RECEIVING
+        self._last_heard = now
+        self._next_request = now + self._request_rto
+        self._out.append(format_ack(self.pos, self.token))
+
+    def _on_data(self, msg, now):
+        if self.state != RECEIVING:
+            return None
+        if not self._flowing:
+            self._flowing = True
+            if self._size_acked_at is not None and msg.offset == self.start:
+                self.rtt_sample = now - self._size_acked_at
+        if msg.offset == self.pos:
+            payload = msg.payload
+            if self.pos + len(payload) > self.end or zlib.crc32(payload, self._r) != msg.crc:
+                return None   # damaged, misplaced or beyond the range: not acknowledged
+            self._r = msg.crc
+            self.pos += len(payload)
+            self._out.append(format_ack(self.pos, self.token))
+            return payload
+        if msg.offset < self.pos:
+            # A duplicate (perhaps of another size): our ACK was lost, say it again.
+            self._out.append(format_ack(self.pos, self.token))
+        return None
+
+    def _on_eof(self, msg, now):
+        if self.state == FINISHED and self.outcome in ("done", "mismatch"):
+            self._out.append(format_ack_eof(self.token))   # our ACK EOF was lost
+        if self.state != RECEIVING:
+            return
+        self._flowing = True
+        # Twice: a lost ACK EOF would leave the server retransmitting EOF to a closed socket
+        # until its retry limit; the server ignores the spare copy.
+        ack = format_ack_eof(self.token)
+        self._out += (ack, ack)
+        if self.pos != self.end:
+            # No server sends EOF before every byte is acknowledged: a forged or broken one.
+            # Keep the verified bytes and wait for data (a stall asks again).
+            return
+        good = msg.crc == self._r
+        self._finish("done" if good else "mismatch")
+
+    @property
+    def received(self):
+        return self.pos - self.start
