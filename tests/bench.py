@@ -158,11 +158,12 @@ def child_server(folder_path, host=LOOPBACK):
     import logging
 
     import server
+    from udpxfer.folder import Folder
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="server %(levelname)s %(message)s")
     settings = config.ServerSettings()
-    folder = server.Folder(folder_path, None, settings)
+    folder = Folder(folder_path, None, settings)
     srv = server.Server(folder, host, 0, settings)
     d = srv.dispatcher
     c = {"datagrams": 0, "bytes": 0, "retransmissions": 0, "early": 0, "payload_bytes": 0,

@@ -17,6 +17,7 @@ import time
 import client
 import config
 import server
+from udpxfer.folder import Folder
 
 # The server logs to "udpxfer"; tests check behaviour, not log lines, so keep the output clean
 # (set UDPXFER_TEST_LOG=DEBUG to see them).
@@ -58,7 +59,7 @@ class ServerThread:
 
     def __init__(self, files_dir, settings=None, host="127.0.0.1", list_path=None, port=0):
         self.files_dir = files_dir
-        self.folder = server.Folder(files_dir, list_path, settings)
+        self.folder = Folder(files_dir, list_path, settings)
         self.server = server.Server(self.folder, host, port, settings or fast_server_settings())
         self.address = self.server.server_address[:2]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

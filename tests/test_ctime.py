@@ -12,10 +12,10 @@ import re
 import time
 import unittest
 
-import server
 from tests import support
 from tests.impair import ImpairProxy, Impairment
 from tests.test_resume import DataCounter
+from udpxfer.folder import Folder, file_identity, file_version
 from udpxfer.wire import format_size
 
 SIZE = 3 * 1024 * 1024
@@ -55,14 +55,14 @@ class SameSizeOldMtimeTest(unittest.TestCase):
         time.sleep(0.02)   # past the change time's granularity on coarse file systems
         self.rewrite()
         after = self.skip_unless_ctime_moves(before)
-        self.assertNotEqual(server._identity(after), server._identity(before))
-        self.assertNotEqual(server._version(after), server._version(before))
+        self.assertNotEqual(file_identity(after), file_identity(before))
+        self.assertNotEqual(file_version(after), file_version(before))
         for st in (before, after):
-            self.assertTrue(re.fullmatch(r"[\x21-\x7e]{1,64}", server._version(st)))
-            format_size(st.st_size, server._version(st), b"0" * 16)   # a valid SIZE
+            self.assertTrue(re.fullmatch(r"[\x21-\x7e]{1,64}", file_version(st)))
+            format_size(st.st_size, file_version(st), b"0" * 16)   # a valid SIZE
 
     def test_open_source_notices(self):
-        folder = server.Folder(self.tmp.files)
+        folder = Folder(self.tmp.files)
         entry = folder.lookup("c.bin")
         source = entry.open()
         self.addCleanup(source.close)

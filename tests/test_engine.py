@@ -22,6 +22,7 @@ import server
 from tests import support
 from udpxfer.client_transfer import RECEIVING, ClientTransfer
 from udpxfer.dispatcher import ServerDispatcher
+from udpxfer.folder import Folder
 from udpxfer.netpath import Path, fragment_payload, fragments, size_ladder
 from udpxfer.rtt import RttEstimator
 from udpxfer.server_transfer import MemoryEntry
@@ -642,7 +643,7 @@ class ServerLoopTest(unittest.TestCase):
     def run_loop(self, queued):
         tmp = support.TempDirs()
         self.addCleanup(tmp.cleanup)
-        srv = server.Server(server.Folder(tmp.files, os.path.join(tmp.root, "list.txt")),
+        srv = server.Server(Folder(tmp.files, os.path.join(tmp.root, "list.txt")),
                             "127.0.0.1", 0)
         self.addCleanup(srv.close)
         fake = srv.dispatcher = self.Dispatcher()
