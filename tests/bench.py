@@ -6,8 +6,8 @@ then the targets, each marked PASS, MISS or SKIP (not measurable here).
 
 How it measures
 - The server runs in a child process (server.Server on 127.0.0.1:0, default ServerSettings) and
-  the client in another (client.Client(...).fetch(), default ClientSettings but for the parts,
-  which each row names: 1, 4, or "default": 0 = automatic, client.PartsTuner, the default of
+  the client in another (udpxfer.fetch.Client(...).fetch(), default ClientSettings but for the
+  parts, which each row names: 1, 4, or "default": 0 = automatic, PartsTuner, the default of
   client.py), so the two sides use the two cores as they do in real use. Children are this
   script run with --child-*; they talk JSON lines over stdout and are told to start over stdin,
   so interpreter start-up is never timed. The impairment proxy (tests/impair.py), when used,
@@ -228,8 +228,10 @@ def child_server(folder_path, host=LOOPBACK):
 
 def child_client(spec_text):
     """Runs the jobs of the spec (one thread each when there are several), all started at once
-    on 'go'. A job downloads one name with client.Client.fetch, or fetches the listing."""
+    on 'go'. A job downloads one name with Client.fetch, or fetches the listing."""
     import client
+    from udpxfer.fetch import Client
+    from udpxfer.partial import PartialFile
     from udpxfer.wire import format_listing
 
     spec = json.loads(spec_text)
@@ -238,8 +240,8 @@ def child_client(spec_text):
         # Default settings, automatic parts (0) included, unless the job names its parts.
         settings = config.ClientSettings(parts=job.get("parts", config.ClientSettings().parts))
         printer = client.Printer(quiet=True, stream=sys.stderr)
-        c = client.Client(spec["host"], spec["port"], settings, printer, job.get("out_dir"))
-        target = client.PartialFile(job["out_dir"], job["name"]) if job.get("name") else None
+        c = Client(spec["host"], spec["port"], settings, printer, job.get("out_dir"))
+        target = PartialFile(job["out_dir"], job["name"]) if job.get("name") else None
         if target is not None:
             _time_calls(target, ("save", "finish"))
         prepared.append((job, c, target, settings))

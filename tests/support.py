@@ -17,7 +17,9 @@ import time
 import client
 import config
 import server
+from udpxfer.fetch import Client
 from udpxfer.folder import Folder
+from udpxfer.partial import PartialFile
 
 # The server logs to "udpxfer"; tests check behaviour, not log lines, so keep the output clean
 # (set UDPXFER_TEST_LOG=DEBUG to see them).
@@ -128,16 +130,15 @@ def ipv6_loopback():
 
 
 def make_client(address, out_dir, settings=None):
-    """A client.Client that prints nothing."""
+    """A Client (udpxfer/fetch.py) that prints nothing."""
     printer = client.Printer(quiet=True, stream=io.StringIO())
-    return client.Client(address[0], address[1], settings or fast_client_settings(), printer,
-                         out_dir)
+    return Client(address[0], address[1], settings or fast_client_settings(), printer, out_dir)
 
 
 def download(address, name, out_dir, parts=1, settings=None, size_hint=None):
-    """Download one name into out_dir, as `client.py NAME` does. Raises client.Failure."""
+    """Download one name into out_dir, as `client.py NAME` does. Raises Failure."""
     c = make_client(address, out_dir, settings)
-    target = client.PartialFile(out_dir, name)
+    target = PartialFile(out_dir, name)
     try:
         c.fetch(name, target, parts, size_hint)
     finally:

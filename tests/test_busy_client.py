@@ -23,6 +23,10 @@ import client
 from tests import support
 from udpxfer.wire import (Data, Error, ProtocolError, Size, format_ack, format_download,
                           parse_server_message)
+import udpxfer.fetch
+from udpxfer.errors import Failure
+from udpxfer.fetch import Client
+from udpxfer.partial import MemoryTarget, PartialFile
 
 MiB = 1024 * 1024
 
@@ -36,7 +40,7 @@ def can_bind(host):
         return False
 
 
-class BoundClient(client.Client):
+class BoundClient(Client):
     """A client whose sockets send from a chosen local IP (127.0.0.2: another host)."""
 
     source = "127.0.0.1"
@@ -59,7 +63,7 @@ def bound_client(address, out_dir, source, settings=None, stream=None):
 
 
 def fetch(c, out_dir, name, parts, size_hint=None):
-    target = client.PartialFile(out_dir, name)
+    target = PartialFile(out_dir, name)
     try:
         return c.fetch(name, target, parts, size_hint)
     finally:
@@ -98,7 +102,7 @@ class BusyClientTest(unittest.TestCase):
         st = self.serve(max_transfers=0)           # no slot for anyone
         c = bound_client(st.address, self.tmp.downloads, "127.0.0.1",
                          support.fast_client_settings(give_up=1.0))
-        with self.assertRaises(client.Failure) as caught:
+        with self.assertRaises(Failure) as caught:
             fetch(c, self.tmp.downloads, "f.bin", 2)
         self.assertIn("server busy", str(caught.exception))
         self.assertNotIn("not answering", str(caught.exception))
@@ -171,7 +175,7 @@ class PieceTest(unittest.TestCase):
 
     def fetch_state(self, parts, size_hint=None, **settings):
         c = support.make_client(("127.0.0.1", 9), ".", support.fast_client_settings(**settings))
-        f = client._Fetch(c, "x", client.MemoryTarget(), parts, size_hint, 10.0, None)
+        f = udpxfer.fetch._Fetch(c, "x", MemoryTarget(), parts, size_hint, 10.0, None)
         self.addCleanup(f.sel.close)
         return f
 

@@ -22,6 +22,7 @@ import unittest
 
 import client
 from tests import support
+from udpxfer.ratelimit import Pacer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024
@@ -263,10 +264,10 @@ class RateParsingTest(unittest.TestCase):
         wake-up within the slack is caught up; idle time is not saved up for a burst; parts
         are limited so that a held ACK stays short."""
         rate, n = 4 * MiB, 65536
-        p = client.Pacer(rate)
+        p = Pacer(rate)
         self.assertEqual(p.max_parts, 64)
-        self.assertEqual(client.Pacer(65536).max_parts, 1)
-        self.assertEqual(client.Pacer(500 * 1024).max_parts, 7)
+        self.assertEqual(Pacer(65536).max_parts, 1)
+        self.assertEqual(Pacer(500 * 1024).max_parts, 7)
         now = 100.0
         dues = [p.take(n, now) for _ in range(10)]   # ten datagrams arrive together
         self.assertAlmostEqual(dues[0], now + n / rate)
@@ -278,7 +279,7 @@ class RateParsingTest(unittest.TestCase):
         now = 110.0
         self.assertAlmostEqual(p.take(n, now), now + n / rate)
         with self.assertRaises(ValueError):
-            client.Pacer(1000)
+            Pacer(1000)
 
 
 class RateLimitTest(Case):

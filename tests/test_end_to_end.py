@@ -29,6 +29,8 @@ from tests.impair import ImpairProxy, Impairment
 from udpxfer.wire import (MAX_DATAGRAM, MAX_ERROR, RECV_BUFSIZE, Data, Eof, Error, Size, crc_start,
                           format_ack, format_ack_eof, format_download, format_listing,
                           parse_server_message)
+from udpxfer.fetch import Client
+from udpxfer.ranges import RangeSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024
@@ -518,7 +520,7 @@ class SparseTarget:
 
     def __init__(self, size, version, have):
         self.size, self.version = size, version
-        self.done = client.RangeSet([(0, have)])
+        self.done = RangeSet([(0, have)])
         self.resumed = have
         self.chunks = {}
         self.finished = False
@@ -685,9 +687,9 @@ class LargeListingTest(EndToEndCase):
         support.download(st.address, "f0001.txt", self.tmp.downloads, settings=settings)
         self.assertEqual(self.tmp.downloaded("f0001.txt"), b"x" * sizes["f0001.txt"])
 
-        entries = client.Client(st.address[0], st.address[1], settings,
-                                client.Printer(quiet=True, stream=io.StringIO()),
-                                self.tmp.downloads).listing()
+        entries = Client(st.address[0], st.address[1], settings,
+                         client.Printer(quiet=True, stream=io.StringIO()),
+                         self.tmp.downloads).listing()
         self.assertEqual(len(entries), 5000)
         self.assertEqual(entries, want)
         text = format_listing(entries)

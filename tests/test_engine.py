@@ -29,6 +29,9 @@ from udpxfer.server_transfer import MemoryEntry
 from udpxfer.wire import (Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
                           format_ack_eof, format_data_header, format_download, format_eof,
                           format_listing, format_size, parse_server_message, token_maker)
+import udpxfer.fetch
+from udpxfer.fetch import PartsTuner
+from udpxfer.partial import MemoryTarget
 
 QUIET = logging.getLogger("udpxfer.tests.test_engine")
 QUIET.addHandler(logging.NullHandler())
@@ -91,7 +94,7 @@ class PartsTunerTest(unittest.TestCase):
     """The tuner sees bytes in hand over time; a synthetic path gives the rate for n parts."""
 
     def drive(self, rate_of, rtt, seconds=5.0, step=0.005):
-        tuner = client.PartsTuner(2, 64)
+        tuner = PartsTuner(2, 64)
         now, have, seen = 0.0, 0.0, []
         n = tuner.update(now, have, rtt)
         while now < seconds:
@@ -116,7 +119,7 @@ class PartsTunerTest(unittest.TestCase):
         self.assertLessEqual(sum(seen[-100:]) / 100, 2.5, "it holds the smaller number")
 
     def test_a_cap_holds_even_while_a_doubling_is_being_judged(self):
-        tuner = client.PartsTuner(2, 64)
+        tuner = PartsTuner(2, 64)
         now, have = 0.0, 0.0
         tuner.update(now, have, 0.01)                 # long path: 8 parts
         while tuner.n < 16:                           # it doubles ...
@@ -141,9 +144,9 @@ class AutoPlanTest(unittest.TestCase):
     def fetch(self, parts=0):
         c = types.SimpleNamespace(s=config.ClientSettings(), rtt=RttEstimator(
             0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
-        target = client.MemoryTarget()
+        target = MemoryTarget()
         target.size, target.version = 256 << 20, "v"
-        f = client._Fetch(c, "f", target, parts, None, 60.0, None)
+        f = udpxfer.fetch._Fetch(c, "f", target, parts, None, 60.0, None)
         self.addCleanup(f.sel.close)
         return f
 

@@ -11,9 +11,11 @@ import json
 import unittest
 from unittest import mock
 
-import client
 from tests import support
+import udpxfer.fetch
 from udpxfer.client_transfer import ClientTransfer
+from udpxfer.fetch import FAILED_CHECK, Part
+from udpxfer.partial import PartialFile
 
 FLIP_AT = 100
 
@@ -34,8 +36,8 @@ class FlippingTransfer(ClientTransfer):
         if self.start <= FLIP_AT and self.outcome == "done":
             # The check may be computed before the payload reaches the caller, and then it
             # does not see the flip: the bytes on disk are wrong all the same, so say it failed.
-            self.outcome = sorted(client.FAILED_CHECK)[0]
-        if self.outcome in client.FAILED_CHECK:
+            self.outcome = sorted(FAILED_CHECK)[0]
+        if self.outcome in FAILED_CHECK:
             raise KeyboardInterrupt   # Ctrl-C after the datagram, before housekeeping
         return payload
 
@@ -57,9 +59,9 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
         self.addCleanup(st.stop)
         settings = support.fast_client_settings(min_part_size=64 * 1024)
         c = support.make_client(st.address, self.tmp.downloads, settings)
-        target = client.PartialFile(self.tmp.downloads, "f.bin")
+        target = PartialFile(self.tmp.downloads, "f.bin")
         try:
-            with mock.patch.object(client, "ClientTransfer", FlippingTransfer):
+            with mock.patch.object(udpxfer.fetch, "ClientTransfer", FlippingTransfer):
                 with self.assertRaises(KeyboardInterrupt):
                     c.fetch("f.bin", target, 2, len(data))
         finally:
@@ -78,11 +80,11 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
 
     def test_part_failed_check_predicate(self):
         t = ClientTransfer("x", 0, 10, 0.0)
-        part = client.Part(None, t)
+        part = Part(None, t)
         part.written = 7
         self.assertFalse(part.failed_check)
         self.assertEqual(part.claimable(), (0, 7))
-        for outcome in client.FAILED_CHECK:
+        for outcome in FAILED_CHECK:
             t.outcome = outcome
             self.assertTrue(part.failed_check)
             self.assertIsNone(part.claimable())

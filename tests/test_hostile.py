@@ -42,6 +42,8 @@ from udpxfer.wire import (HUGE, MAX_DATAGRAM, MAX_ERROR, Ack, Data, DownloadRequ
                           format_data_header, format_download, format_eof, format_error,
                           format_listing, format_size, is_servable_name, parse_client_message,
                           parse_listing, parse_server_message)
+from udpxfer.errors import Failure
+from udpxfer.partial import PartialFile
 
 MiB = 1024 * 1024
 SECRET = b"TOPSECRET-do-not-serve-me\n"
@@ -1013,14 +1015,14 @@ class HostileServerTest(unittest.TestCase):
 
     def fetch(self, srv, name, timeout):
         c = self.client(srv)
-        return run_bounded(self, lambda: c.fetch(name, client.PartialFile(self.out, name)),
+        return run_bounded(self, lambda: c.fetch(name, PartialFile(self.out, name)),
                            timeout)
 
     def test_a_huge_listing_is_refused_quickly(self):
         srv = self.fake(range_server({None: b"a 1\n"}, announce=10 ** 15))
         c = self.client(srv)
         _, error, seconds = run_bounded(self, lambda: c.listing(), 5)
-        self.assertIsInstance(error, client.Failure)
+        self.assertIsInstance(error, Failure)
         self.assertLess(seconds, 1.0)
         self.assertEqual(srv.errors, [])
         self.assert_nothing_outside()
@@ -1029,7 +1031,7 @@ class HostileServerTest(unittest.TestCase):
     def test_b_a_file_larger_than_the_disk_is_refused_without_a_huge_file(self):
         srv = self.fake(range_server({"huge.bin": b"x" * 100}, announce=10 ** 18))
         _, error, seconds = self.fetch(srv, "huge.bin", 5)
-        self.assertIsInstance(error, client.Failure)
+        self.assertIsInstance(error, Failure)
         self.assertIn("free", str(error))
         self.assertLess(seconds, 1.0)
         self.assertFalse(os.path.exists(os.path.join(self.out, "huge.bin")))
@@ -1040,7 +1042,7 @@ class HostileServerTest(unittest.TestCase):
         content = bytes(range(256)) * 20
         srv = self.fake(range_server({"f.bin": content}, wrong_content=True, wrong_digest=True))
         _, error, seconds = self.fetch(srv, "f.bin", self.GIVE_UP + 6)
-        self.assertIsInstance(error, client.Failure)
+        self.assertIsInstance(error, Failure)
         self.assertLess(seconds, self.GIVE_UP + 3.0)
         self.assertFalse(os.path.exists(os.path.join(self.out, "f.bin")))
         self.assertGreaterEqual(len(srv.requests()), 2, "the client did not ask again")
@@ -1093,7 +1095,7 @@ class HostileServerTest(unittest.TestCase):
     def test_d_silence_after_size_stalls_retries_then_fails(self):
         srv = self.fake(range_server({"f.bin": b"y" * 5000}, silent=True))
         _, error, seconds = self.fetch(srv, "f.bin", self.GIVE_UP + 6)
-        self.assertIsInstance(error, client.Failure)
+        self.assertIsInstance(error, Failure)
         self.assertGreaterEqual(seconds, self.GIVE_UP - 0.1)
         self.assertLess(seconds, self.GIVE_UP + 3.0)
         requests = srv.requests()
@@ -1132,7 +1134,7 @@ class HostileServerTest(unittest.TestCase):
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        self.assertIsInstance(error, client.Failure)
+        self.assertIsInstance(error, Failure)
         self.assertLess(seconds, 1.0 + 3.0)
         self.assertLess(peak, 4 * MiB, "the client held %d bytes" % peak)
         self.assertGreaterEqual(len(srv.requests()), 2)
@@ -1164,8 +1166,8 @@ class HostileServerTest(unittest.TestCase):
         leaving = ["../evil", "/tmp/evil-abs", "sub/evil3"] + (
             ["..\\evil2"] if os.sep == "\\" else [])
         for name in leaving:
-            with self.assertRaises(client.Failure, msg=name):
-                client.PartialFile(self.out, name)
+            with self.assertRaises(Failure, msg=name):
+                PartialFile(self.out, name)
         # The positive control: the same server's legitimate file is fetched.
         ok, error, _ = run_bounded(self, lambda: app.download("ok.txt", self.GIVE_UP), 5)
         self.assertIsNone(error)

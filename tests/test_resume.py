@@ -21,6 +21,10 @@ from tests import support
 from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
 from udpxfer.wire import is_servable_name
+import udpxfer.partial
+from udpxfer.errors import Failure
+from udpxfer.partial import PartialFile
+from udpxfer.ranges import RangeSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +109,7 @@ class ResumeTests(unittest.TestCase):
         # Slow enough that the first record (after record_interval, 2 s) comes mid-download.
         proc = self.run_client_process(p.address, "big.bin", "--parts", "2", "-q",
                                        "--limit-rate", "3M")
-        record = client._temp_base(self.tmp.downloads, "big.bin") + ".resume"
+        record = udpxfer.partial._temp_base(self.tmp.downloads, "big.bin") + ".resume"
         self.assertTrue(wait_for(lambda: recorded_bytes(record)[0] >= size // 4, 20),
                         "no progress record appeared")
         proc.kill()   # SIGKILL on POSIX, TerminateProcess on Windows: no chance to clean up
@@ -114,7 +118,7 @@ class ResumeTests(unittest.TestCase):
         have, ranges = recorded_bytes(record)
         self.assertGreater(have, 0)
         # The record never claims a byte the partial file does not hold.
-        with open(client._temp_base(self.tmp.downloads, "big.bin") + ".part", "rb") as f:
+        with open(udpxfer.partial._temp_base(self.tmp.downloads, "big.bin") + ".part", "rb") as f:
             for a, b in ranges:
                 f.seek(a)
                 self.assertEqual(f.read(b - a), data[a:b], "recorded range [%d, %d)" % (a, b))
@@ -144,7 +148,7 @@ class ResumeTests(unittest.TestCase):
         p = self.proxy(st.address, to_client=Impairment(delay=0.004),
                        to_server=Impairment(delay=0.004))
         proc = self.run_client_process(p.address, "f.bin", "--parts", "1", "--limit-rate", "2M")
-        record = client._temp_base(self.tmp.downloads, "f.bin") + ".resume"
+        record = udpxfer.partial._temp_base(self.tmp.downloads, "f.bin") + ".resume"
         self.assertTrue(wait_for(lambda: recorded_bytes(record)[0] > 0, 20))
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
@@ -241,7 +245,7 @@ class ResumeTests(unittest.TestCase):
         self.tmp.make_file("v.bin", size, seed=7)
         st = self.serve()
         # A partial download of an older version: a record with another version token.
-        partial = client.PartialFile(self.tmp.downloads, "v.bin")
+        partial = PartialFile(self.tmp.downloads, "v.bin")
         partial.size, partial.version = size, "old-version"
         partial.write(0, b"\xff" * 65536)
         partial.done.add(0, 65536)
@@ -271,7 +275,7 @@ class ResumeTests(unittest.TestCase):
 
 class PlanningTests(unittest.TestCase):
     def test_rangeset(self):
-        r = client.RangeSet([(10, 20), (30, 40)])
+        r = RangeSet([(10, 20), (30, 40)])
         r.add(20, 30)
         self.assertEqual(r.ranges, [(10, 40)])
         self.assertEqual(r.missing(50), [(0, 10), (40, 50)])
@@ -301,7 +305,7 @@ class PlanningTests(unittest.TestCase):
     def test_resume_record_of_another_file_is_ignored(self):
         tmp = support.TempDirs()
         self.addCleanup(tmp.cleanup)
-        part = client.PartialFile(tmp.downloads, "x.bin")
+        part = PartialFile(tmp.downloads, "x.bin")
         part.size, part.version = 10, "v1"
         part.write(0, b"0123456789")
         part.done.add(0, 10)
@@ -313,7 +317,7 @@ class PlanningTests(unittest.TestCase):
             f.seek(0)
             f.truncate()
             json.dump(rec, f)
-        again = client.PartialFile(tmp.downloads, "x.bin")
+        again = PartialFile(tmp.downloads, "x.bin")
         self.assertIsNone(again.size)
         self.assertEqual(again.resumed, 0)
         self.assertFalse(os.path.exists(again.part_path))
@@ -333,14 +337,14 @@ class InterruptedWriteTests(unittest.TestCase):
         st = support.ServerThread(self.tmp.files).start()
         self.addCleanup(st.stop)
 
-        class Interrupted(client.PartialFile):
+        class Interrupted(PartialFile):
             writes = 0
 
             def write(self, offset, payload):
                 Interrupted.writes += 1
                 if Interrupted.writes == 40:   # Ctrl-C after a payload was accepted
                     raise KeyboardInterrupt
-                client.PartialFile.write(self, offset, payload)
+                PartialFile.write(self, offset, payload)
 
         c = support.make_client(st.address, self.tmp.downloads)
         target = Interrupted(self.tmp.downloads, "h.bin")
@@ -357,12 +361,12 @@ class InterruptedWriteTests(unittest.TestCase):
         self.assertEqual(self.tmp.downloaded("h.bin"), data)
 
     def test_two_clients_do_not_share_a_partial_file(self):
-        first = client.PartialFile(self.tmp.downloads, "x.bin")
+        first = PartialFile(self.tmp.downloads, "x.bin")
         self.addCleanup(first.release)
-        with self.assertRaises(client.Failure):
-            client.PartialFile(self.tmp.downloads, "x.bin")
+        with self.assertRaises(Failure):
+            PartialFile(self.tmp.downloads, "x.bin")
         first.release()
-        again = client.PartialFile(self.tmp.downloads, "x.bin")   # free once released
+        again = PartialFile(self.tmp.downloads, "x.bin")   # free once released
         again.release()
         self.assertEqual(os.listdir(self.tmp.downloads), [])
 
@@ -376,7 +380,7 @@ class WriteBehindTests(unittest.TestCase):
     def setUp(self):
         self.tmp = support.TempDirs()
         self.addCleanup(self.tmp.cleanup)
-        self.chunk = client.WRITE_BEHIND // 2
+        self.chunk = udpxfer.partial.WRITE_BEHIND // 2
 
     def _write(self, part, n, seed=0):
         data = bytes(random.Random(seed).getrandbits(8) for _ in range(256)) * (self.chunk // 256)
@@ -393,9 +397,9 @@ class WriteBehindTests(unittest.TestCase):
             calls.append((fd, ranges))
             time.sleep(0.01)   # still running when finish() comes
 
-        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        part = PartialFile(self.tmp.downloads, "w.bin")
         self.addCleanup(part.release)
-        with mock.patch.object(client, "_start_writeback", fake):
+        with mock.patch.object(udpxfer.partial, "_start_writeback", fake):
             data = self._write(part, 2)          # exactly WRITE_BEHIND bytes: one call
             self.assertTrue(wait_for(lambda: calls, 5))
             self.assertEqual(calls, [(part.f.fileno(), [(0, 2 * self.chunk)])])
@@ -412,9 +416,9 @@ class WriteBehindTests(unittest.TestCase):
             calls.append(ranges)
             release.wait(10)
 
-        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        part = PartialFile(self.tmp.downloads, "w.bin")
         self.addCleanup(part.release)
-        with mock.patch.object(client, "_start_writeback", fake):
+        with mock.patch.object(udpxfer.partial, "_start_writeback", fake):
             data = self._write(part, 6)          # three times WRITE_BEHIND
             self.assertTrue(wait_for(lambda: calls, 5))
             self.assertEqual(len(calls), 1)     # the first is still running: no second one
@@ -434,11 +438,11 @@ class WriteBehindTests(unittest.TestCase):
             release.wait(10)
 
         c = self.chunk
-        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        part = PartialFile(self.tmp.downloads, "w.bin")
         self.addCleanup(part.release)
         part.size, part.version = 20 * c, "v1"
         block = b"x" * c
-        with mock.patch.object(client, "_start_writeback", fake):
+        with mock.patch.object(udpxfer.partial, "_start_writeback", fake):
             part.write(0, block)
             part.write(10 * c, block)            # WRITE_BEHIND reached: first call
             self.assertTrue(wait_for(lambda: calls, 5))
@@ -453,7 +457,7 @@ class WriteBehindTests(unittest.TestCase):
         self.assertEqual(calls, [[(0, c), (10 * c, 11 * c)], [(c, 3 * c), (11 * c, 13 * c)]])
 
     def test_real_writeback_keeps_every_byte(self):
-        part = client.PartialFile(self.tmp.downloads, "w.bin")
+        part = PartialFile(self.tmp.downloads, "w.bin")
         self.addCleanup(part.release)
         data = self._write(part, 7, seed=5)
         part.finish()
