@@ -21,12 +21,12 @@ import unittest
 
 import client
 from tests import support
-from udpxfer.wire import (Data, Error, ProtocolError, Size, format_ack, format_download,
-                          parse_server_message)
-import udpxfer.fetch
 from udpxfer.errors import Failure
 from udpxfer.fetch import Client
-from udpxfer.partial import MemoryTarget, PartialFile
+from udpxfer.partial import PartialFile
+from udpxfer.planner import RangePlanner
+from udpxfer.wire import (Data, Error, ProtocolError, Size, format_ack, format_download,
+                          parse_server_message)
 
 MiB = 1024 * 1024
 
@@ -173,22 +173,15 @@ class BusyClientTest(unittest.TestCase):
 class PieceTest(unittest.TestCase):
     """Item 5: the part size is computed in one place, for the plan and the first request."""
 
-    def fetch_state(self, parts, size_hint=None, **settings):
-        c = support.make_client(("127.0.0.1", 9), ".", support.fast_client_settings(**settings))
-        f = udpxfer.fetch._Fetch(c, "x", MemoryTarget(), parts, size_hint, 10.0, None)
-        self.addCleanup(f.sel.close)
-        return f
-
     def test_first_length_and_plan_agree(self):
         for size in (10 * MiB, 100 * MiB, 3 * MiB, 10 ** 12):
             for parts in (2, 4, 16):
                 with self.subTest(size=size, parts=parts):
-                    f = self.fetch_state(parts, size)
-                    f.target.size = size
-                    f._plan()
-                    self.assertEqual(f._first_length(), f.queue[0][1] - f.queue[0][0])
+                    p = RangePlanner(support.fast_client_settings(), parts, size_hint=size)
+                    p.plan(size, [])
+                    self.assertEqual(p.first_length(), p.queue[0][1] - p.queue[0][0])
                     expect = min(max(size // (2 * parts), MiB), 64 * MiB)
-                    self.assertEqual(f._piece(size), expect)
+                    self.assertEqual(p.piece(size), expect)
 
 
 def ack_datagram(size_msg, n):

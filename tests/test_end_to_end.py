@@ -24,13 +24,13 @@ import zlib
 
 import client
 from tests import support
-from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
+from tests.support import wait_for
+from udpxfer.fetch import Client
+from udpxfer.ranges import RangeSet
 from udpxfer.wire import (MAX_DATAGRAM, MAX_ERROR, RECV_BUFSIZE, Data, Eof, Error, Size, crc_start,
                           format_ack, format_ack_eof, format_download, format_listing,
                           parse_server_message)
-from udpxfer.fetch import Client
-from udpxfer.ranges import RangeSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024

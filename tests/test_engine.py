@@ -6,7 +6,6 @@ the server loop's order of work: queued datagrams before due timers (a real sock
 Run: `python3 -m tests test_engine`.
 """
 
-import io
 import logging
 import os
 import random
@@ -16,7 +15,6 @@ import types
 import unittest
 import zlib
 
-import client
 import config
 import server
 from tests import support
@@ -24,14 +22,11 @@ from udpxfer.client_transfer import RECEIVING, ClientTransfer
 from udpxfer.dispatcher import ServerDispatcher
 from udpxfer.folder import Folder
 from udpxfer.netpath import Path, fragment_payload, fragments, size_ladder
-from udpxfer.rtt import RttEstimator
+from udpxfer.planner import PartsTuner, RangePlanner
 from udpxfer.server_transfer import MemoryEntry
 from udpxfer.wire import (Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
                           format_ack_eof, format_data_header, format_download, format_eof,
                           format_listing, format_size, parse_server_message, token_maker)
-import udpxfer.fetch
-from udpxfer.fetch import PartsTuner
-from udpxfer.partial import MemoryTarget
 
 QUIET = logging.getLogger("udpxfer.tests.test_engine")
 QUIET.addHandler(logging.NullHandler())
@@ -139,131 +134,112 @@ class PartsTunerTest(unittest.TestCase):
 
 class AutoPlanTest(unittest.TestCase):
     """With automatic parts the file is cut for one doubling more than the parts running, and
-    what is not yet asked for is cut again when the tuner changes its mind."""
+    what is not yet asked for is cut again when the tuner changes its mind (RangePlanner, on its
+    own: no sockets, no clock)."""
 
-    def fetch(self, parts=0):
-        c = types.SimpleNamespace(s=config.ClientSettings(), rtt=RttEstimator(
-            0.1, 0.02, 2.0), printer=client.Printer(quiet=True, stream=io.StringIO()))
-        target = MemoryTarget()
-        target.size, target.version = 256 << 20, "v"
-        f = udpxfer.fetch._Fetch(c, "f", target, parts, None, 60.0, None)
-        self.addCleanup(f.sel.close)
-        return f
+    SIZE = 256 << 20
+
+    def plan(self, parts=0):
+        return RangePlanner(config.ClientSettings(), parts)
+
+    @staticmethod
+    def schedule(plan, running=()):
+        """What the download loop does: while fewer than plan.parts run, take the next range.
+        `running`: parts in flight as (start, end, next byte wanted)."""
+        running = [(a, b, pos) for a, b, pos in running]
+        started = []
+        while plan.queue and len(running) < plan.parts:
+            a, n = plan.next_range(sum(b - pos for a, b, pos in running))
+            started.append((a, n))
+            running.append((a, a + n, a))
+        return started
 
     def test_few_big_ranges_while_few_parts_run(self):
-        f = self.fetch()
-        f._plan()
-        self.assertEqual((f.parts, f.plan_parts, len(f.queue)), (4, 8, 16))
-        self.assertEqual(f.queue[0], (0, 16 << 20))
+        p = self.plan()
+        p.plan(self.SIZE, [])
+        self.assertEqual((p.parts, p.plan_parts, len(p.queue)), (4, 8, 16))
+        self.assertEqual(p.queue[0], (0, 16 << 20))
 
     def test_the_first_range_is_small_whatever_the_listing_said(self):
         # Before SIZE only one range runs; on a long path a big one would be the last to end.
-        f = self.fetch()
-        f.size_hint = 32 << 20
-        self.assertEqual(f._first_length(), 1 << 20)
+        p = self.plan()
+        p.size_hint = 32 << 20
+        self.assertEqual(p.first_length(), 1 << 20)
 
     def test_ranges_not_yet_asked_for_are_cut_again(self):
-        f = self.fetch()
-        f._plan()
-        f.tuner.n = 16          # as if it had doubled and doubled again
-        f.tuner._at = 0.0
-        f.tuner.update = lambda now, have, rtt: 16
-        f.started = 0.0
-        f._progress(1.0)
-        self.assertEqual(f.plan_parts, 32)
-        self.assertEqual(len(f.queue), 64)
-        self.assertEqual(f.queue[0], (0, 4 << 20))
+        p = self.plan()
+        p.plan(self.SIZE, [])
+        p.tuner.update = lambda now, have, rtt: 16   # as if it had doubled and doubled again
+        self.assertTrue(p.update(1.0, 0, 0.0, 0, None, self.SIZE))
+        p.plan(self.SIZE, [])
+        self.assertEqual(p.plan_parts, 32)
+        self.assertEqual(len(p.queue), 64)
+        self.assertEqual(p.queue[0], (0, 4 << 20))
 
     def test_on_a_fast_path_a_range_lasts_part_seconds_at_the_rate_of_a_part(self):
         # Each range costs a round trip or two and some CPU on both sides: where a part moves
         # 200 MB/s, 4 MiB ranges would be asked for every 20 ms.
-        f = self.fetch()
-        f._plan()
-        f.tuner.update = lambda now, have, rtt: 16
-        f.started = 0.0
-        f.target.done.add(0, 200 << 20)          # 200 MiB in 1 s
-        f._progress(1.0)
-        rate = (200 << 20) / 1.0
-        self.assertEqual(f.min_piece, int(rate * f.s.part_seconds))
-        piece = f.min_piece
+        p = self.plan()
+        p.plan(self.SIZE, [])
+        p.tuner.update = lambda now, have, rtt: 16
+        rate = (200 << 20) / 1.0                  # 200 MiB in 1 s
+        self.assertTrue(p.update(1.0, 200 << 20, rate, 0, None, self.SIZE))
+        p.plan(self.SIZE, [(0, 200 << 20)])
+        self.assertEqual(p.min_piece, int(rate * p.s.part_seconds))
+        piece = p.min_piece
         self.assertGreater(piece, 4 << 20)
-        self.assertEqual(f.queue[0], (200 << 20, (200 << 20) + piece))
-        self.assertEqual(len(f.queue), -(-(56 << 20) // piece))
-
-    def running(self, f, ranges):
-        """Stand-ins for parts in flight: (start, end, next byte wanted)."""
-        f.active = [types.SimpleNamespace(t=types.SimpleNamespace(
-            start=a, end=b, length=b - a, pos=pos, received=pos - a)) for a, b, pos in ranges]
-
-    def start_recorder(self, f):
-        started = []
-
-        def start(a, n, now):
-            started.append((a, n))
-            self.running(f, [(p.t.start, p.t.end, p.t.pos) for p in f.active] + [(a, a + n, a)])
-        f._start = start
-        return started
+        self.assertEqual(p.queue[0], (200 << 20, (200 << 20) + piece))
+        self.assertEqual(len(p.queue), -(-(56 << 20) // piece))
 
     def test_near_the_end_each_new_range_is_a_parts_share_of_what_is_left(self):
         # 6 MiB left and 8 parts free: eight ranges of 768 KiB, which end together, instead of
         # one of 6 MiB that would run alone long after the others (on a lossy path, waiting out
         # a timeout for each loss: no other part's acknowledgement reveals it).
-        f = self.fetch(parts=8)
-        f.target.done.add(0, 250 << 20)
-        f.queue = [(250 << 20, 256 << 20)]
-        started = self.start_recorder(f)
-        f._schedule(0.0)
+        p = self.plan(parts=8)
+        p.queue = [(250 << 20, 256 << 20)]
+        started = self.schedule(p)
         self.assertEqual(started, [((250 << 20) + i * (768 << 10), 768 << 10) for i in range(8)])
-        self.assertEqual(f.queue, [])
+        self.assertEqual(p.queue, [])
 
     def test_what_runs_counts_as_left_and_what_is_cut_off_stays_first_in_line(self):
-        f = self.fetch(parts=8)
+        p = self.plan(parts=8)
         mib = 1 << 20
-        self.running(f, [(0, 4 * mib, 2 * mib)] * 6)     # 2 MiB to go in each of six
-        f.queue = [(10 * mib, 14 * mib), (14 * mib, 18 * mib)]
-        started = self.start_recorder(f)
-        f._schedule(0.0)
+        p.queue = [(10 * mib, 14 * mib), (14 * mib, 18 * mib)]
+        started = self.schedule(p, [(0, 4 * mib, 2 * mib)] * 6)   # 2 MiB to go in each of six
         # (12 + 8) MiB / 8 = 2.5 MiB; then what is left of that 4 MiB range, whole.
         self.assertEqual(started, [(10 * mib, 5 * mib // 2), (25 * mib // 2, 3 * mib // 2)])
-        self.assertEqual(f.queue, [(14 * mib, 18 * mib)])
+        self.assertEqual(p.queue, [(14 * mib, 18 * mib)])
 
     def test_far_from_the_end_and_with_one_part_ranges_are_asked_for_as_planned(self):
-        f = self.fetch(parts=4)
-        f._plan()
-        self.assertEqual(f._tail_cut(32 << 20), 32 << 20)
-        f = self.fetch(parts=1)
-        f._plan()
-        self.assertEqual(f.queue, [(0, 256 << 20)])
-        self.assertEqual(f._tail_cut(256 << 20), 256 << 20)
+        p = self.plan(parts=4)
+        p.plan(self.SIZE, [])
+        self.assertEqual(p.tail_cut(32 << 20, 0), 32 << 20)
+        p = self.plan(parts=1)
+        p.plan(self.SIZE, [])
+        self.assertEqual(p.queue, [(0, 256 << 20)])
+        self.assertEqual(p.tail_cut(256 << 20, 0), 256 << 20)
 
     def test_no_range_shorter_than_tail_seconds_at_a_parts_rate_nor_a_shorter_remainder(self):
-        f = self.fetch(parts=8)
-        f.started = 0.0
-        self.running(f, [(0, 64 << 20, 0)] * 4)
-        f.target.done.add(0, 100 << 20)           # 100 MiB in 1 s: a part's share of it
-        f._progress(1.0)                          # (of the 8 wanted, though 4 run now)
-        floor = int((100 << 20) / 8 * f.s.tail_seconds)
-        self.assertEqual(f.tail_piece, floor)
-        f.active = []
-        f.queue = [(100 << 20, (100 << 20) + 3 * floor)]
-        self.assertEqual(f._tail_cut(3 * floor), floor)     # 3 floors / 8 parts: one floor
-        f.queue = [(100 << 20, (100 << 20) + floor + floor // 2)]
-        self.assertEqual(f._tail_cut(floor + floor // 2), floor + floor // 2)   # not half one
-        f = self.fetch(parts=8)                   # a slow path: at least tail_min_size
-        f.started = 0.0
-        f.target.done.add(0, 1 << 20)
-        f.tail_piece = 0
-        f._progress(1.0)
-        self.assertEqual(f.tail_piece, f.s.tail_min_size)
+        p = self.plan(parts=8)
+        rate = (100 << 20) / 1.0                  # 100 MiB in 1 s: a part's share of it
+        p.update(1.0, 100 << 20, rate, 4, None, self.SIZE)   # (of the 8 wanted, though 4 run)
+        floor = int((100 << 20) / 8 * p.s.tail_seconds)
+        self.assertEqual(p.tail_piece, floor)
+        p.queue = [(100 << 20, (100 << 20) + 3 * floor)]
+        self.assertEqual(p.tail_cut(3 * floor, 0), floor)     # 3 floors / 8 parts: one floor
+        p.queue = [(100 << 20, (100 << 20) + floor + floor // 2)]
+        self.assertEqual(p.tail_cut(floor + floor // 2, 0), floor + floor // 2)   # not half one
+        p = self.plan(parts=8)                    # a slow path: at least tail_min_size
+        p.tail_piece = 0
+        p.update(1.0, 1 << 20, float(1 << 20), 0, None, self.SIZE)
+        self.assertEqual(p.tail_piece, p.s.tail_min_size)
 
     def test_fixed_parts_keep_their_ranges(self):
-        f = self.fetch(parts=16)
-        f._plan()
-        f.started = 0.0
-        f.target.done.add(0, 200 << 20)
-        f._progress(1.0)
-        self.assertEqual(f.min_piece, f.s.min_part_size)
-        self.assertEqual(f._piece(256 << 20), 8 << 20)
+        p = self.plan(parts=16)
+        p.plan(self.SIZE, [])
+        self.assertFalse(p.update(1.0, 200 << 20, float(200 << 20), 0, None, self.SIZE))
+        self.assertEqual(p.min_piece, p.s.min_part_size)
+        self.assertEqual(p.piece(self.SIZE), 8 << 20)
 
 
 class PathMtuTest(unittest.TestCase):

@@ -11,8 +11,8 @@ import json
 import unittest
 from unittest import mock
 
-from tests import support
 import udpxfer.fetch
+from tests import support
 from udpxfer.client_transfer import ClientTransfer
 from udpxfer.fetch import FAILED_CHECK, Part
 from udpxfer.partial import PartialFile

@@ -34,16 +34,16 @@ from collections import Counter
 
 import client
 from tests import support
-from tests.support import wait_for
 from tests.impair import ImpairProxy, Impairment
+from tests.support import wait_for
 from udpxfer.client_transfer import ClientTransfer
+from udpxfer.errors import Failure
+from udpxfer.partial import PartialFile
 from udpxfer.wire import (HUGE, MAX_DATAGRAM, MAX_ERROR, Ack, Data, DownloadRequest, Error,
                           ListRequest, ProtocolError, Size, crc_start, format_ack,
                           format_data_header, format_download, format_eof, format_error,
                           format_listing, format_size, is_servable_name, parse_client_message,
                           parse_listing, parse_server_message)
-from udpxfer.errors import Failure
-from udpxfer.partial import PartialFile
 
 MiB = 1024 * 1024
 SECRET = b"TOPSECRET-do-not-serve-me\n"

@@ -17,14 +17,14 @@ import unittest
 from unittest import mock
 
 import client
-from tests import support
-from tests.support import wait_for
-from tests.impair import ImpairProxy, Impairment
-from udpxfer.wire import is_servable_name
 import udpxfer.partial
+from tests import support
+from tests.impair import ImpairProxy, Impairment
+from tests.support import wait_for
 from udpxfer.errors import Failure
 from udpxfer.partial import PartialFile
 from udpxfer.ranges import RangeSet
+from udpxfer.wire import is_servable_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 transfer over a connected UDP socket of its own, all driven by one single-threaded selector loop;
 bytes go straight to the target at their offsets; the record of what is in is saved as it goes.
 
-Relies on: client_transfer (one range), planner-like parts tuning (PartsTuner), partial (the
+Relies on: client_transfer (one range), planner (which ranges, how many at once), partial (the
 targets), ratelimit (--limit-rate), errors, rtt, wire, config. Must not know: the command line,
 input.txt, or how results are shown (a printer is handed in).
 """
@@ -18,7 +18,7 @@ from udpxfer.client_transfer import FINISHED, ClientTransfer
 from udpxfer.display import format_addr, human
 from udpxfer.errors import Failure, NoServer
 from udpxfer.partial import MemoryTarget
-from udpxfer.ranges import RangeSet
+from udpxfer.planner import RangePlanner
 from udpxfer.ratelimit import Pacer
 from udpxfer.rtt import RttEstimator
 from udpxfer.wire import HUGE, RECV_BUFSIZE, parse_listing
@@ -49,66 +49,6 @@ class Part:
         """The bytes of this part a record may claim: [start, written), or none at all once
         the check failed (Ctrl-C can land between that and housekeeping)."""
         return None if self.failed_check else (self.t.start, self.written)
-
-
-class PartsTuner:
-    """How many parts to run at once when --parts is automatic: a hill climb on throughput.
-
-    Parallel parts pay on long paths (each stop-and-wait part moves one datagram per round
-    trip) and on lossy ones (another part's acknowledgements reveal a loss, and keep the path
-    busy while one part waits), and only contend where the round trip is short and both cores
-    are busy anyway (loopback). So: start with `start` parts (`long_start` on a path whose
-    round trip is over `long_rtt`: there one part alone does little); every window (four round
-    trips, at least `min_window` seconds) compare the rate with the window before. After a
-    doubling that paid (rate up by more than `gain`), double again, up to `most`; after one
-    that did not, go back and hold for `hold` windows before trying again. The three round
-    trips after a change are not judged: new parts spend them asking.
-    """
-
-    def __init__(self, start, most, min_window=0.03, gain=1.1, hold=3, long_start=8,
-                 long_rtt=0.002):
-        self.n, self.most = start, most
-        self.long_start, self.long_rtt = long_start, long_rtt
-        self.min_window, self.gain, self.hold = min_window, gain, hold
-        self._at = self._bytes = None
-        self._before = None          # (n, rate) before the last doubling
-        self._settle = False
-        self._held = 0
-
-    def cap(self, n):
-        """Never more than n parts from now on (the server had no slot for more)."""
-        self.most = self.n = n
-        self._before, self._settle = None, False
-
-    def update(self, now, have, rtt):
-        """Called from housekeeping with the bytes in hand; returns the number of parts."""
-        rtt = rtt or 0.0
-        if self._at is None:
-            self._at, self._bytes = now, have
-            if rtt > self.long_rtt:
-                self.n = max(self.n, min(self.long_start, self.most))
-            return self.n
-        if now - self._at < (3 * rtt if self._settle else max(self.min_window, 4 * rtt)):
-            return self.n
-        rate = (have - self._bytes) / (now - self._at)
-        self._at, self._bytes = now, have
-        if self._settle:
-            self._settle = False
-            return self.n
-        if self._before is not None:
-            n0, rate0 = self._before
-            self._before = None
-            if rate < rate0 * self.gain:          # the doubling did not pay: back, and hold
-                self.n, self._held = n0, self.hold
-                self._settle = True
-                return self.n
-        if self._held > 0:
-            self._held -= 1
-        elif self.n < self.most:
-            self._before = (self.n, rate)
-            self.n = min(self.n * 2, self.most)
-            self._settle = True
-        return self.n
 
 
 class Client:
@@ -227,19 +167,10 @@ class _Fetch:
     def __init__(self, client, name, target, parts, size_hint, give_up, label):
         self.c, self.name, self.target = client, name, target
         self.s = client.s
-        # parts == 0: automatic: the tuner decides how many run at once (see _plan_for).
-        self.tuner = None
-        if name is None:
-            parts = 1
-        elif parts == 0:
-            self.tuner = PartsTuner(self.s.auto_parts_start, self.s.auto_parts_max)
-        self.parts = self.tuner.n if self.tuner else max(1, parts)
-        self.plan_parts = self._plan_for(self.parts)
-        self.size_hint = size_hint
+        self.plan = RangePlanner(self.s, parts, name is None, size_hint)
         self.give_up = give_up
         self.label = label or (name if name is not None else "listing")
         self.active = []
-        self.queue = []             # ranges still to request, in order
         self.sel = selectors.DefaultSelector()
         self.failures = 0           # consecutive attempts that ended without progress
         self.retry_at = 0.0
@@ -256,30 +187,13 @@ class _Fetch:
         self.busy = 0               # of which the server had no slot for (ERROR BUSY)
         self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
         self.most_parts = 0         # the most parts that ran at once
-        self.min_piece = self.s.min_part_size   # the shortest range to cut (see _progress)
-        self.tail_piece = self.s.tail_min_size  # ... and to ask for near the end (_tail_cut)
 
-    # -- planning
-
-    def _plan_for(self, parts):
-        """How many parts the ranges are cut for: with automatic parts, for one doubling more
-        than run now (each new range costs a round trip or two; few big ones are cheapest), and
-        cut again when the number changes."""
-        if self.tuner is None:
-            return parts
-        return min(2 * parts, self.s.auto_parts_max)
+    # -- planning (RangePlanner decides; this says what is in hand and what runs)
 
     def _plan(self):
         """Cut what is missing (and not in flight) into ranges."""
-        size = self.target.size
-        busy = RangeSet(self.target.done.ranges + [(p.t.start, self._end_of(p.t))
-                                                   for p in self.active])
-        gaps = busy.missing(size)
-        if self.plan_parts == 1:
-            self.queue = gaps
-            return
-        piece = self._piece(size)
-        self.queue = [(a, min(a + piece, b)) for a, b in gaps for a in range(a, b, piece)]
+        self.plan.plan(self.target.size, self.target.done.ranges + [
+            (p.t.start, self._end_of(p.t)) for p in self.active])
 
     def _end_of(self, t):
         """Where a transfer's range ends: known from its SIZE, else as asked."""
@@ -288,26 +202,6 @@ class _Fetch:
         if t.length is None or self.target.size is None:
             return self.target.size if self.target.size is not None else HUGE
         return min(t.start + t.length, self.target.size)
-
-    def _first_length(self):
-        """Before the size is known only one range runs; guess its length from the listing."""
-        if self.name is None:
-            return None
-        if self.plan_parts == 1:
-            return HUGE
-        if self.size_hint:
-            # With automatic parts it is cut for the most parts: the tuner does not know the
-            # path yet, and on a long one a big first range would finish long after the rest.
-            return self._piece(self.size_hint,
-                               self.s.auto_parts_max if self.tuner else self.plan_parts)
-        return self.s.min_part_size
-
-    def _piece(self, size, parts=None):
-        """The length of one range of a file of `size` bytes fetched in `parts` parts (default
-        plan_parts): about size / (2 * parts) so the parts finish together, within
-        [min_piece, max_part_size]."""
-        return min(max(size // (2 * (parts or self.plan_parts)), self.min_piece),
-                   self.s.max_part_size)
 
     def _start(self, start, length, now):
         expect = (self.target.size, self.target.version) if self.target.version else None
@@ -328,28 +222,15 @@ class _Fetch:
             return
         if self.target.size is None:
             if not self.active:
-                self._start(0, self._first_length(), now)
+                self._start(0, self.plan.first_length(), now)
             return
-        if not self.queue and not self.active:
+        plan = self.plan
+        if not plan.queue and not self.active:
             self._plan()
-        while self.queue and len(self.active) < self.parts:
-            a, b = self.queue[0]
-            n = self._tail_cut(b - a)
-            if n < b - a:
-                self.queue[0] = (a + n, b)
-            else:
-                self.queue.pop(0)
-            self._start(a, n, now)
-
-    def _tail_cut(self, length):
-        """How much of the next planned range of `length` bytes to ask for: near the end of
-        the file only a part's share of what is left (asked for or not), so that the parts
-        finish together (config.ClientSettings.tail_seconds). Never a remainder shorter than
-        the shortest range."""
-        left = sum(b - a for a, b in self.queue)
-        left += sum(self._end_of(p.t) - p.t.pos for p in self.active)
-        n = max(-(-left // self.parts), self.tail_piece)
-        return length if length - n < self.tail_piece else n
+        while plan.queue and len(self.active) < plan.parts:
+            start, length = plan.next_range(sum(self._end_of(p.t) - p.t.pos
+                                                for p in self.active))
+            self._start(start, length, now)
 
     # -- the loop
 
@@ -489,17 +370,9 @@ class _Fetch:
                 self.c.printer.line("%s: server is answering again" % self.label)
                 self.warned = False
         rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
-        # (Here the parts wanted, not those running: near the end, several may just have ended.)
-        self.tail_piece = max(self.s.tail_min_size, int(
-            rate / max(len(self.active), self.parts) * self.s.tail_seconds))
-        if self.tuner is not None and self.target.size is not None:
-            # Ranges that last part_seconds at the rate a part gets: few on a fast path.
-            per_part = rate / max(len(self.active), 1)
-            self.min_piece = max(self.s.min_part_size, int(per_part * self.s.part_seconds))
-            self.parts = self.tuner.update(now, have, self.c.rtt.srtt)
-            if self._plan_for(self.parts) != self.plan_parts:
-                self.plan_parts = self._plan_for(self.parts)
-                self._plan()   # ranges not yet asked for are cut again for that many parts
+        if self.plan.update(now, have, rate, len(self.active), self.c.rtt.srtt,
+                            self.target.size):
+            self._plan()   # ranges not yet asked for are cut again for that many parts
         if self.name is not None:
             self.c.printer.progress(self.label, have, self.target.size, rate, now)
 
@@ -546,8 +419,8 @@ class _Fetch:
         outcome = t.outcome
         if t.version is not None and not self._conflicts(t):
             self.confirmations += 1
-        self.c.printer.detail("%s: [%d, %s) %s%s" % (self.label, t.start, t.end, outcome,
-                                                    " " + t.error_code if t.error_code else ""))
+        self.c.printer.detail("%s: [%d, %s) %s%s" % (
+            self.label, t.start, t.end, outcome, " " + t.error_code if t.error_code else ""))
         if outcome == "done":
             self.target.done.add(t.start, part.written)
             self.bad_requests = self.not_found = 0
@@ -589,9 +462,7 @@ class _Fetch:
         if self.name is None:
             self.target.reset()
         elif self.target.size is not None:   # else the first range is simply asked again
-            self.queue.insert(0, (t.start if part.failed_check else part.written,
-                                  self._end_of(t)))
-            self.queue = [r for r in self.queue if r[0] < r[1]]
+            self.plan.put_back(t.start if part.failed_check else part.written, self._end_of(t))
         self.c.stats["stalls"] += 1
         if t.received == 0 or outcome != "stalled":
             self.failures += 1
@@ -612,13 +483,10 @@ class _Fetch:
             return False
         t = part.t
         self.target.done.add(t.start, part.written)
-        self.queue.insert(0, (part.written, self._end_of(t)))
-        self.queue = [r for r in self.queue if r[0] < r[1]]
-        self.parts = max(1, len(self.active))
-        if self.tuner is not None:   # the tuner never asks for more than the server gives
-            self.tuner.cap(self.parts)
-        self.c.printer.detail("%s: server busy; going on with %d parts" % (self.label,
-                                                                          self.parts))
+        self.plan.put_back(part.written, self._end_of(t))
+        self.plan.cap(len(self.active))
+        self.c.printer.detail("%s: server busy; going on with %d parts" % (
+            self.label, self.plan.parts))
         return True
 
     def _restart(self, why, now):
@@ -634,6 +502,6 @@ class _Fetch:
         for part in self.active:
             self._close(part)
         self.active = []
-        self.queue = []
+        self.plan.queue = []
         self.target.reset()
         self.retry_at = 0.0
