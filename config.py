@@ -113,11 +113,23 @@ class ServerSettings(NamedTuple):
     # RTO is short.
     max_retransmits: int = 12
 
-    # Pools (PROTOCOL.md "Hostile input"). Active transfers hold an open file and up to two
-    # chunks (about 128 KiB): 128 of them stay within 20 MB, enough for 32 clients of 4 parts.
-    max_transfers: int = 128
+    # Pools (PROTOCOL.md "Hostile input"). An active transfer holds no payload of its own (a
+    # sent one is let go and read again if it must be resent) and shares the open file with the
+    # other transfers of that file: about 3 KB each, so 2,048 of them stay within 10 MB. A
+    # client on a long fat path runs hundreds of lanes (200 Mbit/s and 50 ms: over 200 of
+    # 6 KB datagrams); when slots are scarce each IP keeps its fair share.
+    max_transfers: int = 2048
+    # The next chunk of a transfer is read ahead (while its client handles this one: two
+    # cores) into buffers of a pool that holds at most this many bytes, shared by all
+    # transfers: memory for payloads is bounded in bytes, not per transfer.
+    read_ahead_bytes: int = 8 * 1024 * 1024
     # Requests whose SIZE is not yet acknowledged: small entries, no file opened, oldest evicted.
+    # From a stranger: in this pool; from a client socket that has transfers running, or had
+    # until validated_seconds ago (its other lanes): in a pool of their own, at most the IP's
+    # fair share (a client opens many lanes at once on a long path). Short, since a closed
+    # socket's port may soon be another's.
     max_pending: int = 96            # smaller than max_transfers (PROTOCOL.md)
+    validated_seconds: float = 3.0
     # IPs that completed a transfer keep this share of the pending pool: requests from other
     # addresses (a flood, perhaps from forged ones) can never evict them from it.
     pending_reserved: float = 0.25

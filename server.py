@@ -100,7 +100,6 @@ class Server:
         self._stop = False
         self.send_errors = 0
         self.started = time.monotonic()
-        self.unfinished_bytes = 0   # acknowledged bytes of transfers cut short by the stop
 
     def shutdown(self):
         """Ask serve_forever() to return (from another thread), and wake it up."""
@@ -126,7 +125,7 @@ class Server:
             except OSError as exc:
                 self.send_errors += 1
                 if exc.errno == errno.EMSGSIZE:   # e.g. macOS refuses > 9216 bytes by default
-                    self.dispatcher.too_big(addr, sum(map(len, datagram)), now)
+                    self.dispatcher.too_big(addr, datagram, now)
                 else:
                     log.debug("send to %s failed: %s", addr, exc)
 
@@ -184,7 +183,6 @@ class Server:
                     log.exception("internal error on a datagram from %s", addr)
                 self.folder.maybe_rescan(now)
         finally:
-            self.unfinished_bytes = sum(t.pos - t.start for t in d.active.values())
             d.close()
 
     def _idle(self):
@@ -208,11 +206,12 @@ class Server:
                 self._stop = True
 
     def summary(self):
-        """One line on what this server did, for the person stopping it."""
-        st = self.dispatcher.stats
-        served = st.get("bytes_served", 0) + self.unfinished_bytes
-        return "stopped after %s: %d transfers finished, %s served" % (
-            _uptime(time.monotonic() - self.started), st.get("finished", 0), human(served))
+        """One line on what this server did, for the person stopping it (after close(): the
+        files cut short by the stop count too)."""
+        served = self.dispatcher.served
+        what = "served nothing" if not served.lines else "served %d file%s, %s" % (
+            served.lines, "" if served.lines == 1 else "s", human(served.bytes))
+        return "stopped after %s: %s" % (_uptime(time.monotonic() - self.started), what)
 
     def close(self):
         self.dispatcher.close()

@@ -149,7 +149,7 @@ class BusyClientTest(unittest.TestCase):
         self.tmp.make_file("hog.bin", 64 * MiB, seed=35)
         # Small datagrams keep the hog cheap; a generous retransmission count keeps its slow
         # ACKs from timing out on a loaded machine (then slots would free by themselves).
-        st = self.serve(datagram_size=1232, max_retransmits=30)
+        st = self.serve(datagram_size=1232, max_retransmits=30, max_transfers=128)
         s = st.server.settings
         hog = Hog(st.address, "127.0.0.2", s.max_transfers)
         self.addCleanup(hog.stop)

@@ -180,6 +180,7 @@ class ServerCommandLineTest(Case):
     @unittest.skipIf(os.name == "nt", "Ctrl-C cannot be sent to one process on Windows")
     def test_ctrl_c_prints_what_was_served(self):
         data = self.tmp.make_file("s.bin", 300000, seed=4)
+        self.tmp.make_file("t.bin", 300000, seed=5)
         proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "server.py"), "--port", "0"]
             + self.server_args(), cwd=self.tmp.root, stdin=subprocess.DEVNULL,
@@ -197,14 +198,13 @@ class ServerCommandLineTest(Case):
         support.download(address, "s.bin", self.tmp.downloads)
         again = os.path.join(self.tmp.root, "again")
         os.mkdir(again)
-        support.download(address, "s.bin", again)   # twice: 2 x 300000 bytes served
+        support.download(address, "t.bin", again)   # two files: 2 x 300000 bytes served
         self.assertEqual(self.tmp.downloaded("s.bin"), data)
         proc.send_signal(signal.SIGINT)
         proc.wait(10)
         self.assertEqual(proc.returncode, 0)
         last = lines.get(timeout=5)
-        self.assertRegex(last, r"^stopped after 0:00:\d\d: \d+ transfers finished, "
-                               r"585\.9 KiB served\s*$")
+        self.assertRegex(last, r"^stopped after 0:00:\d\d: served 2 files, 585\.9 KiB\s*$")
         self.assertIsNone(lines.get(timeout=5), "one line only")
 
 

@@ -21,7 +21,7 @@ from tests import support
 from udpxfer.client_transfer import RECEIVING, ClientTransfer
 from udpxfer.dispatcher import ServerDispatcher
 from udpxfer.folder import Folder
-from udpxfer.netpath import Path, fragment_payload, fragments, size_ladder
+from udpxfer.netpath import Path, SendOrder, fragment_payload, fragments, size_ladder
 from udpxfer.planner import PartsTuner, RangePlanner
 from udpxfer.server_transfer import MemoryEntry
 from udpxfer.wire import (Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
@@ -444,25 +444,34 @@ class RetransmissionTest(unittest.TestCase):
         out = srv.ack(len(again.payload), A, srv.d.get_timer())
         self.assertEqual(out[0][0].offset, len(again.payload))
 
-    def test_early_resends_do_not_count_towards_giving_up(self):
-        # A long retransmission timer: every resend here is an early one.
-        srv = Server({"f": blob(200000), "g": blob(4 << 20)}, mtu=65536, rto_initial=0.5,
+    def test_early_resends_of_a_silent_datagram_back_off_and_do_not_count_towards_giving_up(self):
+        # A long retransmission timer: every resend here is an early one. B keeps being
+        # acknowledged while A's DATA is never answered (A's client is gone, B's is not: two
+        # clients behind one IP): A is resent early at once, then only after a whole RTO,
+        # backed off each time as after a timeout, and it lives until the silence limit.
+        srv = Server({"f": blob(200000), "g": blob(64 << 20)}, mtu=65536, rto_initial=0.5,
                      rto_min=0.5)
         self.start(srv, A, 0.0, "f")
         out_b = self.start(srv, B, 0.0005, "g")
-        t = srv.d.active[A]
-        # B keeps being acknowledged while A's DATA is never answered: A is resent early
-        # again and again, far more often than max_retransmits, and is still alive.
-        now, pos = 0.002, len(out_b[0][0].payload)
-        for _ in range(4 * srv.s.max_retransmits):
-            now += 0.002
+        t = srv.d.active[A, None]
+        now, pos, resends = 0.002, len(out_b[0][0].payload), []
+        while now < 4.5:
+            now += 0.005
+            before = t.retransmissions
             srv.timer(now)
             out = srv.ack(pos, B, now)
             pos += len(out[0][0].payload)
-            now += 0.0015
-            srv.timer(now)
+            if t.retransmissions != before:
+                resends.append(now)
         self.assertIsNone(t.outcome)
-        self.assertGreater(t.early_retransmissions, srv.s.max_retransmits)
+        self.assertEqual(t.early_retransmissions, len(resends))
+        self.assertEqual(len(resends), 4)                       # not one per evidence
+        gaps = [b - a for a, b in zip(resends, resends[1:])]
+        for gap, rto in zip(gaps, (0.5, 1.0, 2.0)):
+            self.assertAlmostEqual(gap, rto, delta=0.01)
+        self.assertLess(t.early_retransmissions, srv.s.max_retransmits)
+        srv.timer(5.1)                                          # the silence limit, as ever
+        self.assertEqual(t.outcome, "timeout")
 
     def test_no_sample_when_the_first_copy_was_lost_and_two_resends_arrived(self):
         srv = Server({"f": blob(4 << 20)}, mtu=65536)
@@ -471,7 +480,7 @@ class RetransmissionTest(unittest.TestCase):
         for _ in range(10):
             out = srv.ack(out[0][0].offset + len(out[0][0].payload), A, now + 0.001)
             now += 0.001
-        t = srv.d.active[A]
+        t = srv.d.active[A, None]
         pos = out[0][0].offset + len(out[0][0].payload)
         srv.timer(srv.d.get_timer())                  # the first copy is lost: resend
         srv.timer(srv.d.get_timer())                  # and again
@@ -505,7 +514,7 @@ class RetransmissionTest(unittest.TestCase):
             pos = out[0][0].offset + len(out[0][0].payload)
             out = srv.ack(pos, A, now + 0.001)
             now += 0.001
-        t = srv.d.active[A]
+        t = srv.d.active[A, None]
         sent = now
         deadline = srv.d.get_timer()
         self.assertLess(deadline - sent, 0.02)
@@ -529,7 +538,7 @@ class RetransmissionTest(unittest.TestCase):
                      rto_min=0.5)
         out_a = self.start(srv, A, 0.0, "f")
         out_b = self.start(srv, B, 0.0005, "g")
-        t, path = srv.d.active[A], srv.d.paths[A[0]]
+        t, order = srv.d.active[A, None], srv.d.orders[A[0]]
         pos_b = len(out_b[0][0].payload)
         out = srv.ack(pos_b, B, 0.002)
         pos_b += len(out[0][0].payload)
@@ -538,13 +547,13 @@ class RetransmissionTest(unittest.TestCase):
         pos_a = len(out_a[0][0].payload)
         srv.ack(pos_a, A, 0.011)
         srv.ack(pos_a, A, 0.0111)                 # the second copy's ACK: proof
-        self.assertEqual(path.reorder_mult, 2)
+        self.assertEqual(order.reorder_mult, 2)
         now = 0.012
         for _ in range(300):
             now += 0.001
             out = srv.ack(pos_b, B, now)
             pos_b += len(out[0][0].payload)
-        self.assertEqual(path.reorder_mult, 2)
+        self.assertEqual(order.reorder_mult, 2)
         self.assertEqual(t.early_retransmissions, 1)
 
 
@@ -552,15 +561,13 @@ class ReorderWindowTest(unittest.TestCase):
 
     def test_narrowed_again_only_after_reorder_persist_early_resends_none_needless(self):
         s = config.ServerSettings()
-        p = Path(s, 65507)
-        p.spurious(early=True)
-        self.assertEqual(p.reorder_mult, 2)
-        p.spurious(early=False)                   # a needless timeout says nothing of order
+        p = SendOrder(s, Path(s, 65507))
+        p.widen()
         self.assertEqual(p.reorder_mult, 2)
         for _ in range(s.reorder_persist - 1):
             p.early_resent()
         self.assertEqual(p.reorder_mult, 2)
-        p.spurious(early=True)                    # needless again: wider, count starts over
+        p.widen()                                 # needless again: wider, count starts over
         self.assertEqual(p.reorder_mult, 4)
         for _ in range(s.reorder_persist - 1):
             p.early_resent()
@@ -570,7 +577,7 @@ class ReorderWindowTest(unittest.TestCase):
         p.early_resent()                          # at 1 it stays 1
         self.assertEqual(p.reorder_mult, 1)
         for _ in range(10):
-            p.spurious(early=True)
+            p.widen()
         self.assertEqual(p.reorder_mult, s.reorder_mult_max)
 
     def test_an_early_resend_counts_towards_narrowing(self):
@@ -580,12 +587,12 @@ class ReorderWindowTest(unittest.TestCase):
         srv.ack(0, A, 0.001)
         srv.recv(format_download("g", 0, 10 ** 9), B, 0.0005)
         out_b = srv.ack(0, B, 0.0015)
-        path = srv.d.paths[A[0]]
-        path.reorder_mult, path._persist = 2, 1
+        order = srv.d.orders[A[0]]
+        order.reorder_mult, order._persist = 2, 1
         srv.ack(len(out_b[0][0].payload), B, 0.002)
         srv.timer(0.02)                           # A resent early: the last one it waited for
-        self.assertEqual(srv.d.active[A].early_retransmissions, 1)
-        self.assertEqual(path.reorder_mult, 1)
+        self.assertEqual(srv.d.active[A, None].early_retransmissions, 1)
+        self.assertEqual(order.reorder_mult, 1)
 
 
 class ServerLoopTest(unittest.TestCase):
@@ -667,10 +674,11 @@ class ForgottenRequestTest(unittest.TestCase):
     def test_tokens_differ_by_address_and_request_and_server(self):
         make = token_maker(b"k" * 32)
         req = DownloadRequest("f", 0, 10)
-        tokens = {make(A, req), make(B, req), make(A, DownloadRequest("f", 1, 10)),
-                  make(A, ListRequest()), token_maker()(A, req)}
-        self.assertEqual(len(tokens), 5)
-        self.assertEqual(make(A, req), make(A, req))
+        tokens = {make(A, None, req), make(B, None, req), make(A, None, DownloadRequest("f", 1, 10)),
+                  make(A, None, ListRequest()), token_maker()(A, None, req), make(A, 1, req),
+                  make(A, 2, req)}
+        self.assertEqual(len(tokens), 7)
+        self.assertEqual(make(A, 7, req), make(A, 7, req))
         self.assertTrue(all(len(t) == 16 and t == t.lower() for t in tokens))
 
     def test_the_client_takes_the_token_of_a_transfer_made_anew_before_data(self):
@@ -713,11 +721,11 @@ class ForgedRequestTest(unittest.TestCase):
         out = srv.recv(format_download("f", 0, 10 ** 9), A, 0.0)
         token = out[0][0].token
         data = srv.ack(0, A, 0.001)[0][0]
-        victim = srv.d.active[A]
+        victim = srv.d.active[A, None]
         srv.recv(b"LIST", A, 0.002)                                  # forged: a stranger
         srv.recv(format_download("g", 0, 10), A, 0.003)     # ... and again
         srv.recv(format_ack(0, b"0" * 16), A, 0.004)         # without the token
-        self.assertIs(srv.d.active[A], victim)
+        self.assertIs(srv.d.active[A, None], victim)
         self.assertIsNone(victim.outcome)
         out = srv.recv(format_ack(len(data.payload), token), A, 0.005)
         self.assertEqual(out[0][0].offset, len(data.payload), "the victim's ACKs still count")
@@ -727,7 +735,7 @@ class PathMemoryTest(unittest.TestCase):
 
     def test_send_order_stays_bounded_when_nothing_is_acknowledged_at_first_try(self):
         s = config.ServerSettings()
-        p = Path(s, 65507)
+        p = SendOrder(s, Path(s, 65507))
         for _ in range(100000):
             p.sent(None)
         self.assertLessEqual(len(p.outstanding), 2 * 4 * s.max_transfers + 64)

@@ -63,7 +63,7 @@ class Harness:
         return self.recv(format_download(NAME, offset, length), addr, now)
 
     def transfer(self, addr):
-        return self.d.active.get(addr) or self.d.pending.get(addr)
+        return self.d.active.get((addr, None)) or self.d.pending.get((addr, None))
 
 
 def ack(h, addr, n, now):
@@ -109,7 +109,7 @@ class ClientSilenceTest(unittest.TestCase):
         t = h.transfer(addr)
         times = self.run_timers(h, 1000.0)
         self.assertEqual(t.outcome, "timeout")
-        self.assertNotIn(addr, h.d.active)
+        self.assertNotIn((addr, None), h.d.active)
         self.assertAlmostEqual(times[-1], when)
         self.assertIsNone(h.d.get_timer())
 
@@ -120,7 +120,7 @@ class ClientSilenceTest(unittest.TestCase):
         h.request(addr, 0.0)
         h.request(addr, 0.05)     # SIZE sent twice: Karn, no sample, the RTO stays 0.25 s
         self.assertTrue(parsed(ack(h, addr, 0, 0.1), addr))
-        self.assertIsNone(h.d.active[addr].rtt.srtt)
+        self.assertIsNone(h.d.active[addr, None].rtt.srtt)
         self.check_given_up_at(h, addr, 0.1 + h.s.client_silence)
 
     def test_quiet_client_given_up_after_client_silence_with_a_loopback_rtt(self):
@@ -129,7 +129,7 @@ class ClientSilenceTest(unittest.TestCase):
         msg = start(h, addr, 0.0, rtt=0.0002)
         for i in range(5):        # a few quick round trips: the RTO is at its 2 ms floor
             msg = next_ack(h, addr, msg, 0.001 * (i + 1))[0]
-        self.assertLess(h.d.active[addr].rtt.rto, 0.01)
+        self.assertLess(h.d.active[addr, None].rtt.rto, 0.01)
         self.check_given_up_at(h, addr, 0.005 + h.s.client_silence)
 
     def test_slow_but_acknowledging_client_is_kept(self):
@@ -140,13 +140,13 @@ class ClientSilenceTest(unittest.TestCase):
         for _ in range(3):        # an ACK every 4.5 s (retransmissions in between) keeps it
             now += 4.5
             self.run_timers(h, now)
-            self.assertIn(addr, h.d.active)
+            self.assertIn((addr, None), h.d.active)
             msg = next_ack(h, addr, msg, now)[0]
             self.assertIsInstance(msg, Data)
         self.run_timers(h, now + h.s.client_silence - 0.01)
-        self.assertIn(addr, h.d.active)
+        self.assertIn((addr, None), h.d.active)
         self.run_timers(h, now + h.s.client_silence)
-        self.assertNotIn(addr, h.d.active)
+        self.assertNotIn((addr, None), h.d.active)
 
 
 # --- Item 2: a fair share of the slots per client IP ------------------------------------------
@@ -232,10 +232,10 @@ class FairShareTest(unittest.TestCase):
         y = (Y, 5000)
         first = c.start(y, 10.2, rtt=0.3)
         self.assertIsInstance(first[0], Data)
-        self.assertIn(y, h.d.active)
+        self.assertIn((y, None), h.d.active)
         self.assertEqual(h.d.stats["preempted"], 1)
         self.assertEqual(len(c.busy), 1)              # the preempted one was told
-        victims = [a for a in hogs if a not in h.d.active]
+        victims = [a for a in hogs if (a, None) not in h.d.active]
         self.assertEqual(len(victims), 1)
         # The hog asks again (a client uses a new port for that): BUSY, while Y is served.
         self.assertTrue(is_busy(parsed(h.request((X, 9999), 10.6), (X, 9999))))
@@ -296,8 +296,8 @@ class FairShareTest(unittest.TestCase):
             c.step(xs + ys, now)
             now += 0.02
         self.assertEqual((h.d.by_ip.held(X), h.d.by_ip.held(Y)), (4, 4))
-        moving_x = [a for a in xs if a in h.d.active and c.got.get(a, 0) > 1000]
-        moving_y = [a for a in ys if a in h.d.active and c.got.get(a, 0) > 1000]
+        moving_x = [a for a in xs if (a, None) in h.d.active and c.got.get(a, 0) > 1000]
+        moving_y = [a for a in ys if (a, None) in h.d.active and c.got.get(a, 0) > 1000]
         self.assertEqual((len(moving_x), len(moving_y)), (4, 4))
 
     def test_kept_alive_transfers_of_many_ips_give_way_to_a_waiting_client(self):
@@ -383,7 +383,7 @@ class OnePlaceForBusyTest(unittest.TestCase):
         h = Harness()
         addr = (X, 1)
         start(h, addr, 0.0)
-        t = h.d.active[addr]
+        t = h.d.active[addr, None]
         self.assertEqual((t.tries, t.ceiling), (1, h.s.datagram_size))
         h.timer(h.d.get_timer())
         self.assertEqual(t.tries, 2)
@@ -396,17 +396,17 @@ class PendingPoolTest(unittest.TestCase):
     def test_ip_counts(self):
         counts = IpCounts()
         for addr in [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("c", 1)]:
-            counts.add(addr)
+            counts.add(addr, addr[0])
         self.assertEqual((counts.size, counts.most(), counts.heaviest()), (6, 3, "b"))
         self.assertEqual(counts.oldest_of_heaviest(), ("b", 1))
-        counts.discard(("b", 1))
-        counts.discard(("b", 1))                      # twice: no harm
+        counts.discard(("b", 1), "b")
+        counts.discard(("b", 1), "b")                 # twice: no harm
         self.assertEqual((counts.size, counts.most(), counts.heaviest()), (5, 2, "a"))
         self.assertEqual(counts.oldest_of_heaviest(), ("a", 1))
         for addr in [("a", 1), ("a", 2), ("b", 2), ("b", 3)]:
-            counts.discard(addr)
+            counts.discard(addr, addr[0])
         self.assertEqual((counts.size, counts.most(), counts.heaviest()), (1, 1, "c"))
-        counts.discard(("c", 1))
+        counts.discard(("c", 1), "c")
         self.assertEqual((counts.size, counts.most(), counts.heaviest()), (0, 0, None))
 
     def flood_then_ack(self, h, real, flood_addrs, rtt=0.3, t0=1.0):
@@ -423,9 +423,9 @@ class PendingPoolTest(unittest.TestCase):
         real = (Y, 5000)
         got = self.flood_then_ack(h, real, ports(X, 2000))
         self.assertIsInstance(got[0], Data)
-        self.assertIn(real, h.d.active)
+        self.assertIn((real, None), h.d.active)
         self.assertGreater(h.d.stats["evicted"], 1900)
-        self.assertEqual({a[0] for a in h.d.pending}, {X})
+        self.assertEqual({a[0] for a, _ in h.d.pending}, {X})
 
     def test_the_flooders_oldest_is_dropped(self):
         h = Harness(max_pending=4, pending_reserved=0.0)
@@ -434,7 +434,7 @@ class PendingPoolTest(unittest.TestCase):
         h.request((X, 2), 0.2)
         h.request((Y, 2), 0.3)
         h.request((X, 3), 0.4)          # full: X holds most, its oldest goes
-        self.assertEqual(list(h.d.pending), [(Y, 1), (X, 2), (Y, 2), (X, 3)])
+        self.assertEqual([a for a, _ in h.d.pending], [(Y, 1), (X, 2), (Y, 2), (X, 3)])
 
     def test_flood_from_forged_ips_does_not_evict_a_returning_client(self):
         h = Harness(max_pending=16)
@@ -446,7 +446,7 @@ class PendingPoolTest(unittest.TestCase):
         forged = [("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 4000) for i in range(2000)]
         got = self.flood_then_ack(h, (Y, 5001), forged)
         self.assertIsInstance(got[0], Data)
-        strangers = [a for a in h.d.pending if a[0] != Y]
+        strangers = [a for a, _ in h.d.pending if a[0] != Y]
         reserved = int(h.s.max_pending * h.s.pending_reserved)
         self.assertLessEqual(len(strangers), h.s.max_pending - reserved)
 
@@ -459,12 +459,12 @@ class PendingPoolTest(unittest.TestCase):
         # Strangers from one IP: that IP and Y end up holding the same number.
         for addr in ports(X, 8):
             h.request(addr, 0.1)
-        self.assertEqual(sum(a[0] == X for a in h.d.pending), 4)
-        self.assertEqual(sum(a[0] == Y for a in h.d.pending), 4)
+        self.assertEqual(sum(a[0] == X for a, _ in h.d.pending), 4)
+        self.assertEqual(sum(a[0] == Y for a, _ in h.d.pending), 4)
         # From forged IPs, one each: Y gives way down to its reserve (8 // 4 = 2), no further.
         for i in range(100):
             h.request(("10.0.0.%d" % i, 1), 0.2)
-        self.assertEqual(sum(a[0] == Y for a in h.d.pending), 2)
+        self.assertEqual(sum(a[0] == Y for a, _ in h.d.pending), 2)
         self.assertEqual(len(h.d.pending), 8)
 
 

@@ -130,6 +130,12 @@ def pending_lifetime(s, rto=None):
     return max(total, s.pending_keep)
 
 
+def strangers(d):
+    """Requests waiting for their SIZE's ACK in the strangers' pool (max_pending): all but
+    those of client sockets with transfers running (their pool is bounded by the fair share)."""
+    return len(d.pending) - d.lane_pending.size
+
+
 def timers_bound(s):
     """ServerDispatcher compacts its timer heap past 4 entries per transfer plus 64."""
     return 4 * (s.max_transfers + s.max_pending) + 64 + 1
@@ -405,7 +411,8 @@ class LiveFuzzTest(unittest.TestCase):
                 send_errors += 1
             if i % 250 == 249:
                 replies += sum(drain(sock) for sock in socks)
-                samples.append((len(d.pending), len(d.active), len(d.recent), len(d._timers)))
+                samples.append((strangers(d), len(d.active), len(d.recent), len(d._timers),
+                                d.lane_pending.size))
                 # As fast as the server takes them in (so they are parsed, not dropped by a
                 # full socket buffer), but never waiting long: drops must not stall the sender.
                 wait_for(lambda: sent - d.stats["datagrams_in"] < self.WINDOW, 0.02)
@@ -432,12 +439,13 @@ class LiveFuzzTest(unittest.TestCase):
             self.assertIs(ok, True, "a download during the fuzzing failed: %r" % (ok,))
         # The server survived and its state stayed bounded throughout.
         self.assertTrue(st.thread.is_alive())
-        for pending, active, recent, timers in samples:
+        for pending, active, recent, timers, lanes in samples:
             self.assertLessEqual(pending, s.max_pending)
+            self.assertLessEqual(lanes, s.max_transfers)
             self.assertLessEqual(active, s.max_transfers)
             self.assertLessEqual(recent, s.recent_max)
             self.assertLessEqual(timers, timers_bound(s))
-        self.assertLessEqual(len(d.pending), s.max_pending)
+        self.assertLessEqual(strangers(d), s.max_pending)
         self.assertLessEqual(len(d.active), s.max_transfers)
         self.assertLessEqual(len(d.recent), s.recent_max)
         self.assertLessEqual(len(d._timers), timers_bound(s))
@@ -716,7 +724,7 @@ class Flood:
         self.rate, self.pool, self.uses = rate, pool, uses
         self.sent = 0
         self.sources = set()
-        self.max_pending = self.max_timers = self.max_recent = 0
+        self.max_pending = self.max_timers = self.max_recent = self.max_lane_pending = 0
         self.error = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -734,7 +742,8 @@ class Flood:
 
     def _sample(self):
         d = self.d
-        self.max_pending = max(self.max_pending, len(d.pending))
+        self.max_pending = max(self.max_pending, strangers(d))
+        self.max_lane_pending = max(self.max_lane_pending, d.lane_pending.size)
         self.max_timers = max(self.max_timers, len(d._timers))
         self.max_recent = max(self.max_recent, len(d.recent))
 
@@ -829,7 +838,8 @@ class ExhaustionTest(unittest.TestCase):
         # More addresses than the pool holds, yet the pools stayed bounded.
         self.assertGreater(len(flood.sources), 2 * s.max_pending)
         self.assertLessEqual(flood.max_pending, s.max_pending)
-        self.assertLessEqual(len(d.pending), s.max_pending)
+        self.assertLessEqual(strangers(d), s.max_pending)
+        self.assertLessEqual(flood.max_lane_pending, s.max_transfers)
         self.assertLessEqual(flood.max_timers, timers_bound(s))
         self.assertLessEqual(flood.max_recent, s.recent_max)
         self.assertLessEqual(len(d.active), s.max_transfers)

@@ -794,7 +794,7 @@ class Server:
         return self._drain()
 
     def transfer(self, addr=A):
-        return self.d.active.get(addr) or self.d.pending.get(addr)
+        return self.d.active.get((addr, None)) or self.d.pending.get((addr, None))
 
     def sent_to(self, addr):
         return [b for b, a in self.sent if a == addr]
@@ -862,12 +862,12 @@ class DispatcherBasics(DispatcherCase):
         size = one(self, srv.recv(b"DOWNLOAD a.bin 0 1000000"))
         self.assertEqual((size.size, size.version), (5000, "ver-1"))
         self.assertRegex(size.token, b"^[0-9a-f]{16}$")
-        self.assertIn(A, srv.d.pending)
+        self.assertIn((A, None), srv.d.pending)
         self.assertEqual(srv.ack(1), [])       # not the ACK of SIZE: ignored
         first = one(self, srv.ack(0))
         self.assertIsInstance(first, Data)
         self.assertEqual(first.offset, 0)
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         data, crc, count = self.run_to_eof(srv, first)
         self.assertEqual(data, FILE)
         self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
@@ -1122,7 +1122,7 @@ class DispatcherAcks(DispatcherCase):
             with self.subTest(datagram=datagram[:30]):
                 self.assertEqual(srv.recv(datagram, now=0.02 + k * 1e-4), [])
         self.assertEqual(srv.d.get_timer(), deadline)     # nor did they move the timer
-        self.assertIs(srv.transfer(), srv.d.active[A])
+        self.assertIs(srv.transfer(), srv.d.active[A, None])
         after = one(self, srv.ack(nxt, now=0.03))   # still going
         self.assertEqual(after.offset, nxt)
         data, crc, _ = self.run_to_eof(srv, after, now=0.03)
@@ -1131,7 +1131,7 @@ class DispatcherAcks(DispatcherCase):
         # with EOF outstanding: duplicate ACKs are ignored too, then ACK EOF ends it
         self.assertEqual(srv.ack(5000, now=1.0), [])
         self.assertEqual(srv.ack(4000, now=1.0), [])
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         self.assertEqual(srv.recv(format_ack_eof(srv.tokens[A]) + b"\r\n", now=1.0), [])
         self.assertEqual(srv.d.active, {})
 
@@ -1172,14 +1172,14 @@ class DispatcherAcks(DispatcherCase):
         self.assertEqual(size.size, 700)
         # A request alone (it could be forged) does not end the running transfer ...
         self.assertIsNone(old.outcome)
-        self.assertIs(srv.d.active[A], old)
-        new = srv.d.pending[A]
+        self.assertIs(srv.d.active[A, None], old)
+        new = srv.d.pending[A, None]
         self.assertIsNot(new, old)
         self.assertEqual(srv.ack(len(first.payload), now=0.2), [])   # the new token
         # ... its SIZE acknowledged with the new token does.
         data = one(self, srv.ack(0, now=0.2))
         self.assertEqual(old.outcome, "replaced")
-        self.assertIs(srv.d.active[A], new)
+        self.assertIs(srv.d.active[A, None], new)
         got, crc, _ = self.run_to_eof(srv, data, now=0.2)
         self.assertEqual(got, other)
         self.assertEqual(crc, range_crc(other, 0, len(other)))
@@ -1278,7 +1278,7 @@ class DispatcherShrink(DispatcherCase):
         srv = Server({"a.bin": MemoryEntry(blob(300000))})
         _, first = self.start(srv)
         self.assertEqual(len(srv.sent[-1][0]), ETHERNET_TOP)
-        srv.d.too_big(A, 65507, 0.0)
+        srv.d.too_big(A, (b"DATA 0 00000000\n", b"x" * 65491), 0.0)
         resent = one(self, srv._drain())
         self.assertLessEqual(len(srv.sent[-1][0]), 65507 // 2)
         self.assertLessEqual(srv.transfer().ceiling, 65507 // 2)
@@ -1296,7 +1296,7 @@ class DispatcherPools(DispatcherCase):
         for i, addr in enumerate(addrs):
             self.assertIsInstance(one(self, srv.recv(b"DOWNLOAD a.bin 0 100", addr, i * 0.01),
                                       addr), Size)
-        self.assertEqual(list(srv.d.pending), addrs[2:])
+        self.assertEqual([a for a, _ in srv.d.pending], addrs[2:])
         self.assertEqual(srv.d.stats["evicted"], 2)
         for addr in addrs[:2]:   # evicted: their ACK starts nothing, and sends no data
             for b, _ in srv.ack(0, addr, 0.1):
@@ -1304,7 +1304,7 @@ class DispatcherPools(DispatcherCase):
         self.assertEqual(srv.d.active, {})
         data = one(self, srv.ack(0, addrs[4], 0.1), addrs[4])   # a real client
         self.assertIsInstance(data, Data)
-        self.assertIn(addrs[4], srv.d.active)
+        self.assertIn((addrs[4], None), srv.d.active)
 
     def test_flood_does_not_crowd_out_a_real_client(self):
         srv = Server({"a.bin": MemoryEntry(FILE)}, max_pending=8, **SMALL)
@@ -1313,7 +1313,7 @@ class DispatcherPools(DispatcherCase):
         for i in range(500):
             srv.recv(b"DOWNLOAD a.bin 0 100", ("203.0.113.9", 2000 + i), 0.02)
         self.assertLessEqual(len(srv.d.pending), 8)
-        self.assertIn(C, srv.d.active)
+        self.assertIn((C, None), srv.d.active)
         self.assertIsInstance(one(self, srv.ack(100, C, 0.03), C), Eof)
 
     def test_byte_budget_while_remembered(self):
@@ -1332,7 +1332,7 @@ class DispatcherPools(DispatcherCase):
                         srv.timer(srv.d.get_timer())
                     # A request never acknowledged is not remembered as finished: its client
                     # may ask again and must get an answer.
-                    self.assertNotIn(A, srv.d.recent)
+                    self.assertNotIn((A, None), srv.d.recent)
                     self.assertEqual(srv.d.pending, {})
                     sent = srv.sent_to(A)
                     self.assertGreaterEqual(len(sent), 1)
@@ -1378,7 +1378,7 @@ class DispatcherPools(DispatcherCase):
         err = one(self, srv.ack(0, C), C)
         self.assertIsInstance(err, Error)
         self.assertEqual(err.code, "BUSY")
-        self.assertNotIn(C, srv.d.pending)
+        self.assertNotIn((C, None), srv.d.pending)
         self.assertIsNone(srv.transfer(C))
         # when one ends, there is room again
         srv.ack(100, A)
@@ -1392,7 +1392,7 @@ class DispatcherPools(DispatcherCase):
         self.assertIsInstance(one(self, srv.ack(0, A)), Data)
         err = one(self, srv.ack(0, B), B)
         self.assertEqual((type(err), err.code), (Error, "BUSY"))
-        self.assertEqual(list(srv.d.active), [A])
+        self.assertEqual(list(srv.d.active), [(A, None)])
         self.assertEqual(len(srv.d.pending), 0)
         srv.timer(100.0)
         self.assertEqual(srv.sent_to(B)[1:], [b"ERROR BUSY"])   # SIZE, BUSY: nothing more
@@ -1441,12 +1441,12 @@ class DispatcherStrangers(DispatcherCase):
         size = srv.recv(b"DOWNLOAD a.bin 0 100000", A)
         for datagram in self.GARBAGE:
             self.assertEqual(srv.recv(datagram, A, 0.01), [])
-        self.assertIn(A, srv.d.pending)
+        self.assertIn((A, None), srv.d.pending)
         first = one(self, srv.ack(0, A, 0.02))
         # while DATA is outstanding
         for datagram in self.GARBAGE:
             self.assertEqual(srv.recv(datagram, A, 0.03), [])
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         data, crc, _ = self.run_to_eof(srv, first, now=0.04)
         self.assertEqual(data, FILE)
         self.assertEqual(crc, range_crc(FILE, 0, len(FILE)))
@@ -1513,12 +1513,12 @@ class DispatcherTokens(DispatcherCase):
                     self.assertLess(now, 100.0, "never expires")
                     now += 0.01
                     srv.timer(now)
-                    pending = A in srv.d.pending
+                    pending = (A, None) in srv.d.pending
                     out = srv.recv(forged, A, now)
-                    self.assertNotIn(A, srv.d.active)
+                    self.assertNotIn((A, None), srv.d.active)
                     if pending:                        # ignored like a malformed datagram
                         self.assertEqual(out, [])
-                        self.assertIs(srv.d.pending[A], t)
+                        self.assertIs(srv.d.pending[A, None], t)
                     else:                              # expired: A is a stranger again
                         self.assertLessEqual(len(out), 1)
                         for b, _ in out:
@@ -1541,7 +1541,7 @@ class DispatcherTokens(DispatcherCase):
         token = srv.tokens[A]
         for k, forged in enumerate(self.forgeries(srv, token).values()):
             self.assertEqual(srv.recv(forged, A, 0.001 * k), [])
-        self.assertIn(A, srv.d.pending)
+        self.assertIn((A, None), srv.d.pending)
         first = one(self, srv.ack(0, A, 0.02))                # the right token
         self.assertEqual((type(first), first.offset), (Data, 0))
         data, crc, _ = self.run_to_eof(srv, first, now=0.02)
@@ -1577,11 +1577,11 @@ class DispatcherTokens(DispatcherCase):
         for tok in wrong:
             self.assertEqual(srv.ack_eof(A, 0.5, token=tok), [])
             self.assertEqual((t.state, t.outcome), (WAIT_EOF, None))
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         self.assertEqual(t.retransmissions, 0)
         self.assertEqual(srv.ack_eof(A, 0.5), [])
         self.assertEqual(t.outcome, "done")
-        self.assertNotIn(A, srv.d.active)
+        self.assertNotIn((A, None), srv.d.active)
 
     def test_tokens(self):
         tokens = {new_token() for _ in range(2000)}
@@ -1613,7 +1613,7 @@ class DispatcherTokens(DispatcherCase):
         self.assertIsInstance(one(self, srv.ack(0, A, 0.04)), Data)
 
     def test_deterministic_token(self):
-        srv = Server({"a.bin": MemoryEntry(FILE)}, new_token=lambda addr, req: TOKEN, **SMALL)
+        srv = Server({"a.bin": MemoryEntry(FILE)}, new_token=lambda addr, lane, req: TOKEN, **SMALL)
         size = one(self, srv.recv(self.REQ))
         self.assertEqual(size, Size(5000, MemoryEntry(FILE).version, TOKEN))
         self.assertEqual(srv.recv(ack(0, OTHER_TOKEN)), [])
@@ -1643,7 +1643,7 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         path = srv.d.paths[A[0]]
         self.assertAlmostEqual(path.rtt.srtt, 0.01)
         self.assertAlmostEqual(path.latest_rtt, 0.01)
-        self.assertAlmostEqual(path.loss_threshold(), 9 / 8 * 0.01)
+        self.assertAlmostEqual(srv.d.orders[A[0]].loss_threshold(), 9 / 8 * 0.01)
         self.assertIsNot(srv.d.paths[C[0]], path)
         return srv, a1, b0
 
@@ -1688,7 +1688,7 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         out = srv.ack(end_of(b0), B, 0.03)
         self.assertEqual([a for _, a in out], [B])
         self.assertEqual(t.retransmissions, 0)
-        early_at = 0.02 + srv.d.paths[A[0]].loss_threshold()
+        early_at = 0.02 + srv.d.orders[A[0]].loss_threshold()
         self.assertAlmostEqual(early_at, 0.03125)
         self.assertAlmostEqual(t.deadline, early_at)
         self.assertLess(early_at + 0.01, rto_at)             # well before A's RTO
@@ -1751,25 +1751,25 @@ class DispatcherEarlyRetransmission(DispatcherCase):
     def evidence(self, mult, rto=None):
         """begin(b_sent=0.025) with the IP's reordering window widened `mult`-fold (and A's
         RTO set to `rto`), then B's later DATA acknowledged at 0.035: the evidence against A's
-        DATA 1, sent at 0.02. -> (srv, a1, A's transfer, the path, A's deadline and its
-        timeout before the evidence)."""
+        DATA 1, sent at 0.02. -> (srv, a1, A's transfer, the IP's send order, A's deadline and
+        its timeout before the evidence)."""
         srv, a1, b0 = self.begin(b_sent=0.025)
-        t, path = srv.transfer(A), srv.d.paths[A[0]]
-        path.reorder_mult = mult
+        t, order = srv.transfer(A), srv.d.orders[A[0]]
+        order.reorder_mult = mult
         if rto is not None:
             t.rtt.rto = rto
         rto_at, timeout = t.deadline, t.rto()
         srv.ack(end_of(b0), B, 0.035)
-        return srv, a1, t, path, rto_at, timeout
+        return srv, a1, t, order, rto_at, timeout
 
     def test_a_wide_reordering_window_holds_the_timeout_back(self):
-        # After needless early resends (Path.spurious) the window is 4 times wider: 45 ms,
+        # After needless early resends (SendOrder.widen) the window is 4 times wider: 45 ms,
         # longer than A's RTO. Once B's later DATA is acknowledged, that window, not the RTO,
         # sets A's timer (RFC 9002 A.8): the client answers, out of order, so A is resent only
         # when the window has passed, as an early resend (no backoff, no timeout counted).
-        srv, a1, t, path, rto_at, timeout = self.evidence(4)
+        srv, a1, t, order, rto_at, timeout = self.evidence(4)
         rto = t.rtt.rto
-        threshold = path.loss_threshold()
+        threshold = order.loss_threshold()
         self.assertAlmostEqual(threshold, 4 * 9 / 8 * 0.01)
         self.assertLess(rto_at, 0.02 + threshold)
         self.assertLess(threshold, 2 * timeout)
@@ -1782,11 +1782,11 @@ class DispatcherEarlyRetransmission(DispatcherCase):
 
     def test_a_window_widened_after_the_evidence_holds_too(self):
         srv, a1, b0 = self.begin(b_sent=0.02)
-        t, path = srv.transfer(A), srv.d.paths[A[0]]
+        t, order = srv.transfer(A), srv.d.orders[A[0]]
         srv.ack(end_of(b0), B, 0.03)
         self.assertAlmostEqual(t.deadline, 0.03125)          # 9/8 of 10 ms after A's send
-        path.spurious(early=True)    # another transfer's early resend proved needless
-        self.assertEqual(path.reorder_mult, 2)
+        order.widen()                # another transfer's early resend proved needless
+        self.assertEqual(order.reorder_mult, 2)
         self.assertNotIn(A, [a for _, a in srv.timer(0.03125)])
         self.assertEqual(t.retransmissions, 0)
         self.assertAlmostEqual(t.deadline, 0.02 + 2 * 0.01125)
@@ -1798,11 +1798,11 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         # (backed off), so that a wide window never turns a loss into a long stall. So it does
         # when the timer fires late, at 250 ms, after the window has passed too.
         for late in (False, True):
-            srv, a1, t, path, rto_at, rto = self.evidence(16)
-            self.assertGreater(path.loss_threshold(), 2 * rto)
+            srv, a1, t, order, rto_at, rto = self.evidence(16)
+            self.assertGreater(order.loss_threshold(), 2 * rto)
             self.assertAlmostEqual(t.deadline, 0.02 + 2 * rto)
             if late:
-                self.assertLess(0.02 + path.loss_threshold(), 0.25)
+                self.assertLess(0.02 + order.loss_threshold(), 0.25)
                 self.assertIn((a1, A), srv.timer(0.25))
             else:
                 self.assertNotIn(A, [a for _, a in srv.timer(t.deadline - 1e-6)])
@@ -1815,15 +1815,15 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         # 5 s after A's DATA was sent, and then the transfer ends without a resend, also when
         # the timer fires late, when the window would say "resend now".
         for late in (0.0, 20.0):
-            srv, a1, t, path, rto_at, rto = self.evidence(1000, rto=3.0)
+            srv, a1, t, order, rto_at, rto = self.evidence(1000, rto=3.0)
             silence = 0.02 + srv.s.client_silence
             self.assertAlmostEqual(t.deadline, silence)
             self.assertNotIn(A, [a for _, a in srv.timer(silence - 1e-6)])
             if late:   # by then the window would say "resend now"
-                self.assertLess(0.02 + path.loss_threshold(), silence + late)
+                self.assertLess(0.02 + order.loss_threshold(), silence + late)
             self.assertNotIn(A, [a for _, a in srv.timer(silence + late)])
             self.assertEqual((t.outcome, t.retransmissions), ("timeout", 0))
-            self.assertNotIn(A, srv.d.active)
+            self.assertNotIn((A, None), srv.d.active)
 
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on
@@ -2014,11 +2014,11 @@ class PathSize(DispatcherCase):
         clean.outcome(65507, lost=False)
         undone.outcome(65507, lost=True)
         self.assertGreater(undone.loss_rate(), clean.loss_rate())
-        undone.spurious(False)
+        undone.spurious()
         self.assertAlmostEqual(undone.loss_rate(), clean.loss_rate(), places=12)
         fresh = Path(self.S, 65507)
         fresh.outcome(65507, lost=True)
-        fresh.spurious(False)
+        fresh.spurious()
         self.assertEqual(fresh.loss_rate(), 0.0)       # never below no loss
 
     def test_transfers_use_the_smaller_of_path_size_and_ceiling(self):
@@ -2574,14 +2574,14 @@ class ReviewRegressions(unittest.TestCase):
         self.assertIsInstance(first, Data)
         # a damaged copy names another file: NOT_FOUND, and the transfer goes on
         srv.recv(b"DOWNLOAD a.bim 0 5000", now=0.02)
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         nxt = one(self, srv.ack(len(first.payload), now=0.03))
         self.assertEqual(nxt.offset, len(first.payload))
         # a different valid request, once its SIZE is acknowledged, does end it
         srv.recv(b"DOWNLOAD a.bin 100 10", now=0.04)
-        self.assertIn(A, srv.d.active)
+        self.assertIn((A, None), srv.d.active)
         srv.ack(100, now=0.05)
-        self.assertEqual(srv.d.active[A].start, 100)
+        self.assertEqual(srv.d.active[A, None].start, 100)
 
     def test_listing_drops_names_no_server_may_serve(self):
         text = b"ok.txt 5\n\x1b[2Jevil 3\n../up 4\n"

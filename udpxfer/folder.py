@@ -14,7 +14,7 @@ import stat
 import time
 
 import config
-from udpxfer.server_transfer import Changed, MemoryEntry
+from udpxfer.server_transfer import Changed, MemoryEntry, Unreadable
 from udpxfer.wire import format_listing, is_servable_name
 
 log = logging.getLogger("udpxfer.server")
@@ -81,8 +81,16 @@ class FileEntry:
         self.path, self.size, self.version, self.identity = path, st.st_size, file_version(st), \
             file_identity(st)
 
+    @property
+    def key(self):
+        """What makes two entries one open file for the transfers that read it."""
+        return self.path, self.identity
+
     def open(self):
-        return FileSource(self.path, self.identity)
+        try:
+            return FileSource(self.path, self.identity)
+        except PermissionError:
+            raise Unreadable() from None
 
 
 class Folder:
@@ -97,13 +105,15 @@ class Folder:
         self._listing_bytes = None
         self._scanned_at = self._checked_at = None
         self._dir_mtime = None
+        self._unreadable = set()    # names said to be unreadable (said once, until readable)
         if not os.path.isdir(self.root):
             raise FileNotFoundError("no such folder: %s" % root)
         if list_path is not None and self._inside(os.path.realpath(list_path)):
             raise ValueError("the list file must not be inside the served folder")
 
     def lookup(self, name):
-        """The entry for a servable name, checked on disk now; None for anything else."""
+        """The entry for a servable name, checked on disk now; None for anything else.
+        Raises Unreadable for a file the server may not read (said in the log once)."""
         if not is_servable_name(name):
             return None
         path = os.path.join(self.root, name)
@@ -119,7 +129,23 @@ class Folder:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
+        if not self._readable(name, real):
+            raise Unreadable()
         return FileEntry(real, st)
+
+    def _readable(self, name, path):
+        """Whether the server may read the file; the first time it may not, the log says so
+        (the operator can fix the permissions), and again once it may."""
+        if os.access(path, os.R_OK):
+            if name in self._unreadable:
+                self._unreadable.discard(name)
+                log.info("%s is readable again: served", name)
+            return True
+        if name not in self._unreadable:
+            self._unreadable.add(name)
+            log.warning("cannot read %s (permission denied): not listed, and refused to "
+                        "clients", os.path.join(self.root, name))
+        return False
 
     def _inside(self, real):
         try:
@@ -146,11 +172,12 @@ class Folder:
                 continue
             try:
                 if e.is_file(follow_symlinks=False):   # the common case: no realpath needed
-                    found[name] = e.stat(follow_symlinks=False).st_size
+                    if self._readable(name, e.path):
+                        found[name] = e.stat(follow_symlinks=False).st_size
                     continue
-            except OSError:
+                entry = self.lookup(name)   # a link: served only if it stays inside the folder
+            except (OSError, Unreadable):
                 continue
-            entry = self.lookup(name)   # a link: served only if it stays inside the folder
             if entry is not None:
                 found[name] = entry.size
         self.files = found

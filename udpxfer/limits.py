@@ -46,13 +46,13 @@ def client_of(addr):
 
 
 class IpCounts:
-    """Entries (client addresses) grouped by client (client_of: IP, or IPv6 /64), oldest first,
-    with the client that holds the most found in O(1): groups[k] holds the clients with at
-    least k entries, in the order they got there (so only the top group can empty when an
+    """Entries (transfers, by their key) grouped by client (client_of: IP, or IPv6 /64), oldest
+    first, with the client that holds the most found in O(1): groups[k] holds the clients with
+    at least k entries, in the order they got there (so only the top group can empty when an
     entry goes). Every operation is O(1)."""
 
     def __init__(self):
-        self.by_ip = {}        # ip -> {addr: None}, oldest first
+        self.by_ip = {}        # ip -> {entry: None}, oldest first
         self.groups = [{}]     # groups[k]: {ip: None} of IPs holding >= k entries (k >= 1)
         self.size = 0
 
@@ -68,23 +68,21 @@ class IpCounts:
         """The IP holding the most entries (of those, the first to get there), or None."""
         return next(iter(self.groups[-1])) if self.size else None
 
-    def add(self, addr):
-        ip = client_of(addr)
+    def add(self, entry, ip):
         entries = self.by_ip.setdefault(ip, {})
-        entries[addr] = None
+        entries[entry] = None
         k = len(entries)
         if k == len(self.groups):
             self.groups.append({})
         self.groups[k][ip] = None
         self.size += 1
 
-    def discard(self, addr):
-        ip = client_of(addr)
+    def discard(self, entry, ip):
         entries = self.by_ip.get(ip)
-        if entries is None or addr not in entries:
+        if entries is None or entry not in entries:
             return
         del self.groups[len(entries)][ip]
-        del entries[addr]
+        del entries[entry]
         if not entries:
             del self.by_ip[ip]
         if len(self.groups) > 1 and not self.groups[-1]:

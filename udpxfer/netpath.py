@@ -1,7 +1,8 @@
-"""The server's model of the path to one client IP: round trips, the queue of the client's
+"""The server's model of the path to one client IP (Path): round trips, the queue of the client's
 DATAs in flight, the loss estimate, the datagram size that moves the most bytes, the orphan
-fragments a lost datagram leaves in the client's reassembly buffer, and the send order that early
-retransmission reads its evidence from.
+fragments a lost datagram leaves in the client's reassembly buffer; and the send order that early
+retransmission reads its evidence from (SendOrder: one per client socket that runs lanes, one per
+IP for untagged transfers).
 
 Relies on: rtt (the RFC 6298 estimator). Must not know: the wire format, sockets, the clock (every
 call takes `now`), files, or which transfer a datagram belongs to beyond the object handed in.
@@ -77,10 +78,8 @@ class Path:
       now (Little's law: the queue is the flights times the time each takes; a SIZE or an EOF
       waits behind them too). Where the round trip does not grow with them (propagation
       delay), the ordinary estimate is the larger and this one changes nothing.
-    - Send order, for early retransmission (PROTOCOL.md "Early retransmission", RFC 8985 and
-      RFC 9002 6.1.2): each DATA sent to the IP gets a sequence number; the highest number
-      acknowledged at first try is evidence that every earlier one still outstanding is lost
-      once 9/8 of the round trip has passed since it was sent.
+    The send order that early retransmission reads is a SendOrder of its own: it follows the
+    client's socket where the client runs lanes, which the IP would mix up with its neighbours'.
     """
 
     def __init__(self, settings, ceiling, mtu=DEFAULT_MTU, ipv6=False):
@@ -103,12 +102,6 @@ class Path:
         self._unfragmented_until = 0.0
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
-        self.reorder_mult = 1                       # widened after needless early resends
-        self._persist = 0                           # early resends before it narrows again
-        self.seq = 0                                # last sequence number given out
-        self.acked = 0                              # highest acknowledged at first try
-        self.outstanding = []                       # (seq, transfer), in send order
-        self._head = 0                              # index of the first live entry
 
     def sample(self, r, flights=0):
         """A round trip; `flights` is the number of DATAs in flight when the timed one was sent
@@ -176,24 +169,10 @@ class Path:
             self._orphan_count = 0   # (no rounding left over)
         return self._orphan_count
 
-    def spurious(self, early):
-        """A retransmission turned out needless (the client got both copies): not a loss.
-        After an early one, widen the reordering window, as RACK does (RFC 8985 6.2): a busy
-        client answers its transfers out of order."""
+    def spurious(self):
+        """A retransmission turned out needless (the client got both copies): not a loss."""
         self._lost = max(0.0, self._lost - 1.0)
         self._frag_lost = max(0.0, self._frag_lost - 1.0 / 64)   # about undone, if counted
-        if early:
-            self.reorder_mult = min(self.reorder_mult * 2, self.s.reorder_mult_max)
-            self._persist = self.s.reorder_persist
-
-    def early_resent(self):
-        """An early retransmission was sent. The window widened by needless ones narrows again
-        only after reorder_persist of them without a needless one (RFC 8985 6.2 counts loss
-        recoveries the same way): on a path that loses nothing it stays wide."""
-        if self.reorder_mult > 1:
-            self._persist -= 1
-            if self._persist <= 0:
-                self.reorder_mult = 1
 
     def _choose_size(self, now=0.0):
         p = min(self.loss_rate(), 0.5)
@@ -255,10 +234,48 @@ class Path:
                 left[t.name] = n
         return sum(left.values())
 
+
+class SendOrder:
+    """The order in which DATAs went to one client, for early retransmission (PROTOCOL.md "Early
+    retransmission", RFC 8985 and RFC 9002 6.1.2): each DATA sent gets a sequence number; the
+    highest number acknowledged at first try is evidence that every earlier one still
+    outstanding is lost once 9/8 of the round trip has passed since it was sent.
+
+    One per client socket for transfers on lanes (they share one client: a busy one answers all
+    of them late together, and a dead one answers none), one per IP for untagged transfers (a
+    version 2 client uses a socket per transfer). Round trips come from the IP's Path.
+    """
+
+    def __init__(self, settings, path):
+        self.s = settings
+        self.path = path
+        self.reorder_mult = 1                       # widened after needless early resends
+        self._persist = 0                           # early resends before it narrows again
+        self.seq = 0                                # last sequence number given out
+        self.acked = 0                              # highest acknowledged at first try
+        self.outstanding = []                       # (seq, transfer), in send order
+        self._head = 0                              # index of the first live entry
+
+    def widen(self):
+        """An early retransmission turned out needless: widen the reordering window, as RACK
+        does (RFC 8985 6.2): a busy client answers its transfers out of order."""
+        self.reorder_mult = min(self.reorder_mult * 2, self.s.reorder_mult_max)
+        self._persist = self.s.reorder_persist
+
+    def early_resent(self):
+        """An early retransmission was sent. The window widened by needless ones narrows again
+        only after reorder_persist of them without a needless one (RFC 8985 6.2 counts loss
+        recoveries the same way): on a path that loses nothing it stays wide."""
+        if self.reorder_mult > 1:
+            self._persist -= 1
+            if self._persist <= 0:
+                self.reorder_mult = 1
+
     def loss_threshold(self):
         """How long after its sending a DATA overtaken by an acknowledged one is lost."""
+        path = self.path
         return self.reorder_mult * max(
-            self.s.reorder_factor * max(self.rtt.srtt or 0.0, self.latest_rtt),
+            self.s.reorder_factor * max(path.rtt.srtt or 0.0, path.latest_rtt),
             self.s.reorder_min)
 
     def sent(self, transfer):

@@ -41,3 +41,7 @@ class RangeSet:
 
     def covers(self, size):
         return not self.missing(size)
+
+    def covers_range(self, a, b):
+        """Whether [a, b) is wholly in hand."""
+        return a >= b or any(x <= a and b <= y for x, y in self.ranges)

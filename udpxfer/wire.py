@@ -1,9 +1,12 @@
-"""The wire format of PROTOCOL.md: messages, their parse and format functions, the running CRC's
-seed, address tokens, the listing and the rule for servable names.
+"""The wire format of PROTOCOL.md: messages, lane tags, their parse and format functions, the
+running CRC's seed, address tokens, the listing and the rule for servable names.
 
 One record type per message, one parse and one format function for each. Parsers check every field
 and raise ProtocolError, so a truncated or damaged datagram never parses as something valid; the
 hot messages (ACK on the server, DATA on the client) are matched on the bytes, without a copy.
+A datagram may start with a lane tag, "#<lane> " (version 3): parse_*_datagram() return the lane
+(None when untagged) with the message, and every format function takes the tag's bytes
+(lane_tag(lane), made once per transfer) to put in front.
 
 Relies on: nothing but the standard library. Must not know: who sends what, timers, sockets,
 files, or any transfer's state: it only turns bytes into records and back.
@@ -20,7 +23,8 @@ MAX_DATAGRAM = 65507      # the IPv4 UDP payload limit; no message is larger
 RECV_BUFSIZE = 65536      # receivers read with at least this, so nothing is ever truncated
 MAX_ERROR = 64            # an ERROR datagram is at most this long (cheap to send to strangers)
 MAX_VERSION = 64          # the version token is 1..64 visible ASCII characters
-MAX_DATA_HEADER = 128     # "DATA <offset> <crc>\n" is searched for its newline in this prefix
+MAX_DATA_HEADER = 128     # "[#lane ]DATA <offset> <crc>\n" is searched for in this prefix
+MAX_LANE = 4294967295     # lane numbers are 1 .. 2**32 - 1 (PROTOCOL.md "Lanes")
 # Numbers have no upper bound on the wire, but one longer than this many digits is larger than any
 # real file, so it is read as HUGE instead of converting an attacker's 60 kB of digits to an int.
 MAX_DIGITS = 40
@@ -32,12 +36,19 @@ ERROR_CODES = ("NOT_FOUND", "BAD_REQUEST", "BUSY", "CHANGED", "INTERNAL")
 # imported where they are used, so that client.py does not pay for them at every start.
 
 
-class ProtocolError(Exception):
-    """A datagram that is not a valid message (or not one we expect here)."""
+# ProtocolError.lane of a datagram whose lane tag is itself malformed: nobody can be answered,
+# since no lane can be named (PROTOCOL.md "Lanes").
+NO_LANE = "no-lane"
 
-    def __init__(self, message, code="BAD_REQUEST"):
+
+class ProtocolError(Exception):
+    """A datagram that is not a valid message (or not one we expect here). `lane`: the lane its
+    tag named (None: untagged; NO_LANE: the tag itself is malformed)."""
+
+    def __init__(self, message, code="BAD_REQUEST", lane=None):
         super().__init__(message)
         self.code = code
+        self.lane = lane
 
 
 # --- Codec ----------------------------------------------------------------------------------
@@ -45,12 +56,37 @@ class ProtocolError(Exception):
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 _CRC = re.compile(rb"[0-9a-f]{8}")
 _TOKEN = re.compile(rb"[0-9a-f]{16}")
-# "DATA <offset> <crc>\n", the header before a DATA's payload.
-_DATA = re.compile(rb"DATA (0|[1-9][0-9]*) ([0-9a-f]{8})\n")
-# "ACK <n> <token>" or "ACK EOF <token>", one optional trailing \n or \r\n (PROTOCOL.md).
-_ACK = re.compile(rb"ACK (EOF|0|[1-9][0-9]*) ([0-9a-f]{16})(?:\r?\n)?")
+# "#<lane> ", the optional tag in front of any message: no leading zeros, no #0.
+_TAG = rb"#([1-9][0-9]{0,9}) "
+_LANE_TAG = re.compile(_TAG)
+# "DATA <offset> <crc>\n", the header before a DATA's payload, with its tag if any.
+_DATA = re.compile(rb"(?:%s)?DATA (0|[1-9][0-9]*) ([0-9a-f]{8})\n" % _TAG)
+# "ACK <n> <token>" or "ACK EOF <token>", one optional trailing \n or \r\n (PROTOCOL.md), with
+# its tag if any.
+_ACK = re.compile(rb"(?:%s)?ACK (EOF|0|[1-9][0-9]*) ([0-9a-f]{16})(?:\r?\n)?" % _TAG)
 _VERSION = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_VERSION)
 _CODE = re.compile(r"[A-Z][A-Z_]{0,30}")
+
+
+def lane_tag(lane):
+    """The bytes in front of every message of a lane's transfer: b"#7 ", or b"" untagged."""
+    return b"" if lane is None else b"#%d " % lane
+
+
+def _lane(digits):
+    """A tag's lane number (digits matched by _TAG), or ProtocolError if it is too large."""
+    lane = int(digits)
+    if lane > MAX_LANE:
+        raise ProtocolError("lane out of range", lane=NO_LANE)
+    return lane
+
+
+def _split_lane(view):
+    """A tagged datagram -> (lane, the message after the tag). Raises ProtocolError."""
+    m = _LANE_TAG.match(view)
+    if m is None:
+        raise ProtocolError("bad lane tag", lane=NO_LANE)
+    return _lane(m.group(1)), view[m.end():]
 
 
 def parse_number(text):
@@ -91,8 +127,9 @@ def token_maker(secret=None):
     import hmac
     key = secret or os.urandom(32)
 
-    def token(addr, request):
-        text = b"%s %d " % (str(addr[0]).encode("ascii", "replace"), addr[1])
+    def token(addr, lane, request):
+        text = b"%s %d %s " % (str(addr[0]).encode("ascii", "replace"), addr[1],
+                               b"-" if lane is None else b"%d" % lane)
         return hmac.new(key, text + format_request(request), hashlib.sha256).hexdigest()[
             :16].encode("ascii")
     return token
@@ -118,13 +155,35 @@ class Ack(NamedTuple):
     token: bytes         # the transfer's token, as 16 ASCII hex digits
 
 
+def parse_client_datagram(data):
+    """(lane, message) of a datagram sent to the server: LIST, DOWNLOAD or ACK, the lane None
+    when untagged. Raises ProtocolError (its .lane says whom an answer could go to)."""
+    m = _ACK.fullmatch(data)   # the hot path: one match on the bytes, no copy, no decoding
+    if m is not None:
+        lane, n, token = m.groups()
+        if lane is not None:
+            lane = _lane(lane)
+        if n == b"EOF":
+            return lane, Ack(None, token)
+        return lane, Ack(HUGE if len(n) > MAX_DIGITS else int(n), token)
+    lane = None
+    if data[:1] == b"#":
+        lane, data = _split_lane(memoryview(data))
+    try:
+        return lane, parse_client_message(data)
+    except ProtocolError as exc:
+        exc.lane = lane
+        raise
+
+
 def parse_client_message(data):
-    """LIST, DOWNLOAD or ACK, as sent to the server. Raises ProtocolError."""
-    if data[:4] == b"ACK ":   # the hot path: one match on the bytes, no copy, no decoding
+    """LIST, DOWNLOAD or ACK, as sent to the server, without a lane tag (one is malformed here).
+    Raises ProtocolError."""
+    if data[:4] == b"ACK ":
         m = _ACK.fullmatch(data)
-        if m is None:
+        if m is None or m.group(1) is not None:
             raise ProtocolError("bad ACK")
-        n, token = m.groups()
+        _, n, token = m.groups()
         if n == b"EOF":
             return Ack(None, token)
         return Ack(HUGE if len(n) > MAX_DIGITS else int(n), token)
@@ -140,27 +199,27 @@ def parse_client_message(data):
     raise ProtocolError("unknown message")
 
 
-def format_list():
-    return b"LIST"
+def format_list(tag=b""):
+    return tag + b"LIST"
 
 
-def format_request(request):
+def format_request(request, tag=b""):
     """A parsed request (ListRequest or DownloadRequest) as it goes on the wire."""
     if isinstance(request, ListRequest):
-        return format_list()
-    return format_download(request.name, request.offset, request.chunk_size)
+        return format_list(tag)
+    return format_download(request.name, request.offset, request.chunk_size, tag)
 
 
-def format_download(name, offset, chunk_size):
-    return ("DOWNLOAD %s %d %d" % (name, offset, chunk_size)).encode("utf-8")
+def format_download(name, offset, chunk_size, tag=b""):
+    return tag + ("DOWNLOAD %s %d %d" % (name, offset, chunk_size)).encode("utf-8")
 
 
-def format_ack(n, token):
-    return b"ACK %d %s" % (n, token)
+def format_ack(n, token, tag=b""):
+    return b"%sACK %d %s" % (tag, n, token)
 
 
-def format_ack_eof(token):
-    return b"ACK EOF " + token
+def format_ack_eof(token, tag=b""):
+    return tag + b"ACK EOF " + token
 
 
 class Size(NamedTuple):
@@ -184,50 +243,78 @@ class Error(NamedTuple):
     text: str = ""
 
 
-def format_size(size, version, token):
+def format_size(size, version, token, tag=b""):
     if not _VERSION.fullmatch(version):
         raise ValueError("bad version token %r" % version)
     if not _TOKEN.fullmatch(token):
         raise ValueError("bad token %r" % token)
-    return b"SIZE %d %s %s" % (size, version.encode("ascii"), token)
+    return b"%sSIZE %d %s %s" % (tag, size, version.encode("ascii"), token)
 
 
-def format_data_header(offset, crc):
+def format_data_header(offset, crc, tag=b""):
     """The header of a DATA datagram; the payload follows it (sent with scatter-gather I/O).
     `crc` is R(offset + len(payload)) = zlib.crc32(payload, R(offset))."""
-    return b"DATA %d %08x\n" % (offset, crc)
+    return b"%sDATA %d %08x\n" % (tag, offset, crc)
 
 
-def format_eof(crc):
-    return b"EOF %08x" % crc
+def format_eof(crc, tag=b""):
+    return b"%sEOF %08x" % (tag, crc)
 
 
-def format_error(code, text=""):
-    """ERROR <CODE> [<text>], cut to 64 bytes; the text is reduced to printable ASCII."""
+def format_error(code, text="", tag=b""):
+    """[#lane ]ERROR <CODE> [<text>], cut to 64 bytes after the tag; the text is reduced to
+    printable ASCII."""
     assert code in ERROR_CODES
     msg = "ERROR " + code
     if text:
         text = "".join(c if " " <= c <= "~" else "?" for c in text)
         msg = (msg + " " + text)[:MAX_ERROR]
-    return msg.encode("ascii")
+    return tag + msg.encode("ascii")
+
+
+def _data(m, view):
+    """The Data record of a header matched by _DATA: its payload is a view (no copy)."""
+    offset, crc = m.group(2), m.group(3)
+    payload = view[m.end():]
+    if not payload:
+        raise ProtocolError("empty DATA")
+    return Data(HUGE if len(offset) > MAX_DIGITS else int(offset), int(crc, 16), payload)
+
+
+def parse_server_datagram(data):
+    """(lane, message) of a datagram sent to the client: SIZE, DATA, EOF or ERROR, the lane None
+    when untagged. Raises ProtocolError (with the lane, if its tag was readable)."""
+    view = memoryview(data)
+    m = _DATA.match(view, 0, MAX_DATA_HEADER)   # the hot path: one match, no copy
+    lane = None
+    try:
+        if m is not None:
+            lane = m.group(1)
+            if lane is not None:
+                lane = _lane(lane)
+            return lane, _data(m, view)
+        if view[:1] == b"#":
+            lane, view = _split_lane(view)
+        return lane, parse_server_message(view)
+    except ProtocolError as exc:
+        if exc.lane is None:
+            exc.lane = lane
+        raise
 
 
 def parse_server_message(data):
-    """SIZE, DATA, EOF or ERROR, as sent to the client. Raises ProtocolError.
+    """SIZE, DATA, EOF or ERROR, as sent to the client, without a lane tag (one is malformed
+    here). Raises ProtocolError.
 
     A DATA's payload is a memoryview into `data` (no copy). Its crc is checked by the receiver,
     the only one who knows R(offset): ClientTransfer.
     """
     view = memoryview(data)
-    if view[:5] == b"DATA ":   # the hot path: one match on the header, no copy
+    if view[:5] == b"DATA ":
         m = _DATA.match(view, 0, MAX_DATA_HEADER)
         if m is None:
             raise ProtocolError("bad DATA header")
-        offset, crc = m.groups()
-        payload = view[m.end():]
-        if not payload:
-            raise ProtocolError("empty DATA")
-        return Data(HUGE if len(offset) > MAX_DIGITS else int(offset), int(crc, 16), payload)
+        return _data(m, view)
     text = _control_text(view)
     word, _, rest = text.partition(" ")
     if word == "SIZE":
