@@ -187,27 +187,62 @@ class ServerSettings(NamedTuple):
 
 
 class ClientSettings(NamedTuple):
-    parts: int = 0                 # parallel ranges per file (--parts); 0: automatic
-    # Automatic parts (client.PartsTuner): start with this many, double while it pays, up to
-    # the max. 4, not fewer: on loopback 4 parts cost nothing against 2, while on a lossy path
-    # each doubling that has to prove itself first costs a good part of a short download.
-    auto_parts_start: int = 4
-    auto_parts_max: int = 64
-    # Ranges are cut to about size / (2 * parts) so that parts finish together, but no smaller
-    # than this (a new range costs two round trips) and no larger than the max (balance).
+    # Lanes (PROTOCOL.md "Lanes"): transfers over the client's one socket, each carrying one
+    # datagram per round trip. parts (--parts N): N at once, fixed; 0: automatic
+    # (udpxfer/lanes.py: enough for the path's bandwidth-delay product, as BBR sizes its
+    # window). Automatic starts with lanes_start and doubles each round trip while the rate
+    # grows; never fewer than lanes_min (on loopback 4 lanes keep both cores busy, and a
+    # lossy path needs other lanes' ACKs to reveal a loss), never more than lanes_max (200
+    # Mbit/s and 50 ms take about 420 lanes of 6 KB datagrams at cwnd_gain 2).
+    parts: int = 0
+    lanes_start: int = 4
+    lanes_min: int = 4
+    lanes_max: int = 1024
+    # Beside the window's lanes, others may be asking (a lane brings nothing for two round
+    # trips) or ending: at most the window again, and this many more.
+    lanes_extra: int = 8
+    # The controller's model (udpxfer/lanes.py, after BBR): the bottleneck rate is the most
+    # delivered in one of the last bw_rounds round trips (none shorter than round_min); the
+    # path's round trip the least seen in min_rtt_seconds. Startup paces at startup_gain times
+    # the rate with a window of startup_cwnd_gain times the bandwidth-delay product (a new lane
+    # brings data only after two round trips, so its window runs ahead); it ends when the rate
+    # stops growing by 25% for full_rounds rounds (BBR's three, and the two a new lane takes),
+    # or when a round's least round trip is over queue_factor times the path's plus
+    # queue_margin (a queue). Then cwnd_gain. No pace below
+    # pacing_min_rtt (loopback, a LAN: there lanes alone keep the cores busy). A datagram is
+    # taken to carry lanes_datagram_guess bytes until one has been seen.
+    bw_rounds: int = 10
+    round_min: float = 0.005
+    min_rtt_seconds: float = 10.0
+    startup_gain: float = 2.0
+    startup_cwnd_gain: float = 4.0
+    full_rounds: int = 5
+    cwnd_gain: float = 2.0
+    queue_factor: float = 1.25
+    queue_margin: float = 0.002
+    pacing_min_rtt: float = 0.002
+    lanes_datagram_guess: int = 8192
+    # Files at once: downloads open together (each holds its partial file and its lock);
+    # a small file gets a lane of its own at once beside a big one.
+    files_at_once: int = 32
+    # Finished lanes whose token is kept, to answer a late EOF (its ACK EOF was lost).
+    finished_lanes: int = 4096
+    # The socket's receive buffer: room for the datagrams of many lanes arriving together.
+    receive_buffer: int = 4 * MiB
+    # Housekeeping (timers, lanes, records, progress) runs a quarter of a round trip apart,
+    # at most this far apart.
+    housekeeping: float = 0.05
+    # A range is a lane's share of what is left of the file (guided self-scheduling, so that
+    # lanes end together), no longer than max_part_size, and no shorter than range_datagrams
+    # datagrams, part_seconds at a lane's rate or tail_min_size: a range costs a request, a
+    # round trip or two (hidden when the next one starts before it ends) and some 0.1 ms of
+    # CPU on each side. Before the size is known, the first range is min_part_size long (or cut
+    # from the listing's size). At 1% loss, 32 MiB: the last 50-60 ms of 280 ms ran with fewer
+    # than half the parts before ranges were cut to what is left.
     min_part_size: int = 1 * MiB
     max_part_size: int = 64 * MiB
-    # With automatic parts, a range is also no shorter than part_seconds at the rate each part
-    # has had so far: a range costs its part a round trip or two and each side some 0.1 ms of
-    # CPU, which on a fast path (100 MB/s and more per part) a 1 MiB range pays every 10 ms.
+    range_datagrams: int = 32
     part_seconds: float = 0.05
-    # The last ranges of a file are cut shorter so that the parts finish together (guided
-    # self-scheduling): a new range is at most what is left of the file (asked for or not)
-    # divided by the parts, and no shorter than tail_seconds at the rate each part has had (at
-    # least tail_min_size). Otherwise the last long ranges run alone, and on a lossy path a part
-    # alone waits out a timeout for each loss (no other part's acknowledgement reveals it):
-    # at 1% loss, 32 MiB, the last 50-60 ms of 280 ms ran with fewer than half the parts.
-    tail_seconds: float = 0.01
     tail_min_size: int = 128 * 1024
 
     # Request retransmission: starts here (then at the RTO of the RTTs measured from earlier
@@ -224,6 +259,19 @@ class ClientSettings(NamedTuple):
     # ("no server at HOST:PORT"), where the OS did not already say the port is closed (ICMP
     # may be filtered). Six requests go out meanwhile; one that answered once is waited for.
     no_answer_timeout: float = 4.0
+    # A port that refuses in the first refused_grace seconds is most often a server still
+    # starting (the quick start runs both at once): the request goes again every
+    # refused_retry, and only then is it "no server".
+    refused_grace: float = 2.0
+    refused_retry: float = 0.05
+    # A tagged request (version 3) sent this many times without an answer is sent untagged as
+    # well, on a socket of its own: a version 2 server may drop a tagged request unanswered
+    # (0.7 s with the timers above; a version 3 server answers long before, unless the round
+    # trip is longer).
+    probe_after: int = 4
+    # The progress line says "waiting for the server" after this long without a datagram;
+    # such time does not count in a result's rate.
+    silence_note: float = 2.0
     # Back-off between attempts after a stall or BUSY.
     retry_initial: float = 0.25
     retry_max: float = 5.0
@@ -246,7 +294,8 @@ class ClientSettings(NamedTuple):
     max_list_bytes: int = 16 * MiB
     # Restarts of one file because it changed on the server, before giving up.
     max_restarts: int = 20
-    # --limit-rate: bytes per second this process receives, all parts and files together
-    # (0: no cap). At least 64 KiB/s, and files then run at most rate / 64 KiB parts at once,
-    # so that an ACK is never held back long (client.Pacer explains why).
+    # --limit-rate: bytes per second this process receives, all lanes and files together
+    # (0: no cap). At least 64 KiB/s, and then at most rate / 64 KiB lanes at once (fewer if
+    # the path needs fewer), so that an ACK is never held back long (udpxfer/ratelimit.py
+    # explains why).
     limit_rate: int = 0

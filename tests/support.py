@@ -117,6 +117,16 @@ class TempDirs:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def split_tag(datagram):
+    """A datagram as (its lane tag, the message after it): (b"#7 ", b"ACK 0 ..."), or
+    (b"", datagram) untagged. For impairment hooks that look at the message, lanes or not."""
+    datagram = bytes(datagram)
+    if datagram[:1] == b"#" and b" " in datagram[:12]:
+        cut = datagram.index(b" ") + 1
+        return datagram[:cut], datagram[cut:]
+    return b"", datagram
+
+
 def ipv6_loopback():
     """Whether this machine can bind ::1 (IPv6 tests are skipped where it cannot)."""
     if not socket.has_ipv6:

@@ -171,17 +171,18 @@ class BusyClientTest(unittest.TestCase):
 
 
 class PieceTest(unittest.TestCase):
-    """Item 5: the part size is computed in one place, for the plan and the first request."""
+    """Item 5: the range size is computed in one place, for the plan and the first request."""
 
     def test_first_length_and_plan_agree(self):
         for size in (10 * MiB, 100 * MiB, 3 * MiB, 10 ** 12):
-            for parts in (2, 4, 16):
-                with self.subTest(size=size, parts=parts):
-                    p = RangePlanner(support.fast_client_settings(), parts, size_hint=size)
+            for lanes in (2, 4, 16):
+                with self.subTest(size=size, lanes=lanes):
+                    p = RangePlanner(support.fast_client_settings(), size_hint=size)
                     p.plan(size, [])
-                    self.assertEqual(p.first_length(), p.queue[0][1] - p.queue[0][0])
-                    expect = min(max(size // (2 * parts), MiB), 64 * MiB)
-                    self.assertEqual(p.piece(size), expect)
+                    first = p.first_length(lanes, 8192)
+                    self.assertEqual(p.next_range(lanes, 8192, 0.0, 0), (0, first))
+                    expect = min(max(-(-size // lanes), 32 * 8192, 128 * 1024), 64 * MiB)
+                    self.assertEqual(first, expect)
 
 
 def ack_datagram(size_msg, n):

@@ -219,7 +219,7 @@ class IPv6Test(Case):
             address = ("::1", st.address[1])
             code, out, err, _ = self.run_main(self.argv(address, "--list"))
             self.assertEqual(code, 0, out + err)
-            self.assertIn("1 files on [::1]:%d" % address[1], out)
+            self.assertIn("1 file on [::1]:%d" % address[1], out)
             code, out, err, _ = self.run_main(self.argv(address, "six.bin", "--parts", "2"))
             self.assertEqual(code, 0, out + err)
         self.assertEqual(self.tmp.downloaded("six.bin"), data)
@@ -285,8 +285,9 @@ class RateParsingTest(unittest.TestCase):
 class RateLimitTest(Case):
     """Measured on loopback, whose speed without a cap is a hundred times this one. The rate is
     taken from the client's own --json seconds (start of the request to the last byte; the
-    fsync of the finished file is excluded, so a slow disk under other tests does not count),
-    and the wall clock around client.main must not show a higher rate either. At 4 MiB/s a
+    fsync of the finished file is excluded, so a slow disk under other tests does not count):
+    the files run at once, so the run took as long as the longest of them. The wall clock
+    around client.main must not show a higher rate either. At 4 MiB/s a
     datagram is due every 16 ms and the pacer absorbs a late wake-up of up to 31 ms without
     losing pace, so a loaded machine does not fall below 0.9x; nothing goes through ahead of
     the schedule, so the rate stays at or a little below 1.0x."""
@@ -306,7 +307,7 @@ class RateLimitTest(Case):
         self.assertEqual([r["result"] for r in records], ["ok"] * len(names))
         self.assertEqual(sum(r["bytes"] for r in records), total)
         cap = client.parse_rate(self.CAP)
-        measured = total / sum(r["seconds"] for r in records) / cap
+        measured = total / max(r["seconds"] for r in records) / cap
         self.assertGreaterEqual(measured, 0.9, "%.3f x the cap" % measured)
         self.assertLessEqual(measured, 1.1, "%.3f x the cap" % measured)
         self.assertLessEqual(total / wall / cap, 1.1)
@@ -324,8 +325,9 @@ class RateLimitTest(Case):
         self.tmp.make_file("a.bin", 2 * MiB + 1000, seed=12)
         self.tmp.make_file("b.bin", 2 * MiB - 1000, seed=13)
         records = self.check(["a.bin", "b.bin"], 4)
-        for r in records:   # the first 1 MiB, then what is left cut in four so that they
-            self.assertIn(r["parts"], (3, 4))   # end together (the last one may be tiny)
+        for r in records:   # the two files at once, four transfers between them
+            self.assertIn(r["parts"], (1, 2, 3, 4))
+        self.assertGreaterEqual(sum(r["parts"] for r in records), 4)
 
 
 # --- The last line and --json -----------------------------------------------------------------
@@ -357,9 +359,11 @@ class ResultsTest(Case):
             code, out, err, _ = self.run_main(self.argv(st.address, "--once", "--json"))
         self.assertEqual(code, 1)
         records = [json.loads(line) for line in out.splitlines()]   # nothing else on stdout
-        self.assertEqual([(r["name"], r["result"]) for r in records],
-                         [("x.bin", "ok"), ("nope.bin", "failed"), ("y.txt", "ok")])
-        x, nope, y = records
+        # One per file, as each ends (the files run at once).
+        self.assertEqual(sorted((r["name"], r["result"]) for r in records),
+                         [("nope.bin", "failed"), ("x.bin", "ok"), ("y.txt", "ok")])
+        by_name = {r["name"]: r for r in records}
+        x, nope = by_name["x.bin"], by_name["nope.bin"]
         self.assertEqual((x["size"], x["bytes"], x["resumed"]), (300000, 300000, 0))
         for r in records:
             self.assertEqual(set(r) - {"error"}, {"name", "result", "size", "bytes", "resumed",

@@ -22,9 +22,10 @@ from udpxfer.client_transfer import RECEIVING, ClientTransfer
 from udpxfer.dispatcher import ServerDispatcher
 from udpxfer.folder import Folder
 from udpxfer.netpath import Path, SendOrder, fragment_payload, fragments, size_ladder
-from udpxfer.planner import PartsTuner, RangePlanner
+from udpxfer.lanes import LaneController
+from udpxfer.planner import RangePlanner
 from udpxfer.server_transfer import MemoryEntry
-from udpxfer.wire import (Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
+from udpxfer.wire import (HUGE, Data, DownloadRequest, ListRequest, Size, crc_start, format_ack,
                           format_ack_eof, format_data_header, format_download, format_eof,
                           format_listing, format_size, parse_server_message, token_maker)
 
@@ -85,161 +86,175 @@ def blob(n, seed=0):
     return random.Random(seed).getrandbits(8 * n).to_bytes(n, "little")
 
 
-class PartsTunerTest(unittest.TestCase):
-    """The tuner sees bytes in hand over time; a synthetic path gives the rate for n parts."""
+class Bottleneck:
+    """A fluid model of one path for the lane controller, on a virtual clock: `rate` bytes per
+    second at the bottleneck, `rtt` seconds of propagation, a queue of `queue` bytes in front of
+    it (what overflows is lost), datagrams of `dgram` bytes. Every lane carries one datagram
+    per round trip (propagation plus queueing); a lane opened now carries data two round trips
+    later (request, SIZE; ACK, DATA); the pace, if any, caps what the lanes send."""
 
-    def drive(self, rate_of, rtt, seconds=5.0, step=0.005):
-        tuner = PartsTuner(2, 64)
-        now, have, seen = 0.0, 0.0, []
-        n = tuner.update(now, have, rtt)
-        while now < seconds:
+    def __init__(self, rate, rtt, queue=None, dgram=6000, loss=0.0, seed=3):
+        self.rate, self.rtt, self.dgram, self.loss = rate, rtt, dgram, loss
+        self.queue_max = queue if queue is not None else 2 * rate * rtt
+        self.queue = 0.0
+        self.rng = random.Random(seed)
+        self.lost = 0
+        self.carry = 0.0       # delivered bytes short of a whole datagram
+        self.now = 0.0
+
+    def run(self, control, seconds, on_step=None):
+        """`seconds` more on the path's clock (which goes on from one run to the next)."""
+        now, step = self.now, self.rtt / 4
+        end = now + seconds
+        opened = [(now - 2 * self.rtt, control.window)]   # (when, lanes) as the window grew
+        while now < end:
             now += step
-            have += rate_of(n) * step
-            n = tuner.update(now, have, rtt)
-            seen.append(n)
-        return seen
-
-    def test_a_long_path_opens_parts_while_they_pay(self):
-        # 10 ms round trip: each part moves 64 KB per round trip, up to a 100 MB/s bottleneck.
-        seen = self.drive(lambda n: min(n * 6.5e6, 100e6), rtt=0.010)
-        self.assertGreaterEqual(seen[0], 8, "a long path starts with more parts")
-        self.assertGreaterEqual(max(seen), 16)
-        self.assertGreaterEqual(seen[-1], 16, "it settles where the rate is near the bottleneck")
-
-    def test_loopback_stays_small_where_parts_only_contend(self):
-        # A short path where both cores are busy: more parts are a little slower.
-        seen = self.drive(lambda n: 400e6 / (1 + 0.02 * n), rtt=0.0001)
-        self.assertEqual(seen[0], 2)
-        self.assertLessEqual(max(seen), 4, "a doubling that did not pay is undone")
-        self.assertLessEqual(sum(seen[-100:]) / 100, 2.5, "it holds the smaller number")
-
-    def test_a_cap_holds_even_while_a_doubling_is_being_judged(self):
-        tuner = PartsTuner(2, 64)
-        now, have = 0.0, 0.0
-        tuner.update(now, have, 0.01)                 # long path: 8 parts
-        while tuner.n < 16:                           # it doubles ...
-            now += 0.005
-            have += tuner.n * 6.5e6 * 0.005
-            tuner.update(now, have, 0.01)
-        tuner.cap(5)                                  # ... and the server says BUSY
-        for _ in range(400):
-            now += 0.005
-            have += 1e6 * 0.005                       # the rate fell: "undo the doubling"
-            self.assertLessEqual(tuner.update(now, have, 0.01), 5)
-
-    def test_never_more_than_the_maximum(self):
-        seen = self.drive(lambda n: n * 1e6, rtt=0.05, seconds=30)
-        self.assertEqual(max(seen), 64)
+            lanes = max((n for at, n in opened if at <= now - 2 * self.rtt), default=0)
+            delay = self.rtt + self.queue / self.rate
+            offered = lanes * self.dgram / delay
+            if control.pacing_rate is not None:
+                offered = min(offered, control.pacing_rate)
+            into = offered * step
+            out = min(self.rate * step, self.queue + into)
+            self.queue += into - out
+            if self.queue > self.queue_max:
+                self.lost += self.queue - self.queue_max
+                self.queue = self.queue_max
+            self.carry += out
+            while self.carry >= self.dgram:
+                self.carry -= self.dgram
+                if self.rng.random() >= self.loss:
+                    control.delivered(self.dgram)
+            control.rtt_sample(self.rtt + self.queue / self.rate)
+            window = control.update(now, limited=False)
+            if window > opened[-1][1]:
+                opened.append((now, window))
+            elif window < opened[-1][1]:
+                opened.append((now, window))   # fewer lanes: ranges end, none start
+            if on_step is not None:
+                on_step(now, self)
+        self.now = now
+        return now
 
 
-class AutoPlanTest(unittest.TestCase):
-    """With automatic parts the file is cut for one doubling more than the parts running, and
-    what is not yet asked for is cut again when the tuner changes its mind (RangePlanner, on its
-    own: no sockets, no clock)."""
+class LaneControllerTest(unittest.TestCase):
+    """The lanes follow the bandwidth-delay product (lanes.py), on a virtual clock."""
+
+    def settings(self, **kw):
+        return config.ClientSettings(**kw)
+
+    def test_a_long_fat_path_gets_its_lanes_within_a_few_round_trips(self):
+        # 200 Mbit/s, 50 ms, 6 KB datagrams: a BDP of 1.25 MB is about 210 lanes.
+        path = Bottleneck(25e6, 0.05)
+        control = LaneController(self.settings(), 0.0)
+        seen = []
+        path.run(control, 3.0, lambda now, p: seen.append((now, control.window,
+                                                           control.phase)))
+        bdp = path.rate * path.rtt / path.dgram
+        first_full = next(now for now, window, _ in seen if window >= bdp)
+        self.assertLess(first_full, 0.6, "more than twelve round trips to fill the path")
+        self.assertNotEqual(control.phase, "startup")
+        self.assertGreaterEqual(control.window, bdp)
+        self.assertLessEqual(control.window, 3 * bdp)
+        self.assertAlmostEqual(control.bw / path.rate, 1.0, delta=0.15)
+        self.assertIsNotNone(control.pacing_rate)
+        self.assertLess(control.pacing_rate, 1.3 * path.rate)
+        self.assertLess(path.lost / (path.rate * 3.0), 0.02, "the startup overflowed the queue")
+
+    def test_random_loss_is_not_congestion(self):
+        clean, lossy = Bottleneck(25e6, 0.05), Bottleneck(25e6, 0.05, loss=0.01)
+        a, b = LaneController(self.settings(), 0.0), LaneController(self.settings(), 0.0)
+        clean.run(a, 3.0)
+        lossy.run(b, 3.0)
+        self.assertGreater(b.bw, 0.9 * a.bw)
+        self.assertGreater(b.window, 0.85 * a.window)
+
+    def test_loopback_keeps_few_lanes_and_no_pace(self):
+        path = Bottleneck(500e6, 0.0001, dgram=65000)
+        control = LaneController(self.settings(), 0.0)
+        path.run(control, 0.5)
+        self.assertIsNone(control.pacing_rate)
+        self.assertLessEqual(control.window, 8)
+
+    def test_fixed_parts_and_a_cap(self):
+        control = LaneController(self.settings(), 0.0, fixed=16)
+        path = Bottleneck(25e6, 0.05)
+        path.run(control, 1.0)
+        self.assertEqual((control.window, control.pacing_rate), (16, None))
+        control.fix(0)
+        path.run(control, 2.0)
+        self.assertGreater(control.window, 16)
+        control.cap(20)                      # the server had no slot for more
+        path.run(control, 1.0)
+        self.assertLessEqual(control.window, 20)
+
+    def test_a_sudden_drop_in_rate_brings_the_window_down(self):
+        # Another flow takes half the bottleneck: within the max filter's ten rounds the rate
+        # falls, and the window with it.
+        path = Bottleneck(25e6, 0.05)
+        control = LaneController(self.settings(), 0.0)
+        path.run(control, 3.0)
+        before = control.window
+        path.rate = 12.5e6
+        path.run(control, 2.0)
+        self.assertLess(control.window, 0.75 * before)
+
+
+class RangePlannerTest(unittest.TestCase):
+    """Which range comes next (planner.py): a lane's share of what is left."""
 
     SIZE = 256 << 20
 
-    def plan(self, parts=0):
-        return RangePlanner(config.ClientSettings(), parts)
+    def plan(self, busy=(), **kw):
+        p = RangePlanner(config.ClientSettings(**kw))
+        p.plan(self.SIZE, list(busy))
+        return p
 
-    @staticmethod
-    def schedule(plan, running=()):
-        """What the download loop does: while fewer than plan.parts run, take the next range.
-        `running`: parts in flight as (start, end, next byte wanted)."""
-        running = [(a, b, pos) for a, b, pos in running]
-        started = []
-        while plan.queue and len(running) < plan.parts:
-            a, n = plan.next_range(sum(b - pos for a, b, pos in running))
-            started.append((a, n))
-            running.append((a, a + n, a))
-        return started
-
-    def test_few_big_ranges_while_few_parts_run(self):
+    def test_each_range_is_a_lanes_share_of_what_is_left(self):
         p = self.plan()
-        p.plan(self.SIZE, [])
-        self.assertEqual((p.parts, p.plan_parts, len(p.queue)), (4, 8, 16))
-        self.assertEqual(p.queue[0], (0, 16 << 20))
+        a, n = p.next_range(8, 65000, 0.0, 0)
+        self.assertEqual((a, n), (0, 32 << 20))           # 256 MiB / 8
+        a, n = p.next_range(8, 65000, 0.0, n)             # what runs counts as left
+        self.assertEqual((a, n), (32 << 20, 32 << 20))
+        a, n = p.next_range(8, 65000, 0.0, 32 << 20)      # 192 + 32 left, / 8
+        self.assertEqual((a, n), (64 << 20, 28 << 20))
 
-    def test_the_first_range_is_small_whatever_the_listing_said(self):
-        # Before SIZE only one range runs; on a long path a big one would be the last to end.
+    def test_no_range_shorter_than_the_floor_nor_a_shorter_gap_left_behind(self):
         p = self.plan()
-        p.size_hint = 32 << 20
-        self.assertEqual(p.first_length(), 1 << 20)
+        floor = p.min_piece(6000, 0.0)
+        self.assertEqual(floor, max(p.s.tail_min_size, 32 * 6000))
+        p.gaps = [(0, 3 * floor)]
+        self.assertEqual(p.next_range(100, 6000, 0.0, 0), (0, floor))
+        p.gaps = [(0, floor + floor // 2)]
+        self.assertEqual(p.next_range(100, 6000, 0.0, 0), (0, floor + floor // 2))
+        self.assertEqual(p.gaps, [])
+        # ... and part_seconds at a lane's rate (each range costs a request).
+        self.assertEqual(p.min_piece(6000, 200e6), int(200e6 * p.s.part_seconds))
 
-    def test_ranges_not_yet_asked_for_are_cut_again(self):
+    def test_at_most_max_part_size_and_one_lane_takes_each_gap_whole(self):
         p = self.plan()
-        p.plan(self.SIZE, [])
-        p.tuner.update = lambda now, have, rtt: 16   # as if it had doubled and doubled again
-        self.assertTrue(p.update(1.0, 0, 0.0, 0, None, self.SIZE))
-        p.plan(self.SIZE, [])
-        self.assertEqual(p.plan_parts, 32)
-        self.assertEqual(len(p.queue), 64)
-        self.assertEqual(p.queue[0], (0, 4 << 20))
+        self.assertEqual(p.next_range(2, 65000, 0.0, 0), (0, 64 << 20))
+        p = self.plan(busy=[(10, 20)])
+        self.assertEqual(p.next_range(1, 65000, 0.0, 0), (0, 10))
+        self.assertEqual(p.next_range(1, 65000, 0.0, 0), (20, self.SIZE - 20))
 
-    def test_on_a_fast_path_a_range_lasts_part_seconds_at_the_rate_of_a_part(self):
-        # Each range costs a round trip or two and some CPU on both sides: where a part moves
-        # 200 MB/s, 4 MiB ranges would be asked for every 20 ms.
+    def test_the_first_range_before_the_size_is_known(self):
+        p = RangePlanner(config.ClientSettings())
+        self.assertEqual(p.first_length(32, 65000), 1 << 20)
+        self.assertEqual(p.first_length(1, 65000), HUGE)
+        p.size_hint = 32 << 20                            # from the listing: a lane's share
+        self.assertEqual(p.first_length(32, 8192), 1 << 20)
+        p.size_hint = 64 << 10                            # a small file: whole
+        self.assertEqual(p.first_length(32, 65000), 32 * 65000)
+        self.assertIsNone(RangePlanner(config.ClientSettings(), listing=True).first_length(8, 1))
+
+    def test_what_was_not_finished_goes_first_in_line(self):
         p = self.plan()
-        p.plan(self.SIZE, [])
-        p.tuner.update = lambda now, have, rtt: 16
-        rate = (200 << 20) / 1.0                  # 200 MiB in 1 s
-        self.assertTrue(p.update(1.0, 200 << 20, rate, 0, None, self.SIZE))
-        p.plan(self.SIZE, [(0, 200 << 20)])
-        self.assertEqual(p.min_piece, int(rate * p.s.part_seconds))
-        piece = p.min_piece
-        self.assertGreater(piece, 4 << 20)
-        self.assertEqual(p.queue[0], (200 << 20, (200 << 20) + piece))
-        self.assertEqual(len(p.queue), -(-(56 << 20) // piece))
-
-    def test_near_the_end_each_new_range_is_a_parts_share_of_what_is_left(self):
-        # 6 MiB left and 8 parts free: eight ranges of 768 KiB, which end together, instead of
-        # one of 6 MiB that would run alone long after the others (on a lossy path, waiting out
-        # a timeout for each loss: no other part's acknowledgement reveals it).
-        p = self.plan(parts=8)
-        p.queue = [(250 << 20, 256 << 20)]
-        started = self.schedule(p)
-        self.assertEqual(started, [((250 << 20) + i * (768 << 10), 768 << 10) for i in range(8)])
-        self.assertEqual(p.queue, [])
-
-    def test_what_runs_counts_as_left_and_what_is_cut_off_stays_first_in_line(self):
-        p = self.plan(parts=8)
-        mib = 1 << 20
-        p.queue = [(10 * mib, 14 * mib), (14 * mib, 18 * mib)]
-        started = self.schedule(p, [(0, 4 * mib, 2 * mib)] * 6)   # 2 MiB to go in each of six
-        # (12 + 8) MiB / 8 = 2.5 MiB; then what is left of that 4 MiB range, whole.
-        self.assertEqual(started, [(10 * mib, 5 * mib // 2), (25 * mib // 2, 3 * mib // 2)])
-        self.assertEqual(p.queue, [(14 * mib, 18 * mib)])
-
-    def test_far_from_the_end_and_with_one_part_ranges_are_asked_for_as_planned(self):
-        p = self.plan(parts=4)
-        p.plan(self.SIZE, [])
-        self.assertEqual(p.tail_cut(32 << 20, 0), 32 << 20)
-        p = self.plan(parts=1)
-        p.plan(self.SIZE, [])
-        self.assertEqual(p.queue, [(0, 256 << 20)])
-        self.assertEqual(p.tail_cut(256 << 20, 0), 256 << 20)
-
-    def test_no_range_shorter_than_tail_seconds_at_a_parts_rate_nor_a_shorter_remainder(self):
-        p = self.plan(parts=8)
-        rate = (100 << 20) / 1.0                  # 100 MiB in 1 s: a part's share of it
-        p.update(1.0, 100 << 20, rate, 4, None, self.SIZE)   # (of the 8 wanted, though 4 run)
-        floor = int((100 << 20) / 8 * p.s.tail_seconds)
-        self.assertEqual(p.tail_piece, floor)
-        p.queue = [(100 << 20, (100 << 20) + 3 * floor)]
-        self.assertEqual(p.tail_cut(3 * floor, 0), floor)     # 3 floors / 8 parts: one floor
-        p.queue = [(100 << 20, (100 << 20) + floor + floor // 2)]
-        self.assertEqual(p.tail_cut(floor + floor // 2, 0), floor + floor // 2)   # not half one
-        p = self.plan(parts=8)                    # a slow path: at least tail_min_size
-        p.tail_piece = 0
-        p.update(1.0, 1 << 20, float(1 << 20), 0, None, self.SIZE)
-        self.assertEqual(p.tail_piece, p.s.tail_min_size)
-
-    def test_fixed_parts_keep_their_ranges(self):
-        p = self.plan(parts=16)
-        p.plan(self.SIZE, [])
-        self.assertFalse(p.update(1.0, 200 << 20, float(200 << 20), 0, None, self.SIZE))
-        self.assertEqual(p.min_piece, p.s.min_part_size)
-        self.assertEqual(p.piece(self.SIZE), 8 << 20)
+        p.next_range(8, 65000, 0.0, 0)
+        p.put_back(1000, 5000)
+        self.assertEqual(p.gaps[0], (1000, 5000))
+        p.put_back(7, 7)                                  # nothing: ignored
+        self.assertEqual(p.gaps[0], (1000, 5000))
 
 
 class PathMtuTest(unittest.TestCase):
@@ -528,7 +543,6 @@ class RetransmissionTest(unittest.TestCase):
         self.assertGreater(t.path.rtt.srtt, srtt_before)
         self.assertGreater(t.rtt.rto, 0.02)
 
-
     def test_a_needless_early_resend_widens_the_window_and_it_stays_wide_without_loss(self):
         # A and B share an IP. B's DATA is acknowledged before A's older one: A is resent
         # early, and then both copies of A's DATA are acknowledged, so the resend was needless:
@@ -674,9 +688,9 @@ class ForgottenRequestTest(unittest.TestCase):
     def test_tokens_differ_by_address_and_request_and_server(self):
         make = token_maker(b"k" * 32)
         req = DownloadRequest("f", 0, 10)
-        tokens = {make(A, None, req), make(B, None, req), make(A, None, DownloadRequest("f", 1, 10)),
-                  make(A, None, ListRequest()), token_maker()(A, None, req), make(A, 1, req),
-                  make(A, 2, req)}
+        tokens = {make(A, None, req), make(B, None, req),
+                  make(A, None, DownloadRequest("f", 1, 10)), make(A, None, ListRequest()),
+                  token_maker()(A, None, req), make(A, 1, req), make(A, 2, req)}
         self.assertEqual(len(tokens), 7)
         self.assertEqual(make(A, 7, req), make(A, 7, req))
         self.assertTrue(all(len(t) == 16 and t == t.lower() for t in tokens))

@@ -14,7 +14,7 @@ from unittest import mock
 import udpxfer.fetch
 from tests import support
 from udpxfer.client_transfer import ClientTransfer
-from udpxfer.fetch import FAILED_CHECK, Part
+from udpxfer.download import FAILED_CHECK, Part
 from udpxfer.partial import PartialFile
 
 FLIP_AT = 100
@@ -25,8 +25,8 @@ class FlippingTransfer(ClientTransfer):
     to disk), makes the range's end-to-end check fail, and raises KeyboardInterrupt right after
     the datagram that ended it, before housekeeping."""
 
-    def receive_datagram(self, data, now):
-        payload = super().receive_datagram(data, now)
+    def receive(self, msg, now):
+        payload = super().receive(msg, now)
         if payload is not None:
             start = self.pos - len(payload)
             if start <= FLIP_AT < self.pos:
@@ -67,11 +67,11 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
         finally:
             target.release()
         rec = record(target.record_path)
-        for a, b in rec["done"]:
+        for a, b, _ in rec["kept"]:
             self.assertFalse(a <= FLIP_AT < b, "the record claims the failed range: %r"
-                             % rec["done"])
+                             % rec["kept"])
         with open(target.part_path, "rb") as f:   # what it claims is right
-            for a, b in rec["done"]:
+            for a, b, _ in rec["kept"]:
                 f.seek(a)
                 self.assertEqual(f.read(b - a), data[a:b], "recorded [%d, %d)" % (a, b))
         # The next run resumes from that record and saves the right file.
@@ -80,10 +80,10 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
 
     def test_part_failed_check_predicate(self):
         t = ClientTransfer("x", 0, 10, 0.0)
-        part = Part(None, t)
-        part.written = 7
+        part = Part(t, None)
+        part.written, part.written_crc = 7, 1234
         self.assertFalse(part.failed_check)
-        self.assertEqual(part.claimable(), (0, 7))
+        self.assertEqual(part.claimable(), (0, 7, 1234))
         for outcome in FAILED_CHECK:
             t.outcome = outcome
             self.assertTrue(part.failed_check)

@@ -1169,7 +1169,7 @@ class HostileServerTest(unittest.TestCase):
         self.assertEqual(sorted(n for n, _ in entries), ["ok.txt"])
         for name in evil:
             self.assertFalse(is_servable_name(name), name)
-            ok, error, _ = run_bounded(self, lambda: app.download(name, self.GIVE_UP), 5)
+            ok, error, _ = run_bounded(self, lambda: app.run_names([name]), 5)
             self.assertIsNone(error)
             self.assertFalse(ok, "the client accepted %r" % name)
         # The lower layer refuses on its own too any name that would leave the folder.
@@ -1179,7 +1179,7 @@ class HostileServerTest(unittest.TestCase):
             with self.assertRaises(Failure, msg=name):
                 PartialFile(self.out, name)
         # The positive control: the same server's legitimate file is fetched.
-        ok, error, _ = run_bounded(self, lambda: app.download("ok.txt", self.GIVE_UP), 5)
+        ok, error, _ = run_bounded(self, lambda: app.run_names(["ok.txt"]), 5)
         self.assertIsNone(error)
         self.assertTrue(ok)
         with open(os.path.join(self.out, "ok.txt"), "rb") as f:

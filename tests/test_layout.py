@@ -13,7 +13,7 @@ PACKAGE = os.path.join(ROOT, "udpxfer")
 
 # The socket-free core: it takes datagrams and `now`, and gives back datagrams and deadlines.
 CORE = {"wire", "rtt", "netpath", "server_transfer", "limits", "dispatcher", "client_transfer",
-        "planner", "ranges", "display", "errors", "ratelimit", "servelog"}
+        "planner", "ranges", "display", "errors", "ratelimit", "servelog", "download", "lanes"}
 # What the core may not import: the I/O and the clock come in from the loops around it.
 IO_MODULES = {"socket", "select", "selectors", "threading", "subprocess", "time", "asyncio"}
 SCRIPTS = {"server", "client"}

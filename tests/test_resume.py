@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import unittest
+import zlib
 from unittest import mock
 
 import client
@@ -24,7 +25,7 @@ from tests.support import wait_for
 from udpxfer.errors import Failure
 from udpxfer.partial import PartialFile
 from udpxfer.ranges import RangeSet
-from udpxfer.wire import is_servable_name
+from udpxfer.wire import crc_start, is_servable_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,8 @@ def recorded_bytes(record_path):
             rec = json.load(f)
     except (OSError, ValueError):
         return 0, []
-    return sum(b - a for a, b in rec["done"]), rec["done"]
+    ranges = RangeSet((a, b) for a, b, _ in rec["kept"]).ranges
+    return sum(b - a for a, b in ranges), ranges
 
 
 class DataCounter:
@@ -58,6 +60,7 @@ class DataCounter:
         return sum(n for _, n in self.offsets)
 
     def __call__(self, data):
+        data = support.split_tag(data)[1]
         if data[:5] == b"DATA ":
             with self.lock:
                 self.datagrams += 1
@@ -308,12 +311,12 @@ class PlanningTests(unittest.TestCase):
         part = PartialFile(tmp.downloads, "x.bin")
         part.size, part.version = 10, "v1"
         part.write(0, b"0123456789")
-        part.done.add(0, 10)
+        part.keep(0, 10, zlib.crc32(b"0123456789", crc_start(0)))
         part.save()
         part.release()
         with open(part.record_path, "r+", encoding="utf-8") as f:
             rec = json.load(f)
-            rec["done"] = [[0, 99]]   # claims more than the file has
+            rec["kept"] = [[0, 99, rec["kept"][0][2]]]   # claims more than the file has
             f.seek(0)
             f.truncate()
             json.dump(rec, f)

@@ -57,8 +57,10 @@ class WatchModeTest(unittest.TestCase):
             proc.kill()
             self.fail("first name not fetched: %s" % proc.communicate(timeout=10)[0])
         self.assertEqual(self.tmp.downloaded("first.txt"), first)
-        # New names added while it runs are fetched within about a second; a repeated name
-        # and a name the server does not have are handled once each.
+        # New names added while it runs are fetched within about a second; a name added again
+        # is tried again (here it is complete already: not fetched again), and a name the
+        # server does not have is said once.
+        stamp = os.stat(os.path.join(self.tmp.downloads, "first.txt"))
         self.append("second file.bin\nfirst.txt\nmissing.txt\n")
         self.assertTrue(self.wait_for_file("second file.bin"), "new name not picked up")
         self.assertEqual(self.tmp.downloaded("second file.bin"), second)
@@ -72,9 +74,13 @@ class WatchModeTest(unittest.TestCase):
             self.assertEqual(proc.returncode, 130, out)
             self.assertNotIn("Traceback", out)
         self.assertIn("first.txt", out)                 # the listing was shown
-        self.assertEqual(out.count("first.txt: "), 1, out)   # fetched once
+        self.assertEqual(out.count("first.txt: ") - out.count("first.txt: added again"), 2, out)
+        self.assertIn("first.txt: added again; trying it again", out)
+        self.assertRegex(out, r"(?m)^first\.txt: already in .*; skipped$")
+        after = os.stat(os.path.join(self.tmp.downloads, "first.txt"))
+        self.assertEqual((after.st_ino, after.st_mtime_ns), (stamp.st_ino, stamp.st_mtime_ns))
         self.assertEqual(out.count("second file.bin: "), 1, out)
-        self.assertIn("missing.txt: FAILED: not on the server", out)
+        self.assertEqual(out.count("missing.txt: FAILED: not on the server"), 1, out)
         self.assertEqual(sorted(os.listdir(self.tmp.downloads)), ["first.txt",
                                                                   "second file.bin"])
 

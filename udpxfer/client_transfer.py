@@ -1,36 +1,45 @@
-"""The client side of one transfer: a range of a file, or the listing. It retransmits its request
-until the server answers, accepts bytes in order by offset under the running CRC, acknowledges
-cumulatively with the token of SIZE, checks the whole range against EOF, and notices a stall.
+"""The client side of one transfer: a range of a file, or the listing, on a lane of the client's
+socket (or untagged, alone on a socket of its own). It retransmits its request until the server
+answers, accepts bytes in order by offset under the running CRC, acknowledges cumulatively with
+the token of SIZE, checks the whole range against EOF, and notices a stall.
 
-Relies on: wire (parse and format, the CRC seed), config (the client's timers). Must not know:
-sockets, the clock (every call takes `now`), files, or the other transfers of the download.
+Relies on: wire (parse and format, tags, the CRC seed), config (the client's timers). Must not
+know: sockets, the clock (every call takes `now`), files, or the other transfers of the
+download.
 """
 
 import zlib
 
 from config import ClientSettings
 from udpxfer.wire import (Data, Eof, Error, ProtocolError, Size, crc_start, format_ack,
-                          format_ack_eof, format_download, format_list, parse_server_message)
+                          format_ack_eof, format_download, format_list, lane_tag,
+                          parse_server_datagram)
 
 REQUESTING, RECEIVING, FINISHED = "requesting", "receiving", "finished"
 
 
 class ClientTransfer:
-    """The client side of one transfer (one socket): a range of a file, or the listing.
+    """The client side of one transfer (one lane, or one socket): a range of a file, or the
+    listing.
 
-    Use: datagrams_to_send() after creating it and after every call; receive_datagram(data, now)
-    returns the payload it accepted (or None), already checked under the running CRC. Send the
-    ACK first, then write the payload: the disk write overlaps with the server preparing the next.
+    Use: datagrams_to_send() after creating it and after every call; receive(message, now)
+    (parsed, the lane already matched) or receive_datagram(data, now) returns the payload it
+    accepted (or None), already checked under the running CRC. Send the ACK first, then write
+    the payload: the disk write overlaps with the server preparing the next.
 
     `outcome` once finished: "done", "mismatch" (EOF's CRC differs from ours: discard this
     transfer's bytes), "changed" (ERROR CHANGED), "version" (SIZE differs from the expected
     file), "error" (ERROR with `error_code`), "stalled" (nothing new for idle_timeout).
     """
 
-    def __init__(self, name, offset, length, now, settings=None, expect=None, request_rto=None):
+    def __init__(self, name, offset, length, now, settings=None, expect=None, request_rto=None,
+                 lane=None):
         self.s = settings or ClientSettings()
         self.name = name
-        self.request = format_list() if name is None else format_download(name, offset, length)
+        self.lane = lane
+        self.tag = tag = lane_tag(lane)
+        self.request = (format_list(tag) if name is None
+                        else format_download(name, offset, length, tag))
         self.start = self.pos = offset
         self.length = length
         self.end = None
@@ -38,6 +47,7 @@ class ClientTransfer:
         self.expect = expect            # (size, version) the file must still have, or None
         self.state = REQUESTING
         self.outcome = self.error_code = None
+        self.error_text = ""            # what the server said with its ERROR, for people
         # The request -> SIZE time, if the request was sent once (else our ACK of SIZE -> the
         # first DATA).
         self.rtt_sample = None
@@ -78,15 +88,33 @@ class ClientTransfer:
             self._requests += 1
             self._out.append(self.request)
 
+    def retire(self):
+        """The loop lets this transfer go (not for anything it did): outcome "retired"."""
+        if self.state != FINISHED:
+            self._finish("retired")
+
+    def nudge(self, now, delay):
+        """Ask again within `delay` (the port was refused: a server that is starting), without
+        backing the request's timer off."""
+        if self._asking() and self._next_request > now + delay:
+            self._next_request = now + delay
+
     def _finish(self, outcome, code=None):
         self.state = FINISHED
         self.outcome, self.error_code = outcome, code
 
     def receive_datagram(self, data, now):
+        """A whole datagram: parsed here, and ignored unless it is on this transfer's lane."""
         try:
-            msg = parse_server_message(data)
+            lane, msg = parse_server_datagram(data)
         except ProtocolError:
             return None   # corrupted or garbage: no answer (the server will retransmit)
+        if lane != self.lane:
+            return None
+        return self.receive(msg, now)
+
+    def receive(self, msg, now):
+        """A parsed message of this transfer's lane: the payload accepted, or None."""
         if self.state == RECEIVING and not isinstance(msg, Size):
             # "Nothing at all arrives for idle time" is a stall. Repeated SIZEs do not count:
             # a server that answers our repeated request but never sends data is stalled.
@@ -98,6 +126,7 @@ class ClientTransfer:
         elif isinstance(msg, Eof):
             self._on_eof(msg, now)
         elif isinstance(msg, Error) and self.state != FINISHED:
+            self.error_text = "".join(c for c in msg.text if " " <= c <= "~")
             self._finish("changed" if msg.code == "CHANGED" else "error", msg.code)
         return None
 
@@ -111,7 +140,8 @@ class ClientTransfer:
                     self.token = msg.token
                     self._token_requests = self._requests
                 if msg.token == self.token:
-                    self._out.append(format_ack(self.pos, self.token))   # our ACK was lost
+                    # Our ACK was lost: again.
+                    self._out.append(format_ack(self.pos, self.token, self.tag))
                     self._size_acked_at = None   # which ACK the first DATA answers is unknown
             return
         if self.state != REQUESTING:
@@ -130,7 +160,7 @@ class ClientTransfer:
         self.state = RECEIVING
         self._last_heard = now
         self._next_request = now + self._request_rto
-        self._out.append(format_ack(self.pos, self.token))
+        self._out.append(format_ack(self.pos, self.token, self.tag))
 
     def _on_data(self, msg, now):
         if self.state != RECEIVING:
@@ -145,23 +175,24 @@ class ClientTransfer:
                 return None   # damaged, misplaced or beyond the range: not acknowledged
             self._r = msg.crc
             self.pos += len(payload)
-            self._out.append(format_ack(self.pos, self.token))
+            self._out.append(format_ack(self.pos, self.token, self.tag))
             return payload
         if msg.offset < self.pos:
             # A duplicate (perhaps of another size): our ACK was lost, say it again.
-            self._out.append(format_ack(self.pos, self.token))
+            self._out.append(format_ack(self.pos, self.token, self.tag))
         return None
 
     def _on_eof(self, msg, now):
         if self.state == FINISHED and self.outcome in ("done", "mismatch"):
-            self._out.append(format_ack_eof(self.token))   # our ACK EOF was lost
+            self._out.append(format_ack_eof(self.token, self.tag))   # our ACK EOF was lost
         if self.state != RECEIVING:
             return
         self._flowing = True
-        # Twice: a lost ACK EOF would leave the server retransmitting EOF to a closed socket
-        # until its retry limit; the server ignores the spare copy.
-        ack = format_ack_eof(self.token)
-        self._out += (ack, ack)
+        # On a lane, once: the client's socket lives on and answers a late EOF again. Alone on
+        # a socket, twice: a lost ACK EOF would leave the server retransmitting EOF to a closed
+        # socket until its retry limit; the server ignores the spare copy.
+        ack = format_ack_eof(self.token, self.tag)
+        self._out += (ack,) if self.lane is not None else (ack, ack)
         if self.pos != self.end:
             # No server sends EOF before every byte is acknowledged: a forged or broken one.
             # Keep the verified bytes and wait for data (a stall asks again).
@@ -172,3 +203,18 @@ class ClientTransfer:
     @property
     def received(self):
         return self.pos - self.start
+
+    @property
+    def crc(self):
+        """R(pos): the running CRC of the range up to the next byte needed."""
+        return self._r
+
+    @property
+    def requests(self):
+        """How many times the request went."""
+        return self._requests
+
+    @property
+    def flowing(self):
+        """A DATA or EOF came after SIZE."""
+        return self._flowing

@@ -1,97 +1,539 @@
-"""The client's transfer loop: the ranges of one file (or the listing), each one stop-and-wait
-transfer over a connected UDP socket of its own, all driven by one single-threaded selector loop;
-bytes go straight to the target at their offsets; the record of what is in is saved as it goes.
+"""The client's download loop: every transfer of every file over one UDP socket, each on a lane
+of its own (protocol version 3), driven by one single-threaded loop; or, with a server that knows
+only version 2, one socket per transfer.
 
-Relies on: client_transfer (one range), planner (which ranges, how many at once), partial (the
-targets), ratelimit (--limit-rate), errors, rtt, wire, config. Must not know: the command line,
-input.txt, or how results are shown (a printer is handed in).
+Per datagram the loop does little: receive, find the lane, hand the message to its transfer,
+send the ACK (or hold it back, when the pace says so), write the payload at its offset. The
+rest runs at housekeeping, a few times per round trip: timers, transfers that ended, how many
+lanes run (lanes.py) and how fast their ACKs go, new transfers for the files that want them
+(download.py: files at once, small ones whole on lanes of their own), records, progress.
+
+Holding an ACK back holds back the DATA it would bring, so the ACKs are the pace: the rate cap
+of --limit-rate, and the controller's pacing rate on a long path. A lane that has finished keeps
+its token for a while, to answer a late EOF (its ACK EOF was lost) without the server having to
+wait for its retransmission limit.
+
+The server must first show it knows lanes (a tagged answer). Until then the client runs only
+tagged transfers; an untagged ERROR BAD_REQUEST to a tagged request, or silence where an
+untagged request is answered, means a version 2 server, and the client goes on with one socket
+per transfer, untagged.
+
+Relies on: client_transfer, download, lanes, planner, partial (targets), ratelimit, errors, rtt,
+wire, config. Must not know: the command line, input.txt, or how results are shown (a printer
+is handed in).
 """
 
 import selectors
 import shutil
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import config
-from udpxfer.client_transfer import FINISHED, ClientTransfer
+from udpxfer.client_transfer import FINISHED, RECEIVING, ClientTransfer
 from udpxfer.display import format_addr, human
+from udpxfer.download import Download, Part
 from udpxfer.errors import Failure, NoServer
+from udpxfer.lanes import LaneController
 from udpxfer.partial import MemoryTarget
-from udpxfer.planner import RangePlanner
 from udpxfer.ratelimit import Pacer
 from udpxfer.rtt import RttEstimator
-from udpxfer.wire import HUGE, RECV_BUFSIZE, parse_listing
+from udpxfer.wire import (HUGE, MAX_LANE, RECV_BUFSIZE, Data, Eof, Error, ProtocolError,
+                          format_ack_eof, lane_tag, parse_listing, parse_server_datagram)
 
-
-# ClientTransfer outcomes that mean the range's end-to-end check failed: its bytes are wrong
-# somewhere and must never be claimed by a record nor counted as done.
-FAILED_CHECK = frozenset(("mismatch",))
-
-
-class Part:
-    """One range in flight: a socket, its ClientTransfer, and how far its bytes are written
-    (t.pos moves when a payload is accepted, a moment before the payload is on disk; records
-    must only claim written bytes, even if Ctrl-C falls in between)."""
-
-    def __init__(self, sock, transfer):
-        self.sock, self.t = sock, transfer
-        self.written = transfer.start
-        self.held_until = 0.0   # --limit-rate: what it sends is held until then (Pacer)
-        self.held = []
-
-    @property
-    def failed_check(self):
-        """The range's end-to-end check failed: none of its bytes may be trusted."""
-        return self.t.outcome in FAILED_CHECK
-
-    def claimable(self):
-        """The bytes of this part a record may claim: [start, written), or none at all once
-        the check failed (Ctrl-C can land between that and housekeeping)."""
-        return None if self.failed_check else (self.t.start, self.written)
+_IN_QUARANTINE = 10.0   # seconds a port is not used again (the server ignores its late copies)
 
 
 class Client:
-    """Talks to one server. fetch() drives the parts of one file (or the listing)."""
+    """Talks to one server. add() downloads (files, the listing) and run() drives them; fetch()
+    and listing() do one and return. `on_result(download, error)` is called as each ends."""
 
-    def __init__(self, host, port, settings, printer, out_dir=config.DOWNLOADS_DIR):
+    def __init__(self, host, port, settings, printer, out_dir=config.DOWNLOADS_DIR,
+                 on_result=None):
         self.s = settings
         self.printer = printer
         self.out_dir = out_dir
+        self.on_result = on_result
         # An ASCII name goes as bytes: a str would be IDNA-encoded, and importing that codec
         # costs a millisecond of every start (a non-ASCII name still gets it).
         infos = socket.getaddrinfo(host.encode("ascii") if host.isascii() else host, port, 0,
                                    socket.SOCK_DGRAM)
         self.family, _, _, _, self.server = infos[0]
-        self.rtt = RttEstimator(self.s.request_timeout, self.s.request_timeout_min,
-                                self.s.request_timeout_max)
+        self.rtt = RttEstimator(settings.request_timeout, settings.request_timeout_min,
+                                settings.request_timeout_max)
+        self.control = LaneController(settings, time.monotonic(), settings.parts)
+        self.cap = Pacer(settings.limit_rate) if settings.limit_rate else None
+        # The controller's pace (its rate set each round; a burst of two datagrams at most).
+        self.pace = Pacer(None, slack=0.002, cap=False)
         self.buf = bytearray(RECV_BUFSIZE)
         self.view = memoryview(self.buf)
-        self.stats = {"transfers": 0, "stalls": 0, "restarts": 0}
-        self._ports = OrderedDict()   # local port -> when it was last used
-        # Whether the server ever answered (SIZE or ERROR): until then a refused port or
-        # silence means "no server here" and ends a fetch early (NoServer); once it has
-        # answered, silence is a restart or a lossy path and is waited out patiently.
-        self.answered = False
-        self.pacer = Pacer(self.s.limit_rate) if self.s.limit_rate else None
-        self.last_fetch = None   # the _Fetch of the last fetch(), for its counters
+        self.sel = selectors.DefaultSelector()
+        self.lanes = None            # the server knows lanes: None (not yet seen), True, False
+        self.sock = None             # the socket of the lanes
+        self.next_lane = 1
+        self.by_lane = {}            # lane -> Part
+        self.finished = OrderedDict()   # lane -> token, of transfers that ended well
+        self.parts = []              # every transfer running
+        self.jobs = []               # downloads open
+        self.waiting = deque()       # downloads not yet open
+        self.held = deque()          # (due, part): ACKs held back, in the order they are due
+        self._ports = OrderedDict()  # local port -> when it was last used (version 2)
+        self.stats = {"transfers": 0, "stalls": 0, "restarts": 0, "sockets": 0}
+        self.answered = False        # the server ever answered (SIZE or ERROR)
+        self.began = None            # when the first request went
+        self.last_heard = None
+        self.refused_at = None
+        self.last_fetch = None       # the Download of the last fetch(), for its counters
+        self.most_lanes = 0
+        self.kept = False            # the last run left partial downloads to resume
+        self.total = self.finished_jobs = 0   # files of this run, and those ended
 
-    # A port used this recently is not used again: the server remembers finished transfers
-    # for a few seconds (config.ServerSettings.recent_seconds) and ignores their late copies.
-    PORT_QUARANTINE = 10.0
+    # -- one download, the old way
+
+    def fetch(self, name, target, parts=None, size_hint=None, give_up=None, label=None):
+        """Fetch `name` (None: the listing) into `target` and return the seconds spent moving
+        bytes; raise Failure (or NoServer) if it fails. `parts`: a fixed number of lanes for
+        this download (None: the settings')."""
+        job = Download(name, target, self.s, size_hint, give_up, label, self._say,
+                       self.printer.detail, self.server)
+        self.last_fetch = job
+        fixed = self.control.fixed
+        if parts is not None:
+            self.control.fix(parts)
+        if self.cap is not None:   # under a cap, no more lanes than the cap can feed
+            self.control.cap(self.cap.max_parts)
+        try:
+            self.add(job)
+            self.run()
+        finally:
+            self.control.fix(fixed)
+        if job.error is not None:
+            raise job.error
+        return job.seconds()
+
+    def listing(self, give_up=None):
+        target = MemoryTarget()
+        self.fetch(None, target, give_up=give_up)
+        return parse_listing(target.data)
+
+    # -- many downloads
+
+    def add(self, job):
+        """Queue a download; it opens when the files at once allow."""
+        job.error = None
+        self.waiting.append(job)
+        if job.name is not None:
+            self.total += 1
+
+    def run(self, forever=False, tick=None, every=1.0):
+        """Drive the downloads until none is left (or, `forever`, until Ctrl-C), calling
+        `tick(now)` every `every` seconds (watch mode adds downloads there). NoServer and
+        KeyboardInterrupt end it; a download's own failure ends only that download."""
+        now = time.monotonic()
+        next_tick = now
+        next_check = 0.0
+        select, recv_into = self.sel.select, None
+        try:
+            while forever or self.jobs or self.waiting:
+                now = time.monotonic()
+                if tick is not None and now >= next_tick:
+                    tick(now)
+                    next_tick = now + every
+                if self.held and self.held[0][0] <= now:
+                    self._release(now)
+                if now >= next_check:
+                    next_check = self._housekeeping(now)
+                    if not (forever or self.jobs or self.waiting):
+                        break
+                due = next_check
+                if self.held:
+                    due = min(due, self.held[0][0])
+                if tick is not None:
+                    due = min(due, next_tick)
+                timeout = max(due - time.monotonic(), 0.0)
+                if not self.parts:   # nothing to wait on: select() of nothing fails on Windows
+                    time.sleep(timeout)
+                    continue
+                for key, _ in select(timeout):
+                    sock = key.fileobj
+                    recv_into = sock.recv_into
+                    for _ in range(64):      # what is queued, up to a bound, then timers
+                        try:
+                            n = recv_into(self.buf)
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:   # ICMP port unreachable, and the like
+                            self._refused(exc, time.monotonic())
+                            break
+                        if self._datagram(key.data, n, time.monotonic()):
+                            next_check = 0.0
+                        if key.data is not None and key.data.t.state == FINISHED:
+                            break
+        finally:   # also on Ctrl-C: keep every accepted byte for the next run
+            self._stop_all()
+            self.total = self.finished_jobs = 0
+
+    # -- the per-datagram path
+
+    def _datagram(self, part, n, now):
+        """One datagram from the server. Returns True when housekeeping should come at once (a
+        transfer ended, a file's first SIZE came)."""
+        heard, self.last_heard = self.last_heard, now
+        if heard is not None and now - heard > self.s.silence_note:
+            for job in self.jobs:   # the server was silent: time that is not transfer time
+                if job.started <= heard:
+                    job.waited += now - heard
+        try:
+            lane, msg = parse_server_datagram(self.view[:n])
+        except ProtocolError:
+            return False         # corrupted or garbage: no answer (the server resends)
+        if part is None:         # the lanes' socket
+            if lane is None:
+                return self._untagged(msg, now)
+            if not self.lanes:
+                self._lanes_known(now)
+            part = self.by_lane.get(lane)
+            if part is None:
+                token = self.finished.get(lane)
+                if token is not None and isinstance(msg, Eof):
+                    self._send(None, format_ack_eof(token, lane_tag(lane)))   # ours was lost
+                return False
+        elif lane is not None:
+            return False         # a socket of its own carries no lane
+        elif self.lanes is None:
+            self._no_lanes(now)  # the untagged probe was answered, the tagged request not
+        t = part.t
+        payload = t.receive(msg, now)
+        if payload is not None:
+            n = len(payload)
+            self.control.delivered(n)
+            if part.acked_at is not None:
+                self.control.rtt_sample(now - part.acked_at)
+            self._ack(part, now, n if t.pos < t.end else 0)
+            part.job.target.write(t.pos - n, payload)
+            part.written, part.written_crc = t.pos, t.crc
+            return False
+        self._ack(part, now, self.control.dgram if t.state == RECEIVING and not t.flowing
+                  else 0)
+        if t.state == FINISHED or (t.size is not None and part.job.target.size is None):
+            return True
+        if isinstance(msg, Data):
+            part.job.unneeded += 1   # a retransmission (or a damaged copy)
+        return False
+
+    def _ack(self, part, now, brings):
+        """Send what the transfer has to send; an ACK that brings `brings` more bytes waits
+        for its turn when a pace is set (the rate cap, or the controller's on a long path)."""
+        out = part.t.datagrams_to_send()
+        if not out:
+            return
+        if part.held is not None:        # its ACK waits already: this goes with it
+            part.held += out
+            return
+        if brings:
+            due = self._due(brings, now)
+            if due > now:
+                part.held = out
+                self.held.append((due, part))
+                return
+            part.acked_at = now
+        for datagram in out:
+            self._send(part, datagram)
+
+    def _due(self, n, now):
+        due = now
+        if self.cap is not None:
+            due = self.cap.take(n, now)
+        if self.pace.rate is not None:
+            due = max(due, self.pace.take(n, now))
+        return due
+
+    def _release(self, now):
+        """Send the held ACKs that are due (a quantum of a millisecond early at most)."""
+        held = self.held
+        soon = now + 0.001
+        while held and held[0][0] <= soon:
+            _, part = held.popleft()
+            out, part.held = part.held, None
+            if out is None:
+                continue
+            part.acked_at = now
+            for datagram in dict.fromkeys(out):   # repeats of one ACK go once
+                self._send(part, datagram)
+
+    def _send(self, part, datagram):
+        sock = self.sock if part is None or part.sock is None else part.sock
+        try:
+            sock.send(datagram)
+        except OSError as exc:
+            self._refused(exc, time.monotonic())   # else the timers see to it
+
+    def _refused(self, exc, now):
+        """A send or receive failed. A refusal (ICMP port unreachable: ECONNREFUSED, or
+        ConnectionResetError on Windows) from a server that never answered: most often one that
+        is starting, so the requests go again soon, for refused_grace seconds; then NoServer.
+        Anything else is left to the timers."""
+        if self.answered or not isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+            return
+        if self.began is not None and now - self.began >= self.s.refused_grace:
+            raise NoServer(self.server, "nothing is listening there")
+        self.refused_at = now
+        for part in self.parts:
+            part.t.nudge(now, self.s.refused_retry)
+
+    # -- lanes or not
+
+    def _untagged(self, msg, now):
+        """An untagged datagram on the lanes' socket: before any tagged answer, an ERROR
+        BAD_REQUEST says the server does not know lanes (version 2): go on without them."""
+        if self.lanes is None and isinstance(msg, Error) and msg.code == "BAD_REQUEST":
+            self._no_lanes(now)
+            return True
+        return False
+
+    def _lanes_known(self, now):
+        """A tagged answer: the server knows lanes; an untagged probe is let go."""
+        self.lanes = True
+        for part in [p for p in self.parts if p.sock is not None]:
+            self._retire(part, now)
+
+    def _no_lanes(self, now):
+        """Version 2: the tagged transfers are let go (what they asked for is asked again,
+        untagged, on sockets of their own)."""
+        self.lanes = False
+        self.printer.detail("the server does not know lanes (protocol version 2): one socket "
+                            "per transfer")
+        for part in [p for p in self.parts if p.lane is not None]:
+            self._retire(part, now)
+
+    def _retire(self, part, now):
+        """Let a transfer go though nothing is wrong with it: its bytes are kept and the rest
+        of its range asked for again."""
+        self._close(part)
+        part.t.retire()
+        part.job.ended(part, now)
+
+    # -- housekeeping
+
+    def _housekeeping(self, now):
+        """Everything but moving bytes; returns when it is due again."""
+        self._open_jobs(now)
+        if not self.answered:
+            self._check_answered(now)
+        for part in list(self.parts):
+            if part.job.done or part not in part.job.parts:
+                continue   # its download restarted or failed meanwhile
+            self._look_at(part, now)
+        control = self.control
+        window = control.update(now, self._data_lanes() < control.window)
+        self.pace.set(control.pacing_rate)
+        self._schedule(now, window)
+        for job in list(self.jobs):
+            self._progress(job, now)
+        self._show(now)
+        tick = control.min_rtt / 4 if control.min_rtt else self.s.housekeeping
+        return now + min(max(tick, 0.002), self.s.housekeeping)
+
+    def _look_at(self, part, now):
+        job, t = part.job, part.t
+        try:
+            if t.size is not None and job.target.size is None:
+                job.adopt(t, self._check_space)
+                self._take_rtt(t)   # now, so that the other lanes start with a good timeout
+            t.handle_timer(now)
+            self._ack(part, now, 0)
+            if t.state == FINISHED:
+                self._ended(part, now)
+            elif t.size is not None and job.conflicts(t):
+                self._restart(job, job.restart("the file changed on the server", now))
+        except NoServer:
+            raise   # not about this file: the run ends, and says it once
+        except Failure as exc:
+            self._fail(job, exc, now)
+
+    def _ended(self, part, now):
+        t = part.t
+        self._close(part)
+        self._take_rtt(t)
+        if t.outcome in ("done", "mismatch") and part.lane is not None:
+            self.finished[part.lane] = t.token
+            while len(self.finished) > self.s.finished_lanes:
+                self.finished.popitem(last=False)
+        if t.outcome not in ("done", "version", "changed"):
+            self.stats["stalls"] += 1
+        self._restart(part.job, part.job.ended(part, now))
+
+    def _restart(self, job, what):
+        if what == "restart":
+            self.stats["restarts"] += 1
+            for part in [p for p in self.parts if p.job is job]:
+                self._close(part)
+
+    def _take_rtt(self, t):
+        if t.rtt_sample is not None:
+            self.rtt.sample(t.rtt_sample)
+            t.rtt_sample = None   # each sample counts once
+
+    def _check_answered(self, now):
+        """Until the server first answers: NoServer after no_answer_timeout (or give_up if
+        shorter) of silence, for systems and firewalls that report no ICMP refusal. A tagged
+        request asked probe_after times without an answer is asked untagged as well, on a
+        socket of its own: a version 2 server may drop what it cannot parse."""
+        if any(p.t.size is not None or p.t.error_code is not None for p in self.parts):
+            self.answered = True
+            return
+        if self.began is None:
+            return
+        limit = min([self.s.no_answer_timeout] + [j.give_up for j in self.jobs])
+        if now - self.began >= limit:
+            raise NoServer(self.server, "no answer in %g s" % limit)
+        if self.lanes is None and self.refused_at is None and self.parts and not any(
+                p.sock is not None for p in self.parts):
+            first = self.parts[0]
+            if first.t.requests >= self.s.probe_after:
+                self._start(first.job, first.t.start, first.t.length, now, untagged=True)
+
+    def _data_lanes(self):
+        """Transfers that will carry data for more than a couple of datagrams: the window
+        counts these (one near its end lets the next start: no idle round trips)."""
+        near = 2 * self.control.dgram
+        count = 0
+        for p in self.parts:
+            t = p.t
+            if not p.confirm and (t.end is None or t.end - t.pos > near):
+                count += 1
+        return count
+
+    def _schedule(self, now, window):
+        """Start transfers while the window has room, for the downloads that want them: the
+        one running the fewest first (a small file gets its lane at once beside a big one)."""
+        if not self.jobs:
+            return
+        limit = window * 2 + self.s.lanes_extra   # with those asking and ending
+        if not self.answered:
+            limit = min(limit, 2)   # a new socket waits in the server's strangers' pool
+        data = self._data_lanes()
+        control = self.control
+        lanes = control.plan_lanes()
+        lane_rate = control.bw / max(window, 1)
+        while data < window and len(self.parts) < limit:
+            job = min((j for j in self.jobs if j.want_lane(now, lanes, control.dgram)),
+                      key=lambda j: len(j.parts), default=None)
+            if job is None:
+                if not self._open_jobs(now, more=True):
+                    break
+                continue
+            start, length = job.next_request(now, lanes, control.dgram, lane_rate)
+            part = self._start(job, start, length, now)
+            if not part.confirm and (length is None or length > 2 * control.dgram):
+                data += 1
+        self.most_lanes = max(self.most_lanes, len(self.parts))
+
+    def _open_jobs(self, now, more=False):
+        """Open waiting downloads: the first always; `more` while files_at_once allows (the
+        open ones want no lane). Returns whether one opened."""
+        opened = False
+        while self.waiting and (not self.jobs or (more and len(self.jobs) < self.s.files_at_once)):
+            job = self.waiting.popleft()
+            try:
+                job.open(now)
+            except NoServer:
+                raise   # not about this file: the run ends, and says it once
+            except Failure as exc:
+                self._fail(job, exc, now, opened=False)
+                continue
+            self.jobs.append(job)
+            target = job.target
+            for a, b in getattr(target, "damaged", ()):
+                self._say("%s: the kept bytes [%d, %d) do not match their checksum (damaged on "
+                          "disk?); fetching them again" % (job.label, a, b))
+            if target.resumed and target.size:
+                self._say("%s: resuming, %s of %s already here" % (
+                    job.label, human(target.resumed), human(target.size)))
+            if job.name is not None:
+                try:
+                    self._check_space(job.target.size - job.target.done.total()
+                                      if job.target.size is not None else 0)
+                except NoServer:
+                    raise   # not about this file: the run ends, and says it once
+                except Failure as exc:
+                    self._fail(job, exc, now)
+                    continue
+            opened = True
+            if more:
+                break
+        return opened
+
+    def _start(self, job, start, length, now, untagged=False):
+        """A new transfer for `job`: on the next lane, or (version 2, or a probe) untagged on
+        a socket of its own."""
+        if self.began is None:
+            self.began = now
+        expect = (job.target.size, job.target.version) if job.target.version else None
+        rto = self.rtt.rto if self.rtt.srtt else None
+        if self.lanes is False or untagged:
+            sock = self._socket()
+            t = ClientTransfer(job.name, start, length, now, self.s, expect, rto)
+            part = Part(t, job, sock)
+            self.sel.register(sock, selectors.EVENT_READ, part)
+        else:
+            if self.sock is None or self.next_lane > MAX_LANE:
+                self._lanes_socket()
+            lane = self.next_lane
+            self.next_lane += 1
+            t = ClientTransfer(job.name, start, length, now, self.s, expect, rto, lane)
+            part = Part(t, job, lane=lane)
+            self.by_lane[lane] = part
+        self.parts.append(part)
+        job.parts.append(part)
+        job.most_lanes = max(job.most_lanes, sum(1 for p in job.parts if not p.confirm))
+        self.stats["transfers"] += 1
+        for datagram in t.datagrams_to_send():
+            self._send(part, datagram)
+        self.printer.detail("%s: asking for [%d, %s)%s" % (
+            job.label, start, "end" if length is None or length >= HUGE else start + length,
+            "" if part.lane is None else " on lane %d" % part.lane))
+        return part
+
+    def _close(self, part):
+        """A transfer leaves: its held ACK still goes (Ctrl-C, a failure, a restart), its lane
+        or socket is let go."""
+        if part.held is not None:
+            out, part.held = part.held, None
+            for datagram in dict.fromkeys(out):
+                self._send(part, datagram)
+        if part in self.parts:
+            self.parts.remove(part)
+        if part.lane is not None:
+            self.by_lane.pop(part.lane, None)
+        elif part.sock is not None:
+            self.sel.unregister(part.sock)
+            part.sock.close()
+
+    # -- sockets
+
+    def _lanes_socket(self):
+        """The one socket of the lanes (a new one if lane numbers ran out)."""
+        if self.sock is not None:
+            self.sel.unregister(self.sock)
+            self.sock.close()
+        self.sock = self._socket()
+        self.next_lane = 1
+        self.by_lane.clear()
+        self.finished.clear()
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
 
     def _socket(self):
-        """A new connected socket on a port not used in the last PORT_QUARANTINE seconds."""
+        """A new connected socket on a port not used in the last _IN_QUARANTINE seconds."""
         rejected = []
         try:
             for _ in range(16):
                 sock = socket.socket(self.family, socket.SOCK_DGRAM)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
+                try:   # room for the datagrams of many lanes arriving together
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.s.receive_buffer)
                 except OSError:
                     pass
-                # Connected: the kernel drops datagrams from anyone but the server, and a new
-                # port per transfer keeps late datagrams of old transfers out.
+                # Connected: the kernel drops datagrams from anyone but the server.
                 try:
                     sock.connect(self.server)
                 except OSError as exc:   # e.g. no route to the server
@@ -101,7 +543,7 @@ class Client:
                 sock.setblocking(False)
                 port = sock.getsockname()[1]
                 now = time.monotonic()
-                if now - self._ports.get(port, -self.PORT_QUARANTINE) >= self.PORT_QUARANTINE:
+                if now - self._ports.get(port, -_IN_QUARANTINE) >= _IN_QUARANTINE:
                     break
                 rejected.append(sock)   # kept open while we look, so the OS picks another
             else:
@@ -110,398 +552,92 @@ class Client:
             self._ports.move_to_end(port)
             while len(self._ports) > 4096:
                 self._ports.popitem(last=False)
+            self.stats["sockets"] += 1
             return sock
         finally:
             for r in rejected:
                 r.close()
 
-    def _flush(self, part, datagrams=None):
-        """Send what the part's transfer has to send (or `datagrams`), unless it is held."""
-        if datagrams is None:
-            datagrams = part.t.datagrams_to_send()
-            if part.held_until:   # --limit-rate: its ACK waits (see Pacer); so does the rest
-                part.held += datagrams
-                return
-        for datagram in datagrams:
-            try:
-                part.sock.send(datagram)
-            except OSError as exc:
-                self.refused(exc)   # else the timers handle it (e.g. a server restarting)
+    # -- progress and endings
 
-    def _release(self, part):
-        """Send what a part held back: its ACK is due, or the part is being closed."""
-        held, part.held, part.held_until = part.held, [], 0.0
-        self._flush(part, dict.fromkeys(held))   # repeats of one ACK go once
-
-    def refused(self, exc):
-        """A send or receive failed. A refusal (ICMP port unreachable: ECONNREFUSED, or
-        ConnectionResetError on Windows) from a server that never answered means nothing
-        listens there: raise NoServer. Anything else is left to the timers."""
-        if not self.answered and isinstance(exc, (ConnectionRefusedError,
-                                                  ConnectionResetError)):
-            raise NoServer(self.server, "nothing is listening there") from None
-
-    # -- listing
-
-    def listing(self, give_up=None):
-        target = MemoryTarget()
-        self.fetch(None, target, give_up=give_up)
-        return parse_listing(target.data)
-
-    # -- one file
-
-    def fetch(self, name, target, parts=1, size_hint=None, give_up=None, label=None):
-        """Fetch `name` (None: the listing) into `target`. Returns seconds spent moving bytes.
-        Raises Failure with a reason for the person. Afterwards (also after a Failure)
-        self.last_fetch.unneeded counts the DATA datagrams that brought no new byte."""
-        if self.pacer is not None:   # under a cap, no more parts than the cap can feed
-            parts = min(parts, self.pacer.max_parts) if parts else self.pacer.max_parts
-        self.last_fetch = _Fetch(self, name, target, parts, size_hint,
-                                 self.s.give_up if give_up is None else give_up, label)
-        return self.last_fetch.run()
-
-
-class _Fetch:
-    """The state of one file's download: which ranges are missing, in flight, backed off."""
-
-    def __init__(self, client, name, target, parts, size_hint, give_up, label):
-        self.c, self.name, self.target = client, name, target
-        self.s = client.s
-        self.plan = RangePlanner(self.s, parts, name is None, size_hint)
-        self.give_up = give_up
-        self.label = label or (name if name is not None else "listing")
-        self.active = []
-        self.sel = selectors.DefaultSelector()
-        self.failures = 0           # consecutive attempts that ended without progress
-        self.retry_at = 0.0
-        self.restarts = 0
-        self.warned = False
-        # Requests and SIZE carry no checksum, so a bit flip can turn "a.bin" into another
-        # existing name. A file is saved only once two independent requests got the same
-        # (size, version) (a resume record counts as one), and NOT_FOUND must come twice.
-        self.confirmations = 1 if target.version is not None else 0
-        self.not_found = 0
-        self.bad_requests = 0
-        self._have = -1             # bytes in hand at the last progress check
-        self.attempts = 0           # parts ended without finishing, since the last progress
-        self.busy = 0               # of which the server had no slot for (ERROR BUSY)
-        self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
-        self.most_parts = 0         # the most parts that ran at once
-
-    # -- planning (RangePlanner decides; this says what is in hand and what runs)
-
-    def _plan(self):
-        """Cut what is missing (and not in flight) into ranges."""
-        self.plan.plan(self.target.size, self.target.done.ranges + [
-            (p.t.start, self._end_of(p.t)) for p in self.active])
-
-    def _end_of(self, t):
-        """Where a transfer's range ends: known from its SIZE, else as asked."""
-        if t.end is not None:
-            return t.end
-        if t.length is None or self.target.size is None:
-            return self.target.size if self.target.size is not None else HUGE
-        return min(t.start + t.length, self.target.size)
-
-    def _start(self, start, length, now):
-        expect = (self.target.size, self.target.version) if self.target.version else None
-        t = ClientTransfer(self.name, start, length, now, self.s, expect,
-                           request_rto=self.c.rtt.rto if self.c.rtt.srtt else None)
-        part = Part(self.c._socket(), t)
-        self.sel.register(part.sock, selectors.EVENT_READ, part)
-        self.active.append(part)
-        self.most_parts = max(self.most_parts, len(self.active))
-        self.c.stats["transfers"] += 1
-        self.c._flush(part)
-        self.c.printer.detail("%s: asking for [%d, %s)" % (
-            self.label, start, "end" if length is None or length >= HUGE
-            else start + length))
-
-    def _schedule(self, now):
-        if now < self.retry_at:
-            return
-        if self.target.size is None:
-            if not self.active:
-                self._start(0, self.plan.first_length(), now)
-            return
-        plan = self.plan
-        if not plan.queue and not self.active:
-            self._plan()
-        while plan.queue and len(self.active) < plan.parts:
-            start, length = plan.next_range(sum(self._end_of(p.t) - p.t.pos
-                                                for p in self.active))
-            self._start(start, length, now)
-
-    # -- the loop
-
-    def run(self):
-        """Drive the parts until the file is whole. The per-datagram path is kept short (receive,
-        ACK, write); timers, scheduling, the record and progress run at most every
-        HOUSEKEEPING seconds, or at once when a part finishes or a first SIZE arrives."""
-        target, c = self.target, self.c
-        self.started = time.monotonic()
-        self.last_progress = self.started
-        self.last_save = self.started
-        if target.resumed and target.size:
-            c.printer.line("%s: resuming, %s of %s already here" % (
-                self.label, human(target.resumed), human(target.size)))
-        if target.size is not None:
-            self._check_space(target.size - target.done.total())
-            self._plan()
-        buf, view, select = c.buf, c.view, self.sel.select
-        pacer = c.pacer
-        next_check = 0.0
+    def _progress(self, job, now):
         try:
-            while True:
-                now = time.monotonic()
-                if now >= next_check:
-                    if self._housekeeping(now):
-                        return now - self.started
-                    next_check = self._next_check(now)
-                if not self.active:   # waiting to retry; select() of nothing fails on Windows
-                    time.sleep(max(min(next_check - now, self.HOUSEKEEPING), 0))
-                    continue
-                for key, _ in select(max(next_check - now, 0)):
-                    part = key.data
-                    try:
-                        n = part.sock.recv_into(buf)
-                    except OSError as exc:   # spurious wake-up, or ICMP refused
-                        c.refused(exc)
-                        continue
-                    t = part.t
-                    now = time.monotonic()
-                    payload = t.receive_datagram(view[:n], now)
-                    if pacer is not None and payload is not None:
-                        due = pacer.take(len(payload), now)
-                        if due > now:   # _flush holds the ACK; housekeeping sends it then
-                            part.held_until = due
-                            next_check = min(next_check, due)
-                    c._flush(part)
-                    if payload is not None:
-                        target.write(t.pos - len(payload), payload)
-                        part.written = t.pos
-                    elif t.state == FINISHED or (t.size is not None and target.size is None):
-                        next_check = 0.0
-                    elif buf.startswith(b"DATA", 0, n):
-                        self.unneeded += 1   # a retransmission (or a damaged copy)
-        finally:   # also on Ctrl-C: keep every accepted byte for the next run
-            if target.size is not None:
-                try:
-                    target.save(self._in_flight())
-                except OSError:
-                    pass
-            for part in self.active:
-                self._close(part)
-            target.close()
-            self.sel.close()
+            job.progress(now)
+            if job.whole():
+                return self._result(job, None, now)
+            job.check_give_up(now)
+            if job.parts and now - job.saved_at >= self.s.record_interval:
+                job.saved_at = now
+                job.target.save(job.in_flight(), wait=False)
+        except NoServer:
+            raise   # not about this file: the run ends, and says it once
+        except Failure as exc:
+            self._fail(job, exc, now)
 
-    HOUSEKEEPING = 0.05
+    def _fail(self, job, exc, now, opened=True):
+        for part in [p for p in self.parts if p.job is job]:
+            self._close(part)
+        job.parts = []
+        job.error = exc
+        if opened:
+            try:
+                job.target.save(job.in_flight())
+            except OSError:
+                pass
+        self._result(job, exc, now)
 
-    def _in_flight(self):
-        """Bytes of running parts that are written and not known bad, for the record."""
-        return [r for r in (p.claimable() for p in self.active) if r is not None]
+    def _result(self, job, error, now):
+        job.ended_at = now
+        job.done = True
+        if job in self.jobs:
+            self.jobs.remove(job)
+        if job.name is not None:
+            self.finished_jobs += 1
+        job.close()
+        if self.on_result is not None:
+            self.on_result(job, error)
 
-    def _next_check(self, now):
-        timers = [p.t.get_timer() for p in self.active]
-        timers += [p.held_until for p in self.active if p.held_until]
-        if self.retry_at > now:
-            timers.append(self.retry_at)
-        return min(timers + [now + self.HOUSEKEEPING])
+    def _show(self, now):
+        """The progress line: the file's, or the whole run's when several run."""
+        jobs = [j for j in self.jobs if j.name is not None]
+        if not jobs:
+            return
+        silent = self.last_heard is not None and now - self.last_heard > self.s.silence_note
+        have = sum(j.have for j in jobs if j.have > 0)
+        size = sum(j.target.size or 0 for j in jobs)
+        moved = sum(max(j.have - j.target.resumed, 0) for j in jobs)
+        seconds = max(now - min(j.started for j in jobs), 1e-6)
+        label = (jobs[0].label if self.total <= 1
+                 else "%d/%d files" % (self.finished_jobs, self.total))
+        known = all(j.target.size is not None for j in jobs)
+        self.printer.progress(label, have, size if known else None, moved / seconds, now,
+                              note="waiting for the server" if silent else None)
 
-    def _housekeeping(self, now):
-        """Everything but moving bytes. Returns True when the file is complete and saved."""
-        target = self.target
-        for part in self.active:
-            if part.held_until and part.held_until <= now:
-                self.c._release(part)   # --limit-rate: its ACK is due
-        if not self.c.answered:
-            self._check_answered(now)
-        for part in list(self.active):
-            if part not in self.active:
-                continue   # a restart closed it
-            t = part.t
-            if t.size is not None and target.size is None:
-                self._adopt(t)
-            t.handle_timer(now)
-            self.c._flush(part)
-            if t.state == FINISHED:
-                self._ended(part, now)
-            elif t.size is not None and self._conflicts(t):
-                self._restart("the file changed on the server", now)
-                break
-        self._progress(now)
-        if now - self.last_progress > self.give_up:
-            if self.busy and self.busy == self.attempts:
-                raise Failure("server busy (%s had no free transfer slot); gave up after %d s"
-                              % (format_addr(self.c.server), self.give_up))
-            raise Failure("server at %s not answering; gave up after %d s" % (
-                format_addr(self.c.server), self.give_up))
-        if target.size is not None and target.done.covers(target.size) and not self.active:
-            if self.confirmations >= 2 or self.name is None:
-                target.finish()
-                return True
-            if now >= self.retry_at:   # an empty range at the end: SIZE, EOF, done
-                self._start(target.size, 0, now)
-            return False
-        self._schedule(now)
-        if self.active and now - self.last_save >= self.s.record_interval:
-            self.last_save = now
-            target.save(self._in_flight(), wait=False)
-        return False
-
-    def _check_answered(self, now):
-        """Until the server first answers: NoServer after no_answer_timeout (or give_up if
-        shorter) of silence, for systems and firewalls that report no ICMP refusal."""
-        if any(p.t.size is not None or p.t.error_code is not None for p in self.active):
-            self.c.answered = True
-        else:
-            limit = min(self.s.no_answer_timeout, self.give_up)
-            if now - self.started >= limit:
-                raise NoServer(self.c.server, "no answer in %g s" % limit)
-
-    def _progress(self, now):
-        have = self.target.done.total() + sum(p.t.received for p in self.active)
-        if have > self._have:
-            self._have = have
-            self.last_progress = now
-            self.failures = 0
-            self.attempts = self.busy = 0
-            if self.warned:
-                self.c.printer.line("%s: server is answering again" % self.label)
-                self.warned = False
-        rate = (have - self.target.resumed) / max(now - self.started, 1e-6)
-        if self.plan.update(now, have, rate, len(self.active), self.c.rtt.srtt,
-                            self.target.size):
-            self._plan()   # ranges not yet asked for are cut again for that many parts
-        if self.name is not None:
-            self.c.printer.progress(self.label, have, self.target.size, rate, now)
-
-    def _adopt(self, t):
-        """The first SIZE tells the file's size and version."""
-        if self.name is None and t.size > self.s.max_list_bytes:
-            raise Failure("the server announced a listing of %s; refusing" % human(t.size),
-                          retry=False)
-        self._check_space(t.size)
-        self.target.size, self.target.version = t.size, t.version
-        self._take_rtt(t)   # now, so that the other parts start with a measured timeout
-        self._plan()
-
-    def _take_rtt(self, t):
-        if t.rtt_sample is not None:
-            self.c.rtt.sample(t.rtt_sample)
-            t.rtt_sample = None   # each sample counts once
-
-    def _conflicts(self, t):
-        return (t.size, t.version) != (self.target.size, self.target.version)
+    def _say(self, text):
+        self.printer.line(text)
 
     def _check_space(self, need):
-        if self.name is None:
-            return
         try:
-            free = shutil.disk_usage(self.c.out_dir).free
+            free = shutil.disk_usage(self.out_dir).free
         except OSError:
             return
         if need > free:
             raise Failure("needs %s but only %s is free in %s" % (human(need), human(free),
-                                                                  self.c.out_dir))
+                                                                  self.out_dir), retry=False)
 
-    def _close(self, part):
-        if part.held_until:   # a held ACK still goes out (Ctrl-C, a failure, a restart)
-            self.c._release(part)
-        self.sel.unregister(part.sock)
-        part.sock.close()
-
-    def _ended(self, part, now):
-        t = part.t
-        self.active.remove(part)
-        self._close(part)
-        self._take_rtt(t)
-        outcome = t.outcome
-        if t.version is not None and not self._conflicts(t):
-            self.confirmations += 1
-        self.c.printer.detail("%s: [%d, %s) %s%s" % (
-            self.label, t.start, t.end, outcome, " " + t.error_code if t.error_code else ""))
-        if outcome == "done":
-            self.target.done.add(t.start, part.written)
-            self.bad_requests = self.not_found = 0
-            return
-        if outcome == "version" or outcome == "changed":
-            # ERROR CHANGED starts the file over (PROTOCOL.md), even where the version in a new
-            # SIZE would come back the same: a server's version may be coarser than its check
-            # (a modification time in whole seconds), and keeping the bytes read before the
-            # change would then save a file made of two versions. A forged ERROR costs a restart.
-            return self._restart("the file changed on the server", now)
-        self.attempts += 1
-        if outcome == "error" and t.error_code == "BUSY":
-            self.busy += 1
-            if self._carry_on_without(part):
-                return
-        if outcome == "error" and t.error_code == "BAD_REQUEST" and t.size is None:
-            # Our request was valid for the file we know, so either it was damaged on the way
-            # or the file shrank under it: the second time in a row, start over.
-            self.bad_requests += 1
-            if self.bad_requests >= 2:
-                return self._restart("the file changed on the server", now)
-        # NOT_FOUND twice in a row is final. Any other error, known or not (a bit flip can
-        # damage the code), is retried with back-off until give_up.
-        if outcome == "error" and t.error_code == "NOT_FOUND":
-            self.not_found += 1
-            if self.not_found >= 2:
-                raise Failure("not on the server", retry=False)
-        else:
-            self.not_found = 0
-        if part.failed_check:
-            self.c.printer.line("%s: CRC mismatch on [%d, %d); fetching it again" % (
-                self.label, t.start, t.end))
-            # A record saved while it ran listed those bytes: replace it at once.
-            self.target.save(self._in_flight())
-        elif self.name is None:
-            pass   # a listing cannot be resumed: it starts over
-        else:
-            self.target.done.add(t.start, part.written)   # accepted bytes: covered by crcs
-        if self.name is None:
-            self.target.reset()
-        elif self.target.size is not None:   # else the first range is simply asked again
-            self.plan.put_back(t.start if part.failed_check else part.written, self._end_of(t))
-        self.c.stats["stalls"] += 1
-        if t.received == 0 or outcome != "stalled":
-            self.failures += 1
-            delay = min(self.s.retry_initial * 2 ** min(self.failures - 1, 30),
-                        self.s.retry_max)
-            self.retry_at = now + delay
-            if outcome == "stalled" and self.failures >= 2 and not self.warned:
-                self.warned = True
-                self.c.printer.line("%s: server at %s not answering; retrying" % (
-                    self.label, format_addr(self.c.server)))
-
-    def _carry_on_without(self, part):
-        """The server had no slot for this part (ERROR BUSY) while others of the file run:
-        keep its bytes, put the rest of its range back in the queue, and run no more parts
-        than are running now. Not a failure: nothing is wrong, the server is shared. Returns
-        False when no other part runs (then it is retried with back-off like any failure)."""
-        if not self.active or self.name is None or self.target.size is None:
-            return False
-        t = part.t
-        self.target.done.add(t.start, part.written)
-        self.plan.put_back(part.written, self._end_of(t))
-        self.plan.cap(len(self.active))
-        self.c.printer.detail("%s: server busy; going on with %d parts" % (
-            self.label, self.plan.parts))
-        return True
-
-    def _restart(self, why, now):
-        self.restarts += 1
-        self.c.stats["restarts"] += 1
-        if self.restarts > self.s.max_restarts:
-            raise Failure("%s %d times; giving up" % (why, self.restarts - 1))
-        self.c.printer.line("%s: %s; starting over" % (self.label, why))
-        self.bad_requests = 0
-        self.confirmations = 0
-        self._have = -1              # progress counts afresh for the new version
-        self.last_progress = now
-        for part in self.active:
+    def _stop_all(self):
+        """The end of a run (Ctrl-C included): held ACKs go, every accepted byte is recorded,
+        the transfers are let go. `kept`: whether a partial download was left to resume."""
+        self.kept = any(j.name is not None and j.target is not None
+                        and (j.target.done.total() or j.in_flight()) for j in self.jobs)
+        for job in list(self.jobs):
+            try:
+                job.target.save(job.in_flight())
+            except OSError:
+                pass
+        for part in list(self.parts):
             self._close(part)
-        self.active = []
-        self.plan.queue = []
-        self.target.reset()
-        self.retry_at = 0.0
+        for job in list(self.jobs):
+            job.parts = []
+            job.close()
+        self.held.clear()

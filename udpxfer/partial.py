@@ -1,7 +1,10 @@
 """Where a download's bytes live until it is whole: downloads/.NAME.part (the bytes, at their
-offsets), .NAME.resume (a JSON record of which bytes are verified, the size and the version) and
-.NAME.lock (so two clients never share one), then the atomic rename to the real name; and the
-listing's target in memory.
+offsets), .NAME.resume (a JSON record of which bytes are verified, each kept range with its
+running CRC, the size and the version) and .NAME.lock (so two clients never share one), then the
+atomic rename to the real name; and the listing's target in memory.
+
+On resume the kept bytes are read once and checked against their CRCs: bytes damaged on disk
+between two runs are fetched again, never saved as verified.
 
 Relies on: ranges, errors, wire (the name rule). Must not know: sockets, transfers or the
 protocol: it is given bytes at offsets and told when the file is whole.
@@ -10,10 +13,11 @@ protocol: it is given bytes at offsets and told when the file is whole.
 import os
 import sys
 import threading
+import zlib
 
 from udpxfer.errors import Failure
 from udpxfer.ranges import RangeSet
-from udpxfer.wire import is_servable_name
+from udpxfer.wire import crc_start, is_servable_name
 
 
 def _temp_base(out_dir, name):
@@ -108,6 +112,8 @@ class PartialFile:
         self.lock_path = base + ".lock"
         self.size = self.version = None
         self.done = RangeSet()
+        self.kept = []         # (start, end, R(end)) of each range kept: the record's
+        self.damaged = []      # ranges the last record claimed that did not match their CRC
         self.f = None
         self.resumed = 0
         self.finished = False
@@ -116,6 +122,10 @@ class PartialFile:
         self.unflushed = 0     # bytes written since the last write-behind ...
         self._written = {}     # ... in these ranges: end -> start (each part writes in order)
         self._lock = _lock(self.lock_path)
+        try:
+            os.remove(self.record_path + ".tmp")   # a record write of ours that did not end
+        except OSError:
+            pass
         self._load()
 
     def release(self):
@@ -139,18 +149,46 @@ class PartialFile:
             if rec.get("name") != self.name or not os.path.exists(self.part_path):
                 raise ValueError("stale record")
             size, version = int(rec["size"]), str(rec["version"])
-            done = RangeSet((int(a), int(b)) for a, b in rec["done"])
-            if done.ranges and (done.ranges[0][0] < 0 or done.ranges[-1][1] > size):
+            kept = [(int(a), int(b), int(crc, 16)) for a, b, crc in rec["kept"]]
+            if any(a < 0 or b > size or a >= b for a, b, _ in kept):
                 raise ValueError("bad ranges")
-            if os.path.getsize(self.part_path) < (done.ranges[-1][1] if done.ranges else 0):
+            if os.path.getsize(self.part_path) < max([b for _, b, _ in kept] or [0]):
                 raise ValueError("part file shorter than its record")
+            kept = self._check(kept)
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError):
             self.discard()
             return
-        self.size, self.version, self.done = size, version, done
-        self.resumed = done.total()
+        self.size, self.version = size, version
+        for a, b, crc in kept:
+            self.keep(a, b, crc)
+        self.resumed = self.done.total()
+
+    def _check(self, kept):
+        """The kept ranges whose bytes still match their running CRC (one pass over them);
+        the others go to `damaged`, to be fetched again."""
+        good = []
+        with open(self.part_path, "rb", buffering=0) as f:
+            for a, b, crc in kept:
+                f.seek(a)
+                r, left = crc_start(a), b - a
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    r = zlib.crc32(chunk, r)
+                    left -= len(chunk)
+                (good if left == 0 and r == crc else self.damaged).append((a, b, crc))
+        self.damaged = [(a, b) for a, b, _ in self.damaged]
+        return good
+
+    def keep(self, start, end, crc):
+        """The bytes [start, end) are in, accepted under the running CRC of a range that began
+        at `start`, which is `crc` at `end`."""
+        if start < end:
+            self.done.add(start, end)
+            self.kept.append((start, end, crc))
 
     def open(self):
         if self.f is None:
@@ -206,8 +244,8 @@ class PartialFile:
                 return
             self._saver.join()
             self._saver = None
-        ranges = RangeSet(self.done.ranges + list(extra)).ranges
-        record = {"name": self.name, "size": self.size, "version": self.version, "done": ranges}
+        kept = [(a, b, "%08x" % crc) for a, b, crc in self.kept + list(extra)]
+        record = {"name": self.name, "size": self.size, "version": self.version, "kept": kept}
         fd = self.f.fileno() if self.f is not None else None
         if wait:
             self._write_record(fd, record)
@@ -217,22 +255,29 @@ class PartialFile:
             self._saver.start()
 
     def _write_record(self, fd, record):
+        """Replace the record, or leave the previous one as it was: the new one is written and
+        flushed to disk first (a full disk shows there, not after the rename)."""
+        import json
+        tmp = self.record_path + ".tmp"
         try:
             if fd is not None:
                 os.fsync(fd)
-            import json
-            tmp = self.record_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.record_path)
         except OSError:
-            pass   # the previous record stays valid; the next save tries again
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass   # the previous record stays valid; the next save tries again
 
     def reset(self, size=None, version=None):
         """Start over (the file changed on the server)."""
         self.close()
         self.discard()
-        self.size, self.version, self.done = size, version, RangeSet()
+        self.size, self.version, self.done, self.kept = size, version, RangeSet(), []
 
     def discard(self):
         self.close()
@@ -266,10 +311,11 @@ class PartialFile:
         self.close()
         os.replace(self.part_path, self.final)
         self.finished = True
-        try:
-            os.remove(self.record_path)
-        except OSError:
-            pass
+        for leftover in (self.record_path, self.record_path + ".tmp"):
+            try:
+                os.remove(leftover)
+            except OSError:
+                pass
 
 
 class MemoryTarget:
@@ -286,6 +332,9 @@ class MemoryTarget:
         if end > len(self.data):
             self.data.extend(bytes(end - len(self.data)))
         self.data[offset:end] = payload
+
+    def keep(self, start, end, crc):
+        self.done.add(start, end)
 
     def reset(self, size=None, version=None):
         self.data = bytearray()

@@ -1,4 +1,5 @@
-"""--limit-rate: when each ACK may go, so that what the client receives keeps to a cap.
+"""When each ACK may go, so that what the client receives keeps to a rate: the cap of
+--limit-rate, and the pace the in-flight controller sets on a long path (lanes.py).
 
 Relies on: display (byte counts in messages). Must not know: sockets, the clock (`now` comes
 in), or which transfer an ACK belongs to.
@@ -28,14 +29,23 @@ class Pacer:
 
     MIN_RATE = 64 * 1024     # one full datagram a second
 
-    def __init__(self, rate):
-        if rate < self.MIN_RATE:
+    def __init__(self, rate, slack=0.02, cap=True):
+        """`rate` bytes per second (None: no pace); `cap`: a --limit-rate, held to MIN_RATE;
+        `slack`: how far behind the schedule may fall before it starts afresh (seconds at the
+        rate, at least two datagrams' time)."""
+        if cap and rate < self.MIN_RATE:
             raise ValueError("a rate cap below %s/s is not possible: the server sends "
                              "datagrams of up to 64 KiB" % human(self.MIN_RATE))
-        self.rate = float(rate)
-        self.slack = max(2 * 65536, 0.02 * rate) / self.rate
-        self.max_parts = max(1, int(rate // self.MIN_RATE))
+        self._slack = slack
         self.due = 0.0
+        self.set(rate)
+
+    def set(self, rate):
+        """A new rate from now on (None: none)."""
+        self.rate = None if rate is None else float(rate)
+        if self.rate:
+            self.slack = max(2 * 65536 / self.rate, self._slack)
+            self.max_parts = max(1, int(self.rate // self.MIN_RATE))
 
     def take(self, n, now):
         """n bytes arrived at `now`: the time their ACK may be sent (if <= now: at once)."""
