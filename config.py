@@ -57,18 +57,33 @@ class ServerSettings(NamedTuple):
     # Two losses in the prior's worth of fragments cross it; a spurious timeout, once
     # recognised, does not.
     fragment_loss_limit: float = 0.0008
-    # On such a path, datagrams of at most this many fragments (each loss leaves the others in
-    # the receiver's reassembly buffer), at most heavy_loss_fragments above an estimated loss
-    # of heavy_loss, and none fragmented for reassembly_backoff once most of them are lost (the
-    # buffer is full: Linux frees it after ipfrag_time, 30 s). On the MTU-1500 path, 1% loss,
-    # 32 MiB: three fragments 103 MB/s against two's 81, four 0.303 s against three's 0.341
-    # (pairwise 1.17); at 5% loss, 16 MiB: three 60 MB/s against two's 51, four 0.317 s
-    # against three's 0.308 (more of them lost). The estimate reads 1.3% to 1.7% at 1% loss
-    # each way (a lost ACK counts), 4% to 11% at 5%.
+    # On such a path, datagrams of at most this many fragments (each loss leaves the others in the
+    # receiver's reassembly buffer), at most heavy_loss_fragments above an estimated loss of
+    # heavy_loss, and none fragmented for a while once most of them are lost: the buffer is full
+    # (Linux frees it after ipfrag_time, 30 s), or a queue overflowed (over at once). So first
+    # unfragmented_first seconds, twice as long each time it comes again, up to reassembly_backoff.
+    # (A flat 30 s turned one burst of congestion at the start of a 64 MiB download, 200 Mbit/s and
+    # 50 ms, into 47 s of 1472-byte datagrams.) On the MTU-1500 path, 1% loss, 32 MiB: three
+    # fragments 103 MB/s against two's 81, four 0.303 s against three's 0.341 (pairwise 1.17); at 5%
+    # loss, 16 MiB: three 60 MB/s against two's 51, four 0.317 s against three's 0.308 (more of them
+    # lost). The estimate reads 1.3% to 1.7% at 1% loss each way (a lost ACK counts), 4% to 11% at
+    # 5%.
     lossy_max_fragments: int = 4
     heavy_loss: float = 0.03
     heavy_loss_fragments: int = 3
     reassembly_backoff: float = 30.0
+    unfragmented_first: float = 1.0
+    # On a path whose round trip is wan_rtt or more (a WAN: its bottleneck is likely shared,
+    # and a queue that overflows loses one fragment of many datagrams at once), datagrams start
+    # at start_fragments and double after grow_after acknowledged at their first try, up to
+    # wan_max_fragments (23,672 bytes on Ethernet: 5,300 a second at 1 Gbit/s); losses in a
+    # burst (over wan_burst_loss of the recent fragmented datagrams) halve them, once a round
+    # trip. A LAN starts at the largest, as before.
+    wan_rtt: float = 0.005
+    start_fragments: int = 8
+    grow_after: int = 32
+    wan_max_fragments: int = 8
+    wan_burst_loss: float = 0.15
     # More fragments spend that buffer faster per byte (three: two orphans per loss, a third
     # more bytes per datagram than two), and once it is full only unfragmented datagrams pass
     # (58 MB/s here). So k fragments only while the orphans the server caused in the last
@@ -102,6 +117,11 @@ class ServerSettings(NamedTuple):
     rto_initial: float = 0.25
     rto_min: float = 0.002
     rto_max: float = 2.0
+    # On a lane, never under this many smoothed round trips: a version 3 client paces its lanes
+    # by holding ACKs back, longer when it slows down (by a third when it drains a queue), and
+    # the RTT variance of a steady path would not cover that. (Losses on lanes are mostly found
+    # by evidence from the others, not by the timer.)
+    lane_rto_factor: float = 1.5
     # A client that acknowledges nothing for this long is given up and its slot freed: about
     # when the client gives up itself (ClientSettings.idle_timeout, 5 s: it then asks again on
     # a new socket, so the old transfer is of no use to anyone).

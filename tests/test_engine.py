@@ -405,15 +405,26 @@ class PathSizeTest(unittest.TestCase):
             k = fragments(p.size, 1480, 1480)
             p.outcome(p.size, k > 1 or rng.random() > 0.99, now)
         self.assertEqual(p.size, 1472)
-        until = now + s.reassembly_backoff
-        while now < until - 0.01:            # unfragmented ones keep working meanwhile
-            now += 0.01
-            p.outcome(p.size, rng.random() > 0.99, now)
-            self.assertEqual(p.size, 1472)
+        for ban in (1.0, 2.0, 4.0):          # the buffer stays full: longer each time
+            until = now + ban
+            while now < until - 0.01:        # unfragmented ones keep working meanwhile
+                now += 0.01
+                p.outcome(p.size, rng.random() > 0.99, now)
+                self.assertEqual(p.size, 1472)
+            for _ in range(100):
+                now += 0.01
+                p.outcome(p.size, rng.random() > 0.99, now)
+            self.assertIn(p.size, (THREE, FOUR), "fragments are tried again after %g s" % ban)
+            while p.size != 1472:            # ... and lost again
+                now += 0.0001
+                p.outcome(p.size, fragments(p.size, 1480, 1480) > 1 or rng.random() > 0.99, now)
+        now += 2 * s.reassembly_backoff      # a long spell without: short again
+        p.outcome(p.size, False, now)
         for _ in range(100):
-            now += 0.01
-            p.outcome(p.size, rng.random() > 0.99, now)
-        self.assertEqual(p.size, FOUR, "four fragments are tried again after the backoff")
+            now += 0.0001
+            p.outcome(p.size, fragments(p.size, 1480, 1480) > 1, now)
+        self.assertEqual(p.size, 1472)
+        self.assertAlmostEqual(p._unfragmented_until - now, 1.0, delta=0.01, msg="short again")
 
     def test_a_few_lost_fragmented_datagrams_are_not_a_full_buffer(self):
         p = Path(config.ServerSettings(), 65507, mtu=1500)
@@ -422,6 +433,57 @@ class PathSizeTest(unittest.TestCase):
             now += 0.0001
             p.outcome(p.size, i % 80 < 8, now)
         self.assertEqual(p.size, FOUR)
+
+    def test_a_long_path_starts_with_few_fragments_and_halves_them_on_a_burst(self):
+        s = config.ServerSettings()
+        p = Path(s, 65507, mtu=1500)
+        self.assertEqual(fragments(p.size, 1480, 1480), 44)   # a LAN: the largest
+        p.sample(0.05)                                         # a WAN: start_fragments
+        self.assertEqual(p.fragment_cap, s.start_fragments)
+        eight = fragments(p.size, 1480, 1480)
+        self.assertEqual(eight, 8)
+        now = 1.0
+        for i in range(500):                 # a lost one now and then: nothing changes
+            now += 0.001
+            p.outcome(p.size, i % 250 == 0, now)
+        self.assertEqual(p.fragment_cap, 8)
+        for i in range(40):                  # a queue overflowed: many lost together
+            now += 0.0005
+            p.outcome(p.size, i % 2 == 0, now)
+        self.assertEqual(p.fragment_cap, 4, "halved once a round trip, not once a loss")
+        self.assertLessEqual(fragments(p.size, 1480, 1480), 4)
+        p.spurious()                         # ... but if that was not a loss: undone
+        self.assertEqual(p.fragment_cap, 8)
+
+    def test_a_long_path_grows_its_fragments_back_after_clean_round_trips(self):
+        s = config.ServerSettings(start_fragments=2, wan_max_fragments=8)
+        p = Path(s, 65507, mtu=1500)
+        p.sample(0.05)
+        now = 1.0
+        caps = []
+        while now < 2.0:
+            now += 0.002
+            p.outcome(p.size, False, now)
+            caps.append(p.fragment_cap)
+        self.assertEqual(sorted(set(caps)), [2, 4, 8])
+        self.assertEqual(fragments(p.size, 1480, 1480), 8)
+        # ... each step a round trip (or more) after the last
+        self.assertGreaterEqual(caps.index(8) - caps.index(4), 0.05 / 0.002)
+
+    def test_random_loss_on_a_long_path_is_sized_by_its_rate_not_the_burst_rule(self):
+        s = config.ServerSettings()
+        p = Path(s, 65507, mtu=1500)
+        p.sample(0.05)
+        rng = random.Random(5)
+        now = 1.0
+        cuts = 0
+        for _ in range(20000):               # 1% per packet, 10 s
+            now += 0.0005
+            before = p.fragment_cap
+            p.outcome(p.size, rng.random() > 0.99 ** (fragments(p.size, 1480, 1480) + 1), now)
+            cuts += p.fragment_cap < before
+        self.assertLessEqual(cuts, 1)        # (the first losses, before the rate is known)
+        self.assertIn(fragments(p.size, 1480, 1480), (2, 3, 4))
 
     def test_ipv6_fragments_carry_less(self):
         self.assertEqual(fragment_payload(1500), 1480)

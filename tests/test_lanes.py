@@ -233,6 +233,31 @@ class LanesOnTheServerTest(unittest.TestCase):
         self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 1))
         self.assertIsNot(srv.d.orders[A], srv.d.orders[a2])
 
+    def test_a_lane_waits_at_least_one_and_a_half_round_trips_before_a_timeout(self):
+        # A client that runs lanes paces them by holding its ACKs back: on a steady path the
+        # RTO (srtt + 4 rttvar) would be barely above the round trip, and a client that slows
+        # down by a third would see every DATA resent. An untagged transfer keeps the RTO.
+        files = {"f": MemoryEntry(blob(400000, 4))}
+        for lane in (5, None):
+            srv = LaneServer(files, rto_min=0.002, datagram_size=1000)
+            now = 0.0
+            srv.ask(lane, "f", 0, 10 ** 9, A, now)
+            (_, msg, _), = srv.ack(lane, 0, A, now)
+            for _ in range(40):                       # a steady 50 ms round trip
+                now += 0.05
+                (_, msg, _), = srv.ack(lane, msg.offset + len(msg.payload), A, now)
+            t = srv.d.active[A, lane]
+            srtt = t.rtt.srtt
+            self.assertAlmostEqual(srtt, 0.05, delta=0.001)
+            srv.timer(now + 1.2 * srtt)               # the next ACK held back 20% longer
+            with self.subTest(lane=lane):
+                if lane is None:
+                    self.assertEqual(t.retransmissions, 1)
+                else:
+                    self.assertEqual(t.retransmissions, 0)
+                    srv.timer(now + 1.51 * srtt)
+                    self.assertEqual(t.retransmissions, 1)
+
     def test_a_proven_socket_may_open_hundreds_of_lanes_at_once(self):
         # Strangers' requests share a pool of 8 here; a socket that has a transfer running asks
         # for 300 more lanes: none is evicted, and a flood of strangers cannot evict them.

@@ -95,11 +95,18 @@ class Path:
         self.per_flight = RttEstimator(settings.rto_initial, 0.0, settings.rto_max)
         self.ceiling = ceiling                      # largest size this IP may get
         self.size = size_ladder(self.per_fragment, ceiling, self.whole)[-1]
+        # On a long path (see sample), fragments per datagram grow from a few as datagrams
+        # come through: the most allowed now, and the clean ones in a row at that many.
+        self.fragment_cap = None                    # None: as many as the ceiling needs
+        self._clean = 0
+        self._cap_at = 0.0                          # when the cap last changed
+        self._cap_before = None                     # the cap before a loss cut it
         self._lost = 0.0                            # weighted lost datagrams ...
         self._frags = float(settings.loss_prior)    # ... per weighted fragment sent
         self._events = 0
         self._frag_lost = 0.0                       # recent fragmented datagrams lost
-        self._unfragmented_until = 0.0
+        self._unfragmented_until = 0.0              # none fragmented until then ...
+        self._unfragmented_next = settings.unfragmented_first   # ... for this long next time
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
 
@@ -108,6 +115,16 @@ class Path:
         (0: not a DATA)."""
         self.latest_rtt = r
         self.rtt.sample(r)
+        if self.min_rtt is None and r >= self.s.wan_rtt and self.per_fragment < self.ceiling:
+            # A long path that fragments big datagrams: its bottleneck is likely shared and
+            # its queue may overflow, where one lost fragment loses the whole datagram and
+            # leaves the others in the receiver's reassembly buffer for 30 s (one burst of
+            # 45-fragment losses filled it, and the rest of the download went at 1472 bytes).
+            # So start at start_fragments and double them after grow_after clean datagrams
+            # (and a round trip), up to wan_max_fragments (16: 23,672 bytes on Ethernet);
+            # halve them after a loss (once a round trip), down to one.
+            self.fragment_cap = self.s.start_fragments
+            self._choose_size()
         self.min_rtt = r if self.min_rtt is None else min(self.min_rtt, r)
         if flights:
             self.per_flight.sample((r - self.min_rtt) / flights)
@@ -133,15 +150,42 @@ class Path:
     def outcome(self, size, lost, now=0.0):
         """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
         k = self.fragments(size)
+        cap = self.fragment_cap
         if k > 1:
             if lost:   # its other fragments wait in the receiver's reassembly buffer
                 self._orphan(orphans_per_loss(k), now)
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
             # reassembly buffer is full of the fragments of lost ones (see _choose_size).
             self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
+        if cap is not None:
+            # Halved when losses come in bursts (a queue that overflowed: over wan_burst_loss
+            # of the recent fragmented datagrams), once a round trip, down to one fragment;
+            # doubled after grow_after datagrams at the cap came through at their first try,
+            # and a round trip since the last change. (A lost datagram now and then, or a lane
+            # the client let go, changes nothing.)
+            srtt = self.rtt.srtt or 0.0
+            if lost:
+                self._clean = 0
+                # (Well over what the path loses at random, four times as many datagrams as
+                # its loss rate says: a path that loses at random is sized by that rate, in
+                # _choose_size, and the noise of that loss must not set this off.)
+                burst = max(self.s.wan_burst_loss, 4.0 * k * self.loss_rate())
+                if cap > 1 and self._frag_lost > burst and now - self._cap_at > srtt:
+                    self._cap_before = cap
+                    self._set_cap(cap // 2, now)
+            elif k >= cap and cap < self.s.wan_max_fragments:
+                self._clean += 1
+                if self._clean >= self.s.grow_after and now - self._cap_at > srtt:
+                    self._clean = 0
+                    self._set_cap(2 * cap, now)
+        if k > 1:
             if self._frag_lost > 0.5:
                 self._frag_lost = 0.0
-                self._unfragmented_until = now + self.s.reassembly_backoff
+                if cap is not None:   # a long path: from one fragment up again
+                    self._cap_before = max(cap, self._cap_before or 0)
+                    self._set_cap(1, now)
+                else:
+                    self._no_fragments(now)
                 lost = True
         decay = self.s.loss_decay ** k
         self._lost = self._lost * decay + (1.0 if lost else 0.0)
@@ -149,6 +193,20 @@ class Path:
         self._events += 1
         if lost or self._events % 32 == 0:
             self._choose_size(now)
+
+    def _set_cap(self, cap, now):
+        self.fragment_cap, self._cap_at = cap, now
+        self._choose_size(now)
+
+    def _no_fragments(self, now):
+        """Most fragmented datagrams are lost: none for a while. A full reassembly buffer stays
+        full for up to reassembly_backoff (30 s), but a burst of congestion (a queue that
+        overflowed) is over at once: so first unfragmented_first, then twice as long each time
+        it happens again, up to reassembly_backoff; after that long without, short again."""
+        if now - self._unfragmented_until > self.s.reassembly_backoff:
+            self._unfragmented_next = self.s.unfragmented_first
+        self._unfragmented_until = now + self._unfragmented_next
+        self._unfragmented_next = min(2 * self._unfragmented_next, self.s.reassembly_backoff)
 
     def _orphan(self, n, now):
         second = int(now)
@@ -173,18 +231,25 @@ class Path:
         """A retransmission turned out needless (the client got both copies): not a loss."""
         self._lost = max(0.0, self._lost - 1.0)
         self._frag_lost = max(0.0, self._frag_lost - 1.0 / 64)   # about undone, if counted
+        if self._cap_before is not None and self.fragment_cap < self._cap_before:
+            # The loss that cut the fragments was not one (a client that held its ACK back,
+            # pacing): undone, as TCP undoes a needless window reduction (RFC 3708, 4015).
+            self.fragment_cap, self._cap_before = self._cap_before, None
+            self._choose_size()
 
     def _choose_size(self, now=0.0):
         p = min(self.loss_rate(), 0.5)
         ladder = size_ladder(self.per_fragment, self.ceiling, self.whole)
+        if self.fragment_cap is not None:
+            ladder = [size for size in ladder if self.fragments(size) <= self.fragment_cap]
         if p > self.s.fragment_loss_limit:
             # Each lost fragment leaves its siblings in the receiver's reassembly buffer for
             # 30 s (Linux: ipfrag_time), and once that buffer is full (4 MB, ipfrag_high_thresh)
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
             # (fewer where losses are heavy) while the orphans they leave fit in the budget
-            # (config.orphan_budget), else fewer down to two, and none fragmented for
-            # reassembly_backoff once most of them are lost.
+            # (config.orphan_budget), else fewer down to two, and none fragmented for a while
+            # once most of them are lost (_no_fragments).
             if now < self._unfragmented_until:
                 most = 1
             else:
@@ -202,7 +267,7 @@ class Path:
             self.size = self._largest(ladder, most)
             return
         delay = max(self.rtt.rto, self.s.rto_min)
-        best, best_rate = self.ceiling, -1.0
+        best, best_rate = ladder[-1], -1.0
         for size in reversed(ladder):
             arrives = (1.0 - p) ** self.fragments(size)
             rate = size * arrives / (self.s.datagram_cost + size * self.s.byte_cost

@@ -237,8 +237,15 @@ class ServerTransfer:
     def rto(self):
         """The retransmission timeout for the outstanding datagram: the RTO, and at least what
         the queue of the client's DATAs in flight takes (Path.queue_rto): a SIZE or an EOF
-        waits behind them as a DATA does."""
-        return max(self.rtt.rto, self.path.queue_rto())
+        waits behind them as a DATA does. On a lane, at least lane_rto_factor smoothed round
+        trips: a client that runs lanes paces them by holding its ACKs back, and holds them
+        longer when it slows down (QUIC's PTO counts the peer's ack delay the same way)."""
+        rto = max(self.rtt.rto, self.path.queue_rto())
+        if self.lane is not None and self.rtt.srtt is not None:
+            floor = self.s.lane_rto_factor * self.rtt.srtt
+            if floor > rto:
+                return floor
+        return rto
 
     def _arm(self, now):
         self._sent_at = now
