@@ -1042,6 +1042,18 @@ class FolderChangesTest(EndToEndCase):
         self.assertEqual(read_bytes(self.list_path),
                          self.listing_text(["first.txt", "new file.bin"]))
 
+    def test_a_list_right_after_a_new_name_shows_it(self):
+        # LIST rescans at most every list_rescan_interval, but a name that came since (the
+        # folder's mtime moved) is listed at once: a file dropped in just before a client
+        # starts must not be missing from its listing.
+        st = self.start_server(support.fast_server_settings(scan_interval=3600.0,
+                                                            list_rescan_interval=3600.0),
+                               list_path=self.list_path)
+        c = support.make_client(st.address, self.tmp.downloads)
+        self.assertEqual(c.listing(), [("first.txt", 6)])
+        shutil.copy(self.outside, os.path.join(self.tmp.files, "new file.bin"))
+        self.assertEqual(c.listing(), [("first.txt", 6), ("new file.bin", len(self.new))])
+
     def test_file_shrinking_right_after_its_last_byte_is_started_over(self):
         """The file is cut short on the server just as the client acknowledges its EOF: the
         client's confirming request (at the old size) is now past the end. The client must

@@ -161,6 +161,7 @@ class Folder:
             entries = list(os.scandir(self.root))
         except OSError as exc:
             log.error("cannot read %s: %s", self.root, exc)
+            self._dir_mtime = None
             entries = []
         for e in entries:
             name = e.name
@@ -202,11 +203,19 @@ class Folder:
 
     def listing(self):
         """The listing entry, rescanning first unless a scan was made very recently (a flood of
-        LIST requests must not turn into a flood of folder scans)."""
+        LIST requests must not turn into a flood of folder scans) and the folder's own mtime
+        says no name came or went since (one stat)."""
         if (self._scanned_at is None
-                or time.monotonic() - self._scanned_at >= self.s.list_rescan_interval):
+                or time.monotonic() - self._scanned_at >= self.s.list_rescan_interval
+                or self._folder_mtime() != self._dir_mtime):
             self.scan()
         return self._listing
+
+    def _folder_mtime(self):
+        try:
+            return os.stat(self.root).st_mtime_ns
+        except OSError:
+            return None
 
     def maybe_rescan(self, now):
         """Keep file_list.txt fresh without stalling transfers: every scan_interval look at the
@@ -218,9 +227,6 @@ class Folder:
         if now - self._checked_at < self.s.scan_interval:
             return
         self._checked_at = now
-        try:
-            mtime = os.stat(self.root).st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime != self._dir_mtime or now - self._scanned_at >= self.s.full_scan_interval:
+        if (self._folder_mtime() != self._dir_mtime
+                or now - self._scanned_at >= self.s.full_scan_interval):
             self.scan()
