@@ -533,6 +533,9 @@ def main(argv=None):
     except ProtocolError as exc:
         printer.line("client: the server sent something malformed: %s" % exc, always=True)
         return 1
+    finally:
+        if app is not None:
+            app.client.close()
     return 0
 
 

@@ -227,21 +227,44 @@ class ClientSettings(NamedTuple):
     # the rate with a window of startup_cwnd_gain times the bandwidth-delay product (a new lane
     # brings data only after two round trips, so its window runs ahead); it ends when the rate
     # stops growing by 25% for full_rounds rounds (BBR's three, and the two a new lane takes),
-    # or when a round's least round trip is over queue_factor times the path's plus
-    # queue_margin (a queue). Then cwnd_gain. No pace below
+    # or when the least round trip of two updates in a row (a quarter round trip apart) is over
+    # queue_factor times the path's plus queue_margin (a queue); from careful_factor and
+    # careful_margin on (a queue forming) it paces at careful_gain only: what was sent in the
+    # last round trip is still on its way, and a 1,000-packet queue (1.2 bandwidth-delay
+    # products at 200 Mbit/s and 50 ms) overflowed at twice the rate. Then cwnd_gain. No pace
+    # below
     # pacing_min_rtt (loopback, a LAN: there lanes alone keep the cores busy). A datagram is
     # taken to carry lanes_datagram_guess bytes until one has been seen.
     bw_rounds: int = 10
     round_min: float = 0.005
     min_rtt_seconds: float = 10.0
-    startup_gain: float = 2.0
-    startup_cwnd_gain: float = 4.0
+    startup_gain: float = 2.5
+    startup_cwnd_gain: float = 2.0
+    startup_lanes: float = 2.0
     full_rounds: int = 5
-    cwnd_gain: float = 2.0
-    queue_factor: float = 1.25
+    # A queue is told from the least of at least this many round trips (one lost datagram's
+    # late answer is not a queue; at 1% loss per packet a 45-fragment datagram is lost 36%
+    # of the time).
+    queue_samples: int = 4
+    careful_gain: float = 1.25
+    careful_factor: float = 1.05
+    careful_margin: float = 0.0005
+    cwnd_gain: float = 1.5
+    queue_factor: float = 1.125
+    # Drain paces at drain_gain until the round trip is back to the path's (careful_factor), or
+    # for drain_rounds_max rounds.
+    drain_gain: float = 0.75
+    drain_rounds_max: int = 8
     queue_margin: float = 0.002
+    # A lane whose DATA has not come flight_limit_min after twice the path's round trip (and
+    # 1.5 times the smoothed one) no longer counts as in flight: its ACK or the DATA was lost,
+    # and the server's timer, not the window, will bring it.
+    flight_limit_min: float = 0.002
     pacing_min_rtt: float = 0.002
     lanes_datagram_guess: int = 8192
+    # ... and then the mean of the whole ones (not a range's last) of a round, if it has at
+    # least size_samples (a quarter of a round trip with more, if they grew).
+    size_samples: int = 4
     # Files at once: downloads open together (each holds its partial file and its lock);
     # a small file gets a lane of its own at once beside a big one.
     files_at_once: int = 32
@@ -253,17 +276,24 @@ class ClientSettings(NamedTuple):
     # at most this far apart.
     housekeeping: float = 0.05
     # A range is a lane's share of what is left of the file (guided self-scheduling, so that
-    # lanes end together), no longer than max_part_size, and no shorter than range_datagrams
-    # datagrams, part_seconds at a lane's rate or tail_min_size: a range costs a request, a
-    # round trip or two (hidden when the next one starts before it ends) and some 0.1 ms of
-    # CPU on each side. Before the size is known, the first range is min_part_size long (or cut
-    # from the listing's size). At 1% loss, 32 MiB: the last 50-60 ms of 280 ms ran with fewer
-    # than half the parts before ranges were cut to what is left.
-    min_part_size: int = 1 * MiB
+    # lanes end together), no longer than max_part_size or range_seconds at a lane's rate
+    # (first_range before any rate is known), and no shorter than part_seconds at a lane's
+    # rate or tail_min_size: a range costs a request, a round trip or two (hidden when the
+    # next one starts before it ends) and some 0.1 ms of CPU on each side, while the last
+    # ranges must be short for the lanes to end together (at 50 ms a lane moves one datagram
+    # per round trip: a floor of 32 datagrams left one lane alone for the last 1.3 s of 4.4,
+    # and at 1% loss ranges of 256 KB cut in the first round trips, when the datagrams were
+    # twice as big, ran 4 s after the rest). Before the size is known, the first range is
+    # first_range long (or cut from the listing's size). At the end of the files, a range
+    # with more than split_datagrams datagrams left is cut in two, its second half on a lane
+    # of its own (fetch.py; the server resends to the cut lane until it gives up, so only
+    # where something went wrong).
+    split_datagrams: int = 64
+    first_range: int = 256 * 1024
     max_part_size: int = 64 * MiB
-    range_datagrams: int = 32
+    range_seconds: float = 0.5
     part_seconds: float = 0.05
-    tail_min_size: int = 128 * 1024
+    tail_min_size: int = 16 * 1024
 
     # Request retransmission: starts here (then at the RTO of the RTTs measured from earlier
     # requests), doubles up to the max. A request repeated too early costs one small SIZE,

@@ -153,6 +153,7 @@ def download(address, name, out_dir, parts=1, settings=None, size_hint=None):
         c.fetch(name, target, parts, size_hint)
     finally:
         target.release()
+        c.close()
     return c
 
 

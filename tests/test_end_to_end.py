@@ -274,7 +274,7 @@ class ImpairedNetworkTest(EndToEndCase):
         lossy = dict(drop=0.10, duplicate=0.05, jitter=0.002, reorder=0.05, corrupt=0.04)
         proxy = self.start_proxy(st.address, seed=self.SEED,
                                  to_server=Impairment(**lossy), to_client=Impairment(**lossy))
-        settings = support.fast_client_settings(min_part_size=32 * 1024, give_up=20.0)
+        settings = support.fast_client_settings(first_range=32 * 1024, give_up=20.0)
 
         for parts in (1, 4):
             with self.subTest(parts=parts):
@@ -460,7 +460,7 @@ class ImpairedNetworkTest(EndToEndCase):
         watcher = DownloadsWatcher(self.tmp.downloads, {"x.bin": new}).start()
         self.addCleanup(watcher.stop)
         c = support.download(proxy.address, "x.bin", self.tmp.downloads, parts=4,
-                             settings=support.fast_client_settings(min_part_size=512 * 1024))
+                             settings=support.fast_client_settings(first_range=512 * 1024))
         watcher.stop()
         self.assertGreaterEqual(len(acks), 40)
         self.assertGreaterEqual(c.stats["restarts"], 1)
@@ -482,7 +482,7 @@ class SizesTest(EndToEndCase):
         st = self.start_server()
         for parts in (1, 4):
             out = self.tmp.folder("downloads-%d" % parts)
-            settings = support.fast_client_settings(min_part_size=1 * MiB)
+            settings = support.fast_client_settings(first_range=1 * MiB)
             for name, data in sorted(expected.items()):
                 with self.subTest(parts=parts, size=len(data)):
                     support.download(st.address, name, out, parts=parts, settings=settings)
@@ -643,7 +643,7 @@ class SparseishFileTest(EndToEndCase):
             f.write(b"end")
         want = read_bytes(path)
         st = self.start_server()
-        settings = support.fast_client_settings(min_part_size=512 * 1024)
+        settings = support.fast_client_settings(first_range=512 * 1024)
         support.download(st.address, "holes.img", self.tmp.downloads, parts=4, settings=settings)
         self.assert_downloaded(self.tmp.downloads, "holes.img", want)
         self.assertEqual(os.listdir(self.tmp.downloads), ["holes.img"])
@@ -728,7 +728,7 @@ class ConcurrentClientsTest(EndToEndCase):
             try:
                 barrier.wait()
                 support.download(st.address, name, out, parts=parts,
-                                 settings=support.fast_client_settings(min_part_size=256 * 1024))
+                                 settings=support.fast_client_settings(first_range=256 * 1024))
             except BaseException as exc:   # reported by the main thread
                 errors.append((name, out, repr(exc)))
 

@@ -106,10 +106,12 @@ class Bottleneck:
         """`seconds` more on the path's clock (which goes on from one run to the next)."""
         now, step = self.now, self.rtt / 4
         end = now + seconds
-        opened = [(now - 2 * self.rtt, control.window)]   # (when, lanes) as the window grew
+        # (when, lanes) as the lanes to run grew; those in flight are at most the window
+        opened = [(now - 2 * self.rtt, control.lanes_to_run())]
         while now < end:
             now += step
             lanes = max((n for at, n in opened if at <= now - 2 * self.rtt), default=0)
+            lanes = min(lanes, control.window)
             delay = self.rtt + self.queue / self.rate
             offered = lanes * self.dgram / delay
             if control.pacing_rate is not None:
@@ -124,13 +126,12 @@ class Bottleneck:
             while self.carry >= self.dgram:
                 self.carry -= self.dgram
                 if self.rng.random() >= self.loss:
-                    control.delivered(self.dgram)
+                    control.delivered(self.dgram, now - delay)
             control.rtt_sample(self.rtt + self.queue / self.rate)
-            window = control.update(now, limited=False)
-            if window > opened[-1][1]:
-                opened.append((now, window))
-            elif window < opened[-1][1]:
-                opened.append((now, window))   # fewer lanes: ranges end, none start
+            control.update(now, limited=False)
+            run = control.lanes_to_run()
+            if run != opened[-1][1]:   # (fewer: ranges end, none start)
+                opened.append((now, run))
             if on_step is not None:
                 on_step(now, self)
         self.now = now
@@ -199,6 +200,60 @@ class LaneControllerTest(unittest.TestCase):
         path.run(control, 2.0)
         self.assertLess(control.window, 0.75 * before)
 
+    def test_the_window_is_bytes_counted_in_lanes_of_the_servers_datagram_size(self):
+        path = Bottleneck(25e6, 0.05, dgram=12000)
+        control = LaneController(self.settings(), 0.0)
+        path.run(control, 3.0)
+        lanes, cwnd = control.window, control.cwnd
+        self.assertAlmostEqual(control.dgram, 12000, delta=1)
+        self.assertAlmostEqual(lanes * 12000 / cwnd, 1.0, delta=0.05)
+        # The server's datagrams grow fourfold: fewer lanes within a quarter round trip (the
+        # lanes waiting to send their ACK would bring the bigger ones).
+        path.dgram = 48000
+        path.run(control, 0.03)
+        self.assertLessEqual(control.window, lanes // 3)
+        # ... and shrink eightfold: more lanes, but at most twice as many each round (smaller
+        # datagrams may be back to their size within a round trip; lanes cannot be taken back).
+        before = control.window
+        path.dgram = 6000
+        seen = []
+        path.run(control, 0.5, lambda now, p: seen.append(control.window))
+        self.assertGreater(control.window, 4 * before)
+        grew = [b / a for a, b in zip(seen, seen[1:]) if b > a]
+        self.assertLessEqual(max(grew), 2.0)
+
+    def test_a_burst_delivered_at_once_is_not_the_paths_rate(self):
+        # A round's bytes came in 20 ms (a token bucket let them through together), but the
+        # ACKs that brought them went over 50 ms: the rate is theirs over 50 ms.
+        control = LaneController(self.settings(), 0.0)
+        now = 0.0
+        for r in range(4):                    # a few rounds at 10 MB/s
+            for i in range(50):
+                control.delivered(10000, now - 0.05)
+                control.rtt_sample(0.05)
+                now += 0.001
+            control.update(now)
+        sent = now - 0.05
+        now += 0.03                           # nothing comes for 30 ms ...
+        for i in range(50):                   # ... then 500 KB in 20 ms, sent over 50 ms
+            control.delivered(10000, sent + i * 0.001)
+            control.rtt_sample(0.05)
+            now += 0.0004
+        control.update(now)
+        self.assertLess(control.bw, 11e6)
+
+    def test_a_lane_stops_counting_as_in_flight_when_its_answer_is_overdue(self):
+        control = LaneController(self.settings(), 0.0)
+        self.assertEqual(control.flight_limit(), control.s.request_timeout)   # nothing known
+        for _ in range(20):
+            control.rtt_sample(0.05)
+        control.update(0.06)
+        self.assertAlmostEqual(control.flight_limit(), 0.1 + control.s.flight_limit_min,
+                               delta=0.001)   # twice the round trip
+        for _ in range(40):                   # a queue: the smoothed round trip grows
+            control.rtt_sample(0.2)
+        self.assertAlmostEqual(control.flight_limit(), 1.5 * control.srtt + 0.002, delta=0.001)
+
 
 class RangePlannerTest(unittest.TestCase):
     """Which range comes next (planner.py): a lane's share of what is left."""
@@ -212,17 +267,26 @@ class RangePlannerTest(unittest.TestCase):
 
     def test_each_range_is_a_lanes_share_of_what_is_left(self):
         p = self.plan()
-        a, n = p.next_range(8, 65000, 0.0, 0)
+        a, n = p.next_range(8, 65000, None, 0)
         self.assertEqual((a, n), (0, 32 << 20))           # 256 MiB / 8
-        a, n = p.next_range(8, 65000, 0.0, n)             # what runs counts as left
+        a, n = p.next_range(8, 65000, None, n)            # what runs counts as left
         self.assertEqual((a, n), (32 << 20, 32 << 20))
-        a, n = p.next_range(8, 65000, 0.0, 32 << 20)      # 192 + 32 left, / 8
+        a, n = p.next_range(8, 65000, None, 32 << 20)     # 192 + 32 left, / 8
         self.assertEqual((a, n), (64 << 20, 28 << 20))
+
+    def test_a_range_lasts_at_most_range_seconds_at_a_lanes_rate(self):
+        # 50 ms, 80 lanes of 24 KB datagrams: a lane moves 480 KB/s, a range at most 240 KB;
+        # before any rate is measured (startup), first_range.
+        self.assertEqual(self.plan().next_range(8, 24000, 480e3, 0), (0, int(0.5 * 480e3)))
+        self.assertEqual(self.plan().next_range(8, 24000, 0.0, 0), (0, 256 << 10))
+        self.assertEqual(self.plan().next_range(8, 24000, 400e6, 0), (0, 32 << 20))  # loopback
 
     def test_no_range_shorter_than_the_floor_nor_a_shorter_gap_left_behind(self):
         p = self.plan()
         floor = p.min_piece(6000, 0.0)
-        self.assertEqual(floor, max(p.s.tail_min_size, 32 * 6000))
+        self.assertEqual(floor, p.s.tail_min_size)
+        self.assertEqual(p.min_piece(7000, 0.0), 16 * 1024)
+        self.assertEqual(p.min_piece(66000, 0.0), 2 * 66000)
         p.gaps = [(0, 3 * floor)]
         self.assertEqual(p.next_range(100, 6000, 0.0, 0), (0, floor))
         p.gaps = [(0, floor + floor // 2)]
@@ -233,19 +297,21 @@ class RangePlannerTest(unittest.TestCase):
 
     def test_at_most_max_part_size_and_one_lane_takes_each_gap_whole(self):
         p = self.plan()
-        self.assertEqual(p.next_range(2, 65000, 0.0, 0), (0, 64 << 20))
+        self.assertEqual(p.next_range(2, 65000, None, 0), (0, 64 << 20))
         p = self.plan(busy=[(10, 20)])
-        self.assertEqual(p.next_range(1, 65000, 0.0, 0), (0, 10))
-        self.assertEqual(p.next_range(1, 65000, 0.0, 0), (20, self.SIZE - 20))
+        self.assertEqual(p.next_range(1, 65000, None, 0), (0, 10))
+        self.assertEqual(p.next_range(1, 65000, None, 0), (20, self.SIZE - 20))
 
     def test_the_first_range_before_the_size_is_known(self):
         p = RangePlanner(config.ClientSettings())
-        self.assertEqual(p.first_length(32, 65000), 1 << 20)
+        self.assertEqual(p.first_length(32, 65000), 256 << 10)
         self.assertEqual(p.first_length(1, 65000), HUGE)
-        p.size_hint = 32 << 20                            # from the listing: a lane's share
-        self.assertEqual(p.first_length(32, 8192), 1 << 20)
+        p.size_hint = 4 << 20                             # from the listing: a lane's share
+        self.assertEqual(p.first_length(32, 8192), 128 << 10)
+        p.size_hint = 32 << 20                            # ... at most first_range
+        self.assertEqual(p.first_length(32, 8192), 256 << 10)
         p.size_hint = 64 << 10                            # a small file: whole
-        self.assertEqual(p.first_length(32, 65000), 32 * 65000)
+        self.assertEqual(p.first_length(32, 66000), 2 * 66000)
         self.assertIsNone(RangePlanner(config.ClientSettings(), listing=True).first_length(8, 1))
 
     def test_what_was_not_finished_goes_first_in_line(self):

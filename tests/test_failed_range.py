@@ -57,7 +57,7 @@ class FailedCheckNeverRecordedTest(unittest.TestCase):
         data = self.tmp.make_file("f.bin", 400 * 1024, seed=21)
         st = support.ServerThread(self.tmp.files).start()
         self.addCleanup(st.stop)
-        settings = support.fast_client_settings(min_part_size=64 * 1024)
+        settings = support.fast_client_settings(first_range=64 * 1024)
         c = support.make_client(st.address, self.tmp.downloads, settings)
         target = PartialFile(self.tmp.downloads, "f.bin")
         try:

@@ -321,6 +321,7 @@ class PlanningTests(unittest.TestCase):
             f.truncate()
             json.dump(rec, f)
         again = PartialFile(tmp.downloads, "x.bin")
+        self.addCleanup(again.release)
         self.assertIsNone(again.size)
         self.assertEqual(again.resumed, 0)
         self.assertFalse(os.path.exists(again.part_path))

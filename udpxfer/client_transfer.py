@@ -29,7 +29,9 @@ class ClientTransfer:
 
     `outcome` once finished: "done", "mismatch" (EOF's CRC differs from ours: discard this
     transfer's bytes), "changed" (ERROR CHANGED), "version" (SIZE differs from the expected
-    file), "error" (ERROR with `error_code`), "stalled" (nothing new for idle_timeout).
+    file), "error" (ERROR with `error_code`), "stalled" (nothing new for idle_timeout), "cut"
+    (its bytes up to cut_at are in; another lane has the rest), "retired" (let go by the
+    client for another reason than its own).
     """
 
     def __init__(self, name, offset, length, now, settings=None, expect=None, request_rto=None,
@@ -48,6 +50,7 @@ class ClientTransfer:
         self.state = REQUESTING
         self.outcome = self.error_code = None
         self.error_text = ""            # what the server said with its ERROR, for people
+        self.cut_at = None              # where the client stops taking bytes (see cut())
         # The request -> SIZE time, if the request was sent once (else our ACK of SIZE -> the
         # first DATA).
         self.rtt_sample = None
@@ -87,6 +90,11 @@ class ClientTransfer:
             self._next_request = now + self._request_rto
             self._requests += 1
             self._out.append(self.request)
+
+    def cut(self, at):
+        """Stop at `at` instead of the range's end: the rest goes to another lane (a slow lane
+        at the end of a file). Bytes up to the first DATA past `at` are still taken."""
+        self.cut_at = at
 
     def retire(self):
         """The loop lets this transfer go (not for anything it did): outcome "retired"."""
@@ -175,6 +183,11 @@ class ClientTransfer:
                 return None   # damaged, misplaced or beyond the range: not acknowledged
             self._r = msg.crc
             self.pos += len(payload)
+            if self.cut_at is not None and self.pos >= self.cut_at:
+                # Another lane fetches the rest: no ACK, so nothing more comes (the server
+                # gives the transfer up at its retransmission limit).
+                self._finish("cut")
+                return payload
             self._out.append(format_ack(self.pos, self.token, self.tag))
             return payload
         if msg.offset < self.pos:
@@ -202,7 +215,10 @@ class ClientTransfer:
 
     @property
     def received(self):
-        return self.pos - self.start
+        """Bytes of its range in hand (not those past where it was cut: another lane has
+        them)."""
+        pos = self.pos if self.cut_at is None else min(self.pos, self.cut_at)
+        return pos - self.start
 
     @property
     def crc(self):

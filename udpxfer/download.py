@@ -16,6 +16,7 @@ Relies on: planner (ranges), errors (Failure), display (text for people), config
 sockets, the clock (`now` comes in), how files are opened, or the other downloads.
 """
 
+from udpxfer.client_transfer import RECEIVING
 from udpxfer.display import format_addr, human
 from udpxfer.errors import Failure
 from udpxfer.planner import RangePlanner
@@ -33,14 +34,17 @@ class Part:
     claim written bytes, even if Ctrl-C falls in between), with the running CRC there."""
 
     __slots__ = ("t", "job", "sock", "lane", "written", "written_crc", "held", "acked_at",
-                 "confirm")
+                 "acked_pos", "confirm", "flying", "flew_at")
 
     def __init__(self, t, job, sock=None, lane=None):
         self.t, self.job, self.sock, self.lane = t, job, sock, lane
         self.written = t.start
         self.written_crc = t.crc
         self.held = None        # ACKs held back (pacing, --limit-rate), sent when due
-        self.acked_at = None    # when the last ACK of a new DATA went (RTT samples)
+        self.acked_at = None    # when the ACK of a new DATA went (RTT samples), if only once
+        self.acked_pos = None   # ... the position it acknowledged
+        self.flying = False     # its ACK went and what it brings has not come back
+        self.flew_at = 0.0      # ... since then
         self.confirm = t.length == 0 and t.name is not None   # the second request of a file
 
     @property
@@ -152,7 +156,10 @@ class Download:
         return 0, 0
 
     def end_of(self, t):
-        """Where a transfer's range ends: known from its SIZE, else as asked."""
+        """Where a transfer's range ends: known from its SIZE (or where it was cut), else as
+        asked."""
+        if t.cut_at is not None:
+            return t.cut_at
         if t.end is not None:
             return t.end
         size = self.target.size
@@ -167,6 +174,24 @@ class Download:
 
     def left_running(self):
         return sum(self.end_of(p.t) - p.t.pos for p in self.parts)
+
+    def split(self, least):
+        """The end of a file, lanes to spare: the running range with the most left (more than
+        twice `least`) is cut in two, and its second half becomes a gap (next_request takes
+        it). Returns whether one was."""
+        best, most = None, 2 * least
+        for p in self.parts:
+            t = p.t
+            if t.state == RECEIVING and t.end is not None and not p.confirm:
+                left = self.end_of(t) - t.pos
+                if left > most:
+                    best, most = p, left
+        if best is None:
+            return False
+        at = best.t.pos + most // 2
+        self.plan.put_back(at, self.end_of(best.t))
+        best.t.cut(at)
+        return True
 
     # -- what came
 
@@ -196,6 +221,9 @@ class Download:
         if outcome == "done":
             self.target.keep(t.start, part.written, part.written_crc)
             self.bad_requests = self.not_found = self.refused = 0
+            return None
+        if outcome == "cut":       # its bytes are in; the rest of its range runs elsewhere
+            self.target.keep(t.start, part.written, part.written_crc)
             return None
         if outcome == "retired":   # let go by the loop, nothing wrong: asked again as it was
             if self.name is not None:
@@ -289,7 +317,9 @@ class Download:
     # -- progress
 
     def bytes_in_hand(self):
-        return self.target.done.total() + sum(p.t.received for p in self.parts)
+        have = self.target.done.total() + sum(p.t.received for p in self.parts)
+        # (A cut range's last datagram may reach into the next range's, running elsewhere.)
+        return have if self.target.size is None else min(have, self.target.size)
 
     def progress(self, now):
         """Note the bytes in hand; returns them."""

@@ -27,6 +27,7 @@ import selectors
 import shutil
 import socket
 import time
+import weakref
 from collections import OrderedDict, deque
 
 import config
@@ -38,10 +39,18 @@ from udpxfer.lanes import LaneController
 from udpxfer.partial import MemoryTarget
 from udpxfer.ratelimit import Pacer
 from udpxfer.rtt import RttEstimator
-from udpxfer.wire import (HUGE, MAX_LANE, RECV_BUFSIZE, Data, Eof, Error, ProtocolError,
-                          format_ack_eof, lane_tag, parse_listing, parse_server_datagram)
+from udpxfer.wire import (HUGE, MAX_DATAGRAM, MAX_LANE, RECV_BUFSIZE, Data, Eof, Error,
+                          ProtocolError, format_ack_eof, lane_tag, parse_listing,
+                          parse_server_datagram)
 
 _IN_QUARANTINE = 10.0   # seconds a port is not used again (the server ignores its late copies)
+
+
+def _close_all(sel):
+    """Close a client's selector and every socket in it."""
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    sel.close()
 
 
 class Client:
@@ -68,6 +77,7 @@ class Client:
         self.buf = bytearray(RECV_BUFSIZE)
         self.view = memoryview(self.buf)
         self.sel = selectors.DefaultSelector()
+        self._closer = weakref.finalize(self, _close_all, self.sel)
         self.lanes = None            # the server knows lanes: None (not yet seen), True, False
         self.sock = None             # the socket of the lanes
         self.next_lane = 1
@@ -76,9 +86,11 @@ class Client:
         self.parts = []              # every transfer running
         self.jobs = []               # downloads open
         self.waiting = deque()       # downloads not yet open
-        self.held = deque()          # (due, part): ACKs held back, in the order they are due
+        self.held = deque()          # [due or None, part, bytes]: ACKs held back, in order
+        self.inflight = 0            # lanes with an ACK out whose DATA has not come back
+        self.last_size = 0           # the payload of the last DATA (any lane)
         self._ports = OrderedDict()  # local port -> when it was last used (version 2)
-        self.stats = {"transfers": 0, "stalls": 0, "restarts": 0, "sockets": 0}
+        self.stats = {"transfers": 0, "stalls": 0, "restarts": 0, "sockets": 0, "late": 0}
         self.answered = False        # the server ever answered (SIZE or ERROR)
         self.began = None            # when the first request went
         self.last_heard = None
@@ -139,14 +151,15 @@ class Client:
                 if tick is not None and now >= next_tick:
                     tick(now)
                     next_tick = now + every
-                if self.held and self.held[0][0] <= now:
+                if self.held:
                     self._release(now)
                 if now >= next_check:
                     next_check = self._housekeeping(now)
                     if not (forever or self.jobs or self.waiting):
                         break
                 due = next_check
-                if self.held:
+                if self.held and self.inflight < self.control.window \
+                        and self.held[0][0] is not None:
                     due = min(due, self.held[0][0])
                 if tick is not None:
                     due = min(due, next_tick)
@@ -204,17 +217,27 @@ class Client:
             self._no_lanes(now)  # the untagged probe was answered, the tagged request not
         t = part.t
         payload = t.receive(msg, now)
+        if part.flying and (payload is not None or t.state == FINISHED
+                            or isinstance(msg, (Eof, Error))):
+            # What its ACK brought is here (not a repeated SIZE or DATA): one fewer in flight.
+            part.flying = False
+            self.inflight -= 1
+            if self.held:
+                self._release(now)
         if payload is not None:
             n = len(payload)
-            self.control.delivered(n)
+            left = t.end - t.pos
+            self.control.delivered(n, part.acked_at, left > 0)
             if part.acked_at is not None:
                 self.control.rtt_sample(now - part.acked_at)
-            self._ack(part, now, n if t.pos < t.end else 0)
+            self.last_size = n
+            self._ack(part, now, min(left, n))
             part.job.target.write(t.pos - n, payload)
             part.written, part.written_crc = t.pos, t.crc
-            return False
-        self._ack(part, now, self.control.dgram if t.state == RECEIVING and not t.flowing
-                  else 0)
+            return t.state == FINISHED   # (cut: another lane has the rest)
+        # (The first DATA of a range: as big as the last one of any, or the most at first.)
+        self._ack(part, now, min(t.end - t.pos, self.last_size or MAX_DATAGRAM)
+                  if t.state == RECEIVING and not t.flowing else 0)
         if t.state == FINISHED or (t.size is not None and part.job.target.size is None):
             return True
         if isinstance(msg, Data):
@@ -222,21 +245,21 @@ class Client:
         return False
 
     def _ack(self, part, now, brings):
-        """Send what the transfer has to send; an ACK that brings `brings` more bytes waits
-        for its turn when a pace is set (the rate cap, or the controller's on a long path)."""
+        """Send what the transfer has to send. An ACK that brings a DATA (of about `brings`
+        bytes: the last one's size, or what is left of the range) waits its turn, in order:
+        while the lanes in flight fill the window (lanes.py), and until the pace allows it (the
+        rate cap, or the controller's on a long path)."""
         out = part.t.datagrams_to_send()
         if not out:
             return
         if part.held is not None:        # its ACK waits already: this goes with it
             part.held += out
             return
-        if brings:
-            due = self._due(brings, now)
-            if due > now:
-                part.held = out
-                self.held.append((due, part))
-                return
-            part.acked_at = now
+        if brings > 0 and not part.flying:   # (a repeat for a SIZE that came twice goes at once)
+            part.held = out
+            self.held.append([None, part, brings])
+            self._release(now)
+            return
         for datagram in out:
             self._send(part, datagram)
 
@@ -249,17 +272,34 @@ class Client:
         return due
 
     def _release(self, now):
-        """Send the held ACKs that are due (a quantum of a millisecond early at most)."""
+        """Send the held ACKs whose turn it is: while the window has room, each when the pace
+        says (a quantum of a millisecond early at most; its slot in the pace is taken once, when
+        it comes to the head)."""
         held = self.held
+        window = self.control.window
         soon = now + 0.001
-        while held and held[0][0] <= soon:
-            _, part = held.popleft()
-            out, part.held = part.held, None
-            if out is None:
+        while held and self.inflight < window:
+            entry = held[0]
+            part = entry[1]
+            if part.held is None:         # closed meanwhile: its ACK went then
+                held.popleft()
                 continue
-            part.acked_at = now
-            for datagram in dict.fromkeys(out):   # repeats of one ACK go once
-                self._send(part, datagram)
+            if entry[0] is None:
+                entry[0] = self._due(entry[2], now)
+            if entry[0] > soon:
+                return
+            held.popleft()
+            out, part.held = part.held, None
+            if part.acked_pos == part.t.pos:
+                # The same ACK again (its DATA was late or lost): the DATA that comes may
+                # answer either, so it times nothing (Karn's rule).
+                part.acked_at = None
+            else:
+                part.acked_at, part.acked_pos = now, part.t.pos
+            part.flying, part.flew_at = True, now
+            self.inflight += 1
+            for datagram in out:   # (an ACK repeated for a repeated DATA tells the server
+                self._send(part, datagram)   # its resend was needless)
 
     def _send(self, part, datagram):
         sock = self.sock if part is None or part.sock is None else part.sock
@@ -320,11 +360,16 @@ class Client:
         self._open_jobs(now)
         if not self.answered:
             self._check_answered(now)
+        control = self.control
+        limit = now - control.flight_limit()
         for part in list(self.parts):
             if part.job.done or part not in part.job.parts:
                 continue   # its download restarted or failed meanwhile
+            if part.flying and part.flew_at < limit:
+                part.flying = False   # lost, one way or the other: the window is for others
+                self.inflight -= 1
+                self.stats["late"] += 1
             self._look_at(part, now)
-        control = self.control
         window = control.update(now, self._data_lanes() < control.window)
         self.pace.set(control.pacing_rate)
         self._schedule(now, window)
@@ -409,20 +454,35 @@ class Client:
         one running the fewest first (a small file gets its lane at once beside a big one)."""
         if not self.jobs:
             return
-        limit = window * 2 + self.s.lanes_extra   # with those asking and ending
+        control = self.control
+        want = control.lanes_to_run()
+        limit = want + window + self.s.lanes_extra   # with those asking and ending
         if not self.answered:
             limit = min(limit, 2)   # a new socket waits in the server's strangers' pool
         data = self._data_lanes()
-        control = self.control
         lanes = control.plan_lanes()
-        lane_rate = control.bw / max(window, 1)
-        while data < window and len(self.parts) < limit:
+        # A lane's rate: its share of the rate measured, or before that a datagram per round
+        # trip (the requests' round trip).
+        lane_rate = control.bw / max(window, 1) if control.bw else (
+            control.dgram / self.rtt.srtt if self.rtt.srtt else 0.0)
+        splits = 0
+        while data < want and len(self.parts) < limit:
             job = min((j for j in self.jobs if j.want_lane(now, lanes, control.dgram)),
                       key=lambda j: len(j.parts), default=None)
             if job is None:
-                if not self._open_jobs(now, more=True):
-                    break
-                continue
+                if self._open_jobs(now, more=True):
+                    continue
+                # The end of the files, and lanes to spare: the longest range still running is
+                # cut in two, so that a slow lane (its datagrams shrank, it lost some) does not
+                # end the run alone. A lane moves a datagram per round trip and a new one needs
+                # two round trips before its first, so a range of more than four datagrams
+                # would end sooner in two; but the server resends what the cut lane no longer
+                # acknowledges until it gives up, and counts it lost: only beyond split_datagrams.
+                least = self.s.split_datagrams * control.dgram / 2
+                if splits < window - data and any(j.split(least) for j in self.jobs):
+                    splits += 1
+                    continue
+                break
             start, length = job.next_request(now, lanes, control.dgram, lane_rate)
             part = self._start(job, start, length, now)
             if not part.confirm and (length is None or length > 2 * control.dgram):
@@ -502,6 +562,9 @@ class Client:
             out, part.held = part.held, None
             for datagram in dict.fromkeys(out):
                 self._send(part, datagram)
+        if part.flying:
+            part.flying = False
+            self.inflight -= 1
         if part in self.parts:
             self.parts.remove(part)
         if part.lane is not None:
@@ -511,6 +574,14 @@ class Client:
             part.sock.close()
 
     # -- sockets
+
+    def close(self):
+        """Let the sockets go (the lanes' one stays open between runs, for late EOFs; a Client
+        dropped without close() lets them go when it is collected)."""
+        if self.jobs or self.parts:
+            self._stop_all()
+        self.sock = None
+        self._closer()
 
     def _lanes_socket(self):
         """The one socket of the lanes (a new one if lane numbers ran out)."""
@@ -637,7 +708,9 @@ class Client:
                 pass
         for part in list(self.parts):
             self._close(part)
-        for job in list(self.jobs):
+        for job in self.jobs:
             job.parts = []
             job.close()
+        self.jobs = []
         self.held.clear()
+        self.inflight = 0

@@ -4,10 +4,10 @@ how long it is.
 What is missing and not in flight is a list of gaps; a new transfer takes the start of the first
 gap, cut to a lane's share of everything still to fetch (guided self-scheduling: each range is
 what is left divided by the lanes), so that ranges are long while much is left and the lanes
-end together at the end of the file. No range is shorter than a few dozen datagrams or
-part_seconds at a lane's rate (each range costs a request and a round trip or two), nor longer
-than max_part_size; and no gap is left shorter than that. How many lanes there are is not its
-business: the download loop says (lanes.py decides).
+end together at the end of the file. No range is shorter than part_seconds at a lane's rate or
+tail_min_size (each range costs a request and a round trip or two, hidden when the next one
+starts before it ends), nor longer than max_part_size; and no gap is left shorter than that.
+How many lanes there are is not its business: the download loop says (lanes.py decides).
 
 Relies on: ranges, wire (HUGE: "to the end"), config (the client's settings). Must not know:
 sockets, transfers' messages, files, the clock, or how results are shown.
@@ -33,26 +33,34 @@ class RangePlanner:
 
     def first_length(self, lanes, dgram):
         """Before the size is known only one range runs: its length, from the listing's size
-        if there was one (cut for `lanes`), else min_part_size; the listing whole."""
+        if there was one (cut for `lanes`), else first_range; the listing whole."""
         if self.listing:
             return None
         if lanes <= 1:
             return HUGE
         if self.size_hint:
             return self.piece(self.size_hint, lanes, dgram, 0.0)
-        return self.s.min_part_size
+        return self.s.first_range
 
     def min_piece(self, dgram, lane_rate):
-        """The shortest range worth a request: range_datagrams datagrams, and part_seconds at
-        a lane's rate, at least tail_min_size."""
-        return max(self.s.tail_min_size, int(self.s.range_datagrams * dgram),
-                   int(lane_rate * self.s.part_seconds))
+        """The shortest range worth a request: part_seconds at a lane's rate, and two
+        datagrams, at least tail_min_size."""
+        return max(self.s.tail_min_size, 2 * int(dgram),
+                   int((lane_rate or 0.0) * self.s.part_seconds))
 
     def piece(self, left, lanes, dgram, lane_rate):
         """A lane's share of the `left` bytes still to fetch, within [min_piece,
-        max_part_size]."""
+        max_part_size], and no longer than range_seconds at a lane's rate (`lane_rate`: 0 if
+        not known yet, then first_range; None for no such limit): on a long path a lane moves
+        one datagram a round trip, and a range cut while the lanes were few (startup) or the
+        datagrams were big must not end long after the rest."""
         share = -(-left // max(1, lanes))
-        return min(max(share, self.min_piece(dgram, lane_rate)), self.s.max_part_size)
+        least = self.min_piece(dgram, lane_rate)
+        most = self.s.max_part_size
+        if lane_rate is not None:   # (0: not known yet)
+            most = min(most, int(self.s.range_seconds * lane_rate) if lane_rate
+                       else self.s.first_range)
+        return min(max(share, least), max(most, least))
 
     def next_range(self, lanes, dgram, lane_rate, left_running):
         """Take the next range to ask for: (start, length). `left_running`: the bytes the

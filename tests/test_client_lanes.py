@@ -1,0 +1,233 @@
+"""The version 3 client (udpxfer/fetch.py) end to end on loopback: all transfers over one socket,
+the fall back to a version 2 server (both ways such a server may answer a tagged request), a
+late EOF of a finished lane answered at once, many files at once, and the progress line of the
+whole run.
+
+Run: python3 -m tests test_client_lanes
+"""
+
+import io
+import os
+import selectors
+import socket
+import threading
+import time
+import unittest
+
+import client
+from tests import support
+from tests.support import wait_for
+from tests.test_end_to_end import EndToEndCase, RewritingProxy
+from udpxfer.fetch import Client
+from udpxfer.wire import RECV_BUFSIZE, format_error
+
+
+class Version2Shim:
+    """A UDP relay in front of our server that knows only protocol version 2: an untagged
+    datagram goes through, a tagged one is answered with an untagged ERROR BAD_REQUEST
+    (`answer`: what a server written from the version 2 contract does) or dropped (`answer`
+    False: a server that ignores what it cannot parse). Counts what it saw."""
+
+    def __init__(self, upstream, answer=True):
+        self.upstream, self.answer = upstream, answer
+        self.tagged = self.untagged = 0
+        self.clients = set()
+        self.listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.listen.bind(("127.0.0.1", 0))
+        self.listen.setblocking(False)
+        self.address = self.listen.getsockname()[:2]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listen, selectors.EVENT_READ, None)
+        self.upstreams = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for key, _ in self.sel.select(0.05):
+                try:
+                    data, addr = key.fileobj.recvfrom(RECV_BUFSIZE)
+                except OSError:
+                    continue
+                try:
+                    if key.data is not None:          # the server's answer, to its client
+                        self.listen.sendto(data, key.data)
+                        continue
+                    self.clients.add(addr)
+                    if data.startswith(b"#"):
+                        self.tagged += 1
+                        if self.answer:
+                            self.listen.sendto(format_error("BAD_REQUEST", "malformed"), addr)
+                        continue
+                    self.untagged += 1
+                    up = self.upstreams.get(addr)
+                    if up is None:
+                        up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        up.bind(("127.0.0.1", 0))
+                        up.setblocking(False)
+                        self.upstreams[addr] = up
+                        self.sel.register(up, selectors.EVENT_READ, addr)
+                    up.sendto(data, self.upstream)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        for s in self.upstreams.values():
+            s.close()
+        self.listen.close()
+        self.sel.close()
+
+
+class TtyStream(io.StringIO):
+    """What a terminal gets: the progress line is drawn on it."""
+
+    def isatty(self):
+        return True
+
+
+class LanesTest(EndToEndCase):
+
+    def shim(self, st, answer):
+        shim = Version2Shim(st.address, answer)
+        self.addCleanup(shim.close)
+        return shim
+
+    def test_sixteen_lanes_run_over_one_socket(self):
+        data = self.tmp.make_file("big.bin", 6 * 1024 * 1024, seed=1)
+        st = self.start_server()
+        senders = set()
+
+        def seen(datagram):
+            return datagram
+
+        proxy = RewritingProxy(st.address, seen)
+        self.addCleanup(proxy.close)
+        c = support.download(proxy.address, "big.bin", self.tmp.downloads, parts=16,
+                             settings=support.fast_client_settings(first_range=128 * 1024))
+        self.assert_downloaded(self.tmp.downloads, "big.bin", data)
+        senders.update(proxy.upstreams)
+        self.assertEqual(len(senders), 1, "one client socket for every lane")
+        self.assertEqual(c.stats["sockets"], 1)
+        self.assertGreaterEqual(c.last_fetch.most_lanes, 8, "the lanes really ran at once")
+        self.assertIs(c.lanes, True)
+
+    def test_a_version_2_server_that_says_bad_request_gets_one_socket_per_transfer(self):
+        data = self.tmp.make_file("f.bin", 700000, seed=2)
+        st = self.start_server()
+        shim = self.shim(st, answer=True)
+        c = support.download(shim.address, "f.bin", self.tmp.downloads, parts=4,
+                             settings=support.fast_client_settings(first_range=64 * 1024))
+        self.assert_downloaded(self.tmp.downloads, "f.bin", data)
+        self.assertIs(c.lanes, False)
+        self.assertGreaterEqual(shim.tagged, 1)
+        self.assertLessEqual(shim.tagged, 2, "it fell back at the first answer")
+        self.assertGreaterEqual(c.stats["sockets"], 3, "untagged: a socket per transfer")
+
+    def test_a_version_2_server_that_drops_tagged_requests_is_found_by_an_untagged_probe(self):
+        data = self.tmp.make_file("f.bin", 300000, seed=3)
+        st = self.start_server()
+        shim = self.shim(st, answer=False)
+        settings = support.fast_client_settings(first_range=64 * 1024)
+        started = time.monotonic()
+        c = support.download(shim.address, "f.bin", self.tmp.downloads, parts=2,
+                             settings=settings)
+        self.assert_downloaded(self.tmp.downloads, "f.bin", data)
+        self.assertIs(c.lanes, False)
+        # probe_after tagged tries (request_timeout, doubling up to its max) before the probe
+        self.assertGreaterEqual(shim.tagged, settings.probe_after)
+        self.assertLess(time.monotonic() - started, 5.0)
+
+    def test_a_late_eof_of_a_finished_lane_is_answered_at_once(self):
+        # The first ACK EOF of one lane is lost: the server sends EOF again, and the client,
+        # whose lane has ended, answers it from the lane's token (it need not wait for the
+        # server's retransmission limit, nor hold the server's slot that long).
+        data = self.tmp.make_file("f.bin", 3 * 1024 * 1024, seed=4)
+        st = self.start_server(support.fast_server_settings(rto_max=2.0))
+        acks = []
+
+        def rewrite(datagram):
+            tag, msg = support.split_tag(datagram)
+            if msg.startswith(b"ACK EOF "):
+                acks.append(tag)
+                if len(acks) == 1:
+                    return None          # lost
+            return datagram
+
+        proxy = RewritingProxy(st.address, rewrite)
+        self.addCleanup(proxy.close)
+        # (--limit-rate: the other lanes run on for a while after the first one ends)
+        support.download(proxy.address, "f.bin", self.tmp.downloads, parts=4,
+                         settings=support.fast_client_settings(first_range=128 * 1024,
+                                                               limit_rate=10 * 1024 * 1024))
+        self.assert_downloaded(self.tmp.downloads, "f.bin", data)
+        self.assertIn(acks[0], acks[1:], "the lost ACK EOF was said again")
+        # ... so the server's transfer ended then, not at its retransmission limit (eight
+        # timeouts, backed off up to 2 s: seconds).
+        self.assertTrue(wait_for(lambda: not st.server.dispatcher.active, 0.5),
+                        "the server's transfers all ended")
+
+    def test_many_files_run_at_once_each_saved_whole(self):
+        names = ["small%02d.bin" % i for i in range(30)] + ["big.bin"]
+        expected = {n: self.tmp.make_file(n, 20000 + 1000 * i, seed=10 + i)
+                    for i, n in enumerate(names[:-1])}
+        expected["big.bin"] = self.tmp.make_file("big.bin", 4 * 1024 * 1024, seed=9)
+        st = self.start_server()
+        most = []
+        original = Client._housekeeping
+
+        def spy(c, now):
+            most.append(sum(1 for j in c.jobs if j.name is not None))
+            return original(c, now)
+
+        Client._housekeeping = spy
+        self.addCleanup(setattr, Client, "_housekeeping", original)
+        lines = TtyStream()
+        printer = client.Printer(stream=lines)
+        results = []
+        c = Client(st.address[0], st.address[1], support.fast_client_settings(), printer,
+                   self.tmp.downloads, on_result=lambda job, error: results.append(
+                       (job.name, error)))
+        from udpxfer.download import Download
+        from udpxfer.partial import PartialFile
+        for name in names:
+            target = PartialFile(self.tmp.downloads, name)
+            self.addCleanup(target.release)
+            c.add(Download(name, target, c.s, None, None, name, printer.line, printer.detail,
+                           c.server))
+        c.run()
+        self.assertEqual(sorted(results), sorted((n, None) for n in names))
+        for name, data in expected.items():
+            self.assert_downloaded(self.tmp.downloads, name, data)
+        self.assertGreater(max(most), 4, "files ran at once")
+        self.assertEqual(c.stats["sockets"], 1)
+        # One progress line for the whole run: files done of all, not a file's name.
+        self.assertRegex(lines.getvalue(), r"\d+/31 files ")
+
+
+class ProgressLineTest(unittest.TestCase):
+
+    def test_the_line_fits_sixty_columns_and_the_name_gives_way(self):
+        stream = TtyStream()
+        printer = client.Printer(stream=stream)
+        old = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "60"
+        self.addCleanup(lambda: os.environ.pop("COLUMNS") if old is None
+                        else os.environ.__setitem__("COLUMNS", old))
+        printer.progress("a very long file name that goes on and on.bin", 5 << 20, 10 << 20,
+                         2 << 20, 1.0, force=True)
+        line = stream.getvalue().split("\r\033[K")[-1]
+        self.assertLessEqual(len(line), 59)
+        self.assertIn("50.0%", line)
+        self.assertIn("ETA", line)
+        self.assertIn("~", line)          # the name was cut, not the figures
+        printer.progress("3/20 files", 1 << 20, None, 0, 2.0, note="waiting for the server",
+                         force=True)
+        self.assertIn("3/20 files", stream.getvalue())
+        self.assertIn("waiting for the server", stream.getvalue())
+
+
+if __name__ == "__main__":
+    unittest.main()
