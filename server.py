@@ -224,7 +224,10 @@ def _uptime(seconds):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Serve the files of a folder over UDP (protocol v2).")
+    p = argparse.ArgumentParser(
+        description="Serve the files of a folder over UDP (protocol v3; version 2 clients too).",
+        epilog="exit status: 0 stopped with Ctrl-C; 2 it could not start (the command line, "
+               "the folder, the port or address: the line before says which)")
     p.add_argument("--host", default=config.HOST,
                    help="address to listen on (default %(default)s: this machine only; "
                         "0.0.0.0: every IPv4 address; ::1: IPv6 loopback; ::: every IPv6 "
@@ -233,7 +236,7 @@ def build_parser():
                    help="UDP port (default %(default)s; 0 picks a free one)")
     p.add_argument("--dir", default=config.FILES_DIR,
                    help="folder to serve (default: files/ in the project folder)")
-    p.add_argument("--file-list", default=config.FILE_LIST,
+    p.add_argument("--file-list", default=config.FILE_LIST, metavar="FILE",
                    help="where to write the listing (default: file_list.txt in the project "
                         "folder)")
     g = p.add_mutually_exclusive_group()

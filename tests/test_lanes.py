@@ -258,6 +258,24 @@ class LanesOnTheServerTest(unittest.TestCase):
                     srv.timer(now + 1.51 * srtt)
                     self.assertEqual(t.retransmissions, 1)
 
+    def test_a_lane_whose_size_went_twice_starts_from_the_paths_round_trip(self):
+        # Lane 1's SIZE is lost twice (its timer backs off to 1 s); lane 2 measures the path at
+        # 10 ms meanwhile. Lane 1's first DATA, lost too, is resent after about the path's RTO,
+        # not after a timer doubled for the lost SIZE.
+        files = {"f": MemoryEntry(blob(200000, 5))}
+        srv = LaneServer(files, rto_initial=0.25, datagram_size=1000)
+        srv.ask(1, "f", 0, 100000, A, 0.0)
+        srv.timer(0.25)
+        srv.timer(0.75)                               # SIZE sent three times
+        srv.ask(2, "f", 100000, 100000, A, 0.8)
+        (_, msg, _), = srv.ack(2, 100000, A, 0.81)    # a 10 ms round trip
+        for i in range(5):
+            now = 0.82 + 0.01 * i
+            (_, msg, _), = srv.ack(2, msg.offset + len(msg.payload), A, now)
+        (_, first, _), = srv.ack(1, 0, A, 0.9)        # lane 1 goes: its DATA 0 is lost
+        t = srv.d.active[A, 1]
+        self.assertLess(t.deadline - 0.9, 0.1, "the data's timer is the path's, not 1 s")
+
     def test_a_proven_socket_may_open_hundreds_of_lanes_at_once(self):
         # Strangers' requests share a pool of 8 here; a socket that has a transfer running asks
         # for 300 more lanes: none is evicted, and a flood of strangers cannot evict them.

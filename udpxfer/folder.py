@@ -107,6 +107,9 @@ class Folder:
         self._dir_mtime = None
         self._unreadable = set()    # names said to be unreadable (said once, until readable)
         if not os.path.isdir(self.root):
+            if os.path.exists(self.root):
+                raise NotADirectoryError("%s is a file, not a folder (--dir names the folder "
+                                         "to serve)" % root)
             raise FileNotFoundError("no such folder: %s" % root)
         if list_path is not None and self._inside(os.path.realpath(list_path)):
             raise ValueError("the list file must not be inside the served folder")
