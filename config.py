@@ -261,6 +261,8 @@ class ClientSettings(NamedTuple):
     # and the server's timer, not the window, will bring it.
     flight_limit_min: float = 0.002
     pacing_min_rtt: float = 0.002
+    # Below pacing_min_rtt, startup doubles the lanes while the rate grows, up to this many.
+    lan_lanes_max: int = 64
     lanes_datagram_guess: int = 8192
     # ... and then the mean of the whole ones (not a range's last) of a round, if it has at
     # least size_samples (a quarter of a round trip with more, if they grew).

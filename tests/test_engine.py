@@ -200,6 +200,26 @@ class LaneControllerTest(unittest.TestCase):
         path.run(control, 2.0)
         self.assertLess(control.window, 0.75 * before)
 
+    def test_on_a_lan_lanes_double_while_the_rate_grows_and_stay_there(self):
+        # A LAN at 5% loss: the round trip is 0.2 ms, but every lane stalls now and then for a
+        # retransmission, so the rate grows with the lanes (2 MB/s each) up to what the two
+        # ends can do (48 MB/s): startup doubles them while that pays, and they stay.
+        control = LaneController(self.settings(), 0.0)
+        now, dgram = 0.0, 4000
+        seen = []
+        for _ in range(400):                  # 2 s of 5 ms rounds, in 1 ms ticks
+            rate = min(control.window * 2e6, 48e6)
+            for _ in range(int(rate * 0.001 / dgram)):
+                control.delivered(dgram, now - 0.0002)
+                control.rtt_sample(0.0002)
+            now += 0.001
+            control.update(now)
+            seen.append(control.window)
+        self.assertIsNone(control.pacing_rate)
+        self.assertGreaterEqual(control.window, 24)
+        self.assertLessEqual(max(seen), control.s.lan_lanes_max)
+        self.assertLessEqual(control.window, 64)
+
     def test_the_window_is_bytes_counted_in_lanes_of_the_servers_datagram_size(self):
         path = Bottleneck(25e6, 0.05, dgram=12000)
         control = LaneController(self.settings(), 0.0)
