@@ -864,7 +864,8 @@ class ForgottenRequestTest(unittest.TestCase):
         t.receive_datagram(format_size(100, "v", b"3" * 16), 0.4)
         self.assertEqual(t.datagrams_to_send(), [])
 
-    def test_an_eof_before_the_end_is_acknowledged_and_ignored(self):
+    def test_an_eof_before_the_end_is_ignored(self):
+        # (PROTOCOL.md "Reliability": EOF comes last; one before the end gets no answer.)
         t = ClientTransfer("f", 0, 100, 0.0)
         t.receive_datagram(format_size(100, "v", b"1" * 16), 0.01)
         payload = b"y" * 40
@@ -872,7 +873,7 @@ class ForgottenRequestTest(unittest.TestCase):
         t.receive_datagram(format_data_header(0, crc) + payload, 0.02)
         t.datagrams_to_send()
         t.receive_datagram(format_eof(crc), 0.03)
-        self.assertEqual(t.datagrams_to_send(), [format_ack_eof(b"1" * 16)] * 2)
+        self.assertEqual(t.datagrams_to_send(), [])
         self.assertEqual((t.state, t.pos), (RECEIVING, 40))
 
 
@@ -887,6 +888,10 @@ class ForgedRequestTest(unittest.TestCase):
         srv.recv(b"LIST", A, 0.002)                                  # forged: a stranger
         srv.recv(format_download("g", 0, 10), A, 0.003)     # ... and again
         srv.recv(format_ack(0, b"0" * 16), A, 0.004)         # without the token
+        # Refused ones get no answer while the victim's transfer runs: a version 2 client ends
+        # its transfer on any ERROR.
+        self.assertEqual(srv.recv(format_download("nosuch", 0, 10), A, 0.0041), [])
+        self.assertEqual(srv.recv(format_download("g", 99, 10), A, 0.0042), [])
         self.assertIs(srv.d.active[A, None], victim)
         self.assertIsNone(victim.outcome)
         out = srv.recv(format_ack(len(data.payload), token), A, 0.005)

@@ -201,15 +201,15 @@ class ClientTransfer:
         if self.state != RECEIVING:
             return
         self._flowing = True
+        if self.pos != self.end:
+            # No server sends EOF before every byte is acknowledged: a forged or broken one.
+            # No answer; keep the verified bytes and wait for data (a stall asks again).
+            return
         # On a lane, once: the client's socket lives on and answers a late EOF again. Alone on
         # a socket, twice: a lost ACK EOF would leave the server retransmitting EOF to a closed
         # socket until its retry limit; the server ignores the spare copy.
         ack = format_ack_eof(self.token, self.tag)
         self._out += (ack,) if self.lane is not None else (ack, ack)
-        if self.pos != self.end:
-            # No server sends EOF before every byte is acknowledged: a forged or broken one.
-            # Keep the verified bytes and wait for data (a stall asks again).
-            return
         good = msg.crc == self._r
         self._finish("done" if good else "mismatch")
 

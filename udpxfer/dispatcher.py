@@ -312,33 +312,34 @@ class ServerDispatcher:
         # On the untagged lane a different valid request replaces an unacknowledged one at
         # once, but ends a running transfer only when its SIZE is acknowledged with its token
         # (_activate): a forged request must not end someone's transfer. One that is refused
-        # (perhaps a damaged copy) changes nothing.
+        # (perhaps a damaged copy, perhaps forged) changes nothing and, while a transfer has
+        # the lane, gets no answer: a version 2 client ends its transfer on any ERROR.
+        quiet = active is not None or pending is not None
         if isinstance(req, ListRequest):
             entry, start, length = self.catalog.listing(), 0, HUGE
         else:
             try:
                 entry = self.catalog.lookup(req.name) if is_servable_name(req.name) else None
             except Unreadable as exc:
-                return self._error(addr, lane, "INTERNAL", now, size_in, exc.why)
+                return None if quiet else self._error(addr, lane, "INTERNAL", now, size_in,
+                                                      exc.why)
             if entry is None:
-                return self._error(addr, lane, "NOT_FOUND", now, size_in)
+                return None if quiet else self._error(addr, lane, "NOT_FOUND", now, size_in)
             start, length = req.offset, req.chunk_size
         if start > entry.size:
-            return self._error(addr, lane, "BAD_REQUEST", now, size_in)
-        if pending is not None:
-            pending.finish("replaced")
-            self._forget(pending, now)
+            return None if quiet else self._error(addr, lane, "BAD_REQUEST", now, size_in)
         # An IP beyond its share is refused at once. Any other request gets its SIZE even when
         # every slot is taken: only its ACK proves the address, and only then may it take a
         # slot from someone else (_activate).
         ip = client_of(addr)
-        if self._refuse_more(ip, now):
-            return self._busy(addr, lane, now, size_in)
         validated = self._validated(addr, now)
-        if validated:
-            if self.lane_pending.held(ip) >= self._fair_share(ip):
-                return self._busy(addr, lane, now, size_in)
-        else:
+        if self._refuse_more(ip, now) or (validated and self.lane_pending.held(ip)
+                                          >= self._fair_share(ip)):
+            return None if quiet else self._busy(addr, lane, now, size_in)
+        if pending is not None:
+            pending.finish("replaced")
+            self._forget(pending, now)
+        if not validated:
             self._admit_pending(ip)
         path = self._path(addr[0])
         rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
