@@ -108,6 +108,15 @@ class RateCapTest(EndToEndCase):
         self.assertLessEqual(record["parts"], 16, "lanes: %d" % record["parts"])
         self.assertEqual(self.tmp.downloaded("big.bin"), data)
 
+    def test_a_low_cap_runs_no_more_lanes_than_it_can_feed(self):
+        # 128K: two lanes at most (each hears from the server at least about once a second),
+        # however the downloads are started (names, input.txt, the listing).
+        c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=128 * 1024),
+                   client.Printer(quiet=True, stream=io.StringIO()))
+        self.addCleanup(c.close)
+        self.assertEqual(c.control.max_window, 2)
+        self.assertLessEqual(c.control.window, 2)
+
 
 class UnreadableFileTest(EndToEndCase):
     """Item 3: a file the server may not read is not listed, and a request for it is refused

@@ -72,6 +72,8 @@ class Client:
                                 settings.request_timeout_max)
         self.control = LaneController(settings, time.monotonic(), settings.parts)
         self.cap = Pacer(settings.limit_rate) if settings.limit_rate else None
+        if self.cap is not None:   # under a cap, no more lanes than the cap can feed
+            self.control.cap(self.cap.max_parts)
         # The controller's pace (its rate set each round; a burst of two datagrams at most).
         self.pace = Pacer(None, slack=0.002, cap=False)
         self.buf = bytearray(RECV_BUFSIZE)
@@ -112,8 +114,6 @@ class Client:
         fixed = self.control.fixed
         if parts is not None:
             self.control.fix(parts)
-        if self.cap is not None:   # under a cap, no more lanes than the cap can feed
-            self.control.cap(self.cap.max_parts)
         try:
             self.add(job)
             self.run()
