@@ -74,11 +74,13 @@ class ServerSettings(NamedTuple):
     reassembly_backoff: float = 30.0
     unfragmented_first: float = 1.0
     # On a path whose round trip is wan_rtt or more (a WAN: its bottleneck is likely shared,
-    # and a queue that overflows loses one fragment of many datagrams at once), datagrams start
-    # at start_fragments and double after grow_after acknowledged at their first try, up to
-    # wan_max_fragments (23,672 bytes on Ethernet: 5,300 a second at 1 Gbit/s); losses in a
-    # burst (over wan_burst_loss of the recent fragmented datagrams) halve them, once a round
-    # trip. A LAN starts at the largest, as before.
+    # and a queue that overflows loses one fragment of many datagrams at once), datagrams carry
+    # at most start_fragments (8: 11,832 bytes on Ethernet, 10,600 a second at 1 Gbit/s);
+    # losses in a burst (over wan_burst_loss of the recent fragmented datagrams) halve them,
+    # once a round trip, and they double back after grow_after acknowledged at their first try,
+    # up to wan_max_fragments. (Growing from 4 to 16 during startup multiplied what the client's
+    # lanes had in flight fourfold within a round trip, and overflowed the queue.) A LAN starts
+    # at the largest, as before.
     wan_rtt: float = 0.005
     start_fragments: int = 8
     grow_after: int = 32

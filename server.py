@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""UDP file server: serves the files of one folder with protocol v2 (PROTOCOL.md).
+"""UDP file server: serves the files of one folder with protocol v3 (PROTOCOL.md; version 2
+clients too).
 
 Strategy: one blocking loop on one socket. Each turn it receives one datagram (the socket timeout
 is the time to the nearest retransmission deadline), hands it to the dispatcher

@@ -9,19 +9,20 @@ an ACK back holds back the DATA it would bring. The model:
 
 - the bottleneck rate: the most bytes delivered in one round trip, over the last 10 rounds;
 - the path's round trip: the least time from an ACK to the DATA it brought, over 10 seconds;
-- the lanes: enough for `cwnd gain` times the bandwidth-delay product, plus those still
-  asking (a lane brings nothing for its first two round trips); the pacing: `pacing gain`
-  times the bottleneck rate.
+- the window: `cwnd gain` times the bandwidth-delay product, in bytes, counted in lanes of
+  the server's datagram size (lanes still asking come on top: a lane brings nothing for its
+  first two round trips); the pacing: `pacing gain` times the bottleneck rate.
 
-Startup doubles the lanes every round (pacing at twice the rate) until the rate stops growing or
-the round trip shows a queue; drain then paces below the rate until the queue is gone; and in
-steady state the pacing gain cycles 1.25, 0.75, 1 x 6 (probe for more, then drain what the
-probe queued). Random loss alone changes nothing: it lowers neither the rate delivered per round
+Startup doubles the window every round (pacing at startup_gain times the rate, twice the
+window's lanes open) until the rate stops growing or the round trip shows a queue; drain then
+paces below the rate until the round trip is the path's again; and in steady state the pacing
+gain cycles 1.25, 0.75, 1 x 6 (probe for more, then drain what the probe queued). Random loss alone changes nothing: it lowers neither the rate delivered per round
 nor the least round trip. A queue that keeps growing (another flow filling the bottleneck) or
 losses in bursts do: the rate the client gets falls, and the lanes and the pace follow it down.
 
 Where the round trip is under pacing_min_rtt (loopback, a LAN) nothing is paced: there the
-round trip is mostly the two processes' own work, and the lanes alone keep both cores busy.
+round trip is mostly the two processes' own work, and the lanes alone keep both cores busy;
+startup doubles them while the rate grows, and they stay at what last made it grow.
 
 Relies on: nothing but settings. Must not know: sockets, the clock (`now` comes in), files,
 transfers or the wire format.

@@ -120,9 +120,9 @@ class Path:
             # its queue may overflow, where one lost fragment loses the whole datagram and
             # leaves the others in the receiver's reassembly buffer for 30 s (one burst of
             # 45-fragment losses filled it, and the rest of the download went at 1472 bytes).
-            # So start at start_fragments and double them after grow_after clean datagrams
-            # (and a round trip), up to wan_max_fragments (16: 23,672 bytes on Ethernet);
-            # halve them after a loss (once a round trip), down to one.
+            # So at most start_fragments (8: 11,832 bytes on Ethernet), halved after a burst of
+            # losses (once a round trip, down to one), doubled back after grow_after clean
+            # datagrams and a round trip, up to wan_max_fragments (see outcome).
             self.fragment_cap = self.s.start_fragments
             self._choose_size()
         self.min_rtt = r if self.min_rtt is None else min(self.min_rtt, r)
