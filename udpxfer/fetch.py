@@ -227,9 +227,7 @@ class Client:
         if payload is not None:
             n = len(payload)
             left = t.end - t.pos
-            self.control.delivered(n, part.acked_at, left > 0)
-            if part.acked_at is not None:
-                self.control.rtt_sample(now - part.acked_at)
+            self.control.delivered(n, part.acked_at, left > 0, now)
             self.last_size = n
             self._ack(part, now, min(left, n))
             part.job.target.write(t.pos - n, payload)
@@ -256,12 +254,33 @@ class Client:
             part.held += out
             return
         if brings > 0 and not part.flying:   # (a repeat for a SIZE that came twice goes at once)
+            if (not self.held and self.inflight < self.control.window and self.cap is None
+                    and self.pace.rate is None):
+                self._fly(part, out, now)        # nothing to wait for (loopback, a LAN)
+                return
             part.held = out
             self.held.append([None, part, brings])
             self._release(now)
             return
         for datagram in out:
             self._send(part, datagram)
+
+    def _fly(self, part, out, now):
+        """Send the ACK that brings the lane's next DATA: the lane is in flight from now."""
+        if part.acked_pos == part.t.pos:
+            # The same ACK again (its DATA was late or lost): the DATA that comes may answer
+            # either, so it times nothing (Karn's rule).
+            part.acked_at = None
+        else:
+            part.acked_at, part.acked_pos = now, part.t.pos
+        part.flying, part.flew_at = True, now
+        self.inflight += 1
+        sock = self.sock if part.sock is None else part.sock
+        for datagram in out:   # (an ACK repeated for a repeated DATA tells the server its
+            try:               # resend was needless)
+                sock.send(datagram)
+            except OSError as exc:
+                self._refused(exc, time.monotonic())   # else the timers see to it
 
     def _due(self, n, now):
         due = now
@@ -290,16 +309,7 @@ class Client:
                 return
             held.popleft()
             out, part.held = part.held, None
-            if part.acked_pos == part.t.pos:
-                # The same ACK again (its DATA was late or lost): the DATA that comes may
-                # answer either, so it times nothing (Karn's rule).
-                part.acked_at = None
-            else:
-                part.acked_at, part.acked_pos = now, part.t.pos
-            part.flying, part.flew_at = True, now
-            self.inflight += 1
-            for datagram in out:   # (an ACK repeated for a repeated DATA tells the server
-                self._send(part, datagram)   # its resend was needless)
+            self._fly(part, out, now)
 
     def _send(self, part, datagram):
         sock = self.sock if part is None or part.sock is None else part.sock
@@ -440,8 +450,9 @@ class Client:
 
     def _data_lanes(self):
         """Transfers that will carry data for more than a couple of datagrams: the window
-        counts these (one near its end lets the next start: no idle round trips)."""
-        near = 2 * self.control.dgram
+        counts these (one near its end lets the next start: no idle round trips). With --parts
+        N, every transfer but a confirmation counts: N at once, as said."""
+        near = 2 * self.control.dgram if not self.control.fixed else -1
         count = 0
         for p in self.parts:
             t = p.t
@@ -485,7 +496,8 @@ class Client:
                 break
             start, length = job.next_request(now, lanes, control.dgram, lane_rate)
             part = self._start(job, start, length, now)
-            if not part.confirm and (length is None or length > 2 * control.dgram):
+            if not part.confirm and (length is None or length > 2 * control.dgram
+                                     or control.fixed):
                 data += 1
         self.most_lanes = max(self.most_lanes, len(self.parts))
 

@@ -81,16 +81,20 @@ class LaneController:
 
     # -- the hot path
 
-    def delivered(self, n, acked_at, whole=True):
-        """A payload of n bytes, brought by the ACK sent at `acked_at` (or None); `whole`: not
-        the short last datagram of a range (the datagram size is counted from these)."""
+    def delivered(self, n, acked_at, whole=True, now=None):
+        """A payload of n bytes, brought by the ACK sent at `acked_at` (None: sent more than
+        once, it times nothing), which came at `now`; `whole`: not the short last datagram of
+        a range (the datagram size is counted from these)."""
         self.bytes += n
         if whole:
             full = self._full
             full[0] += n
             full[1] += 1
-        if acked_at is not None and acked_at > self._sent_at:
-            self._sent_at = acked_at
+        if acked_at is not None:
+            if acked_at > self._sent_at:
+                self._sent_at = acked_at
+            if now is not None:
+                self.rtt_sample(now - acked_at)
 
     def rtt_sample(self, r):
         self.srtt = r if self.srtt is None else self.srtt + (r - self.srtt) / 8
