@@ -8,9 +8,6 @@ Run: python3 -m tests test_client_lanes
 
 import io
 import os
-import selectors
-import socket
-import threading
 import time
 import unittest
 
@@ -19,66 +16,29 @@ from tests import support
 from tests.support import wait_for
 from tests.test_end_to_end import EndToEndCase, RewritingProxy
 from udpxfer.fetch import Client
-from udpxfer.wire import RECV_BUFSIZE, format_error
+from udpxfer.wire import format_error
 
 
-class Version2Shim:
-    """A UDP relay in front of our server that knows only protocol version 2: an untagged
-    datagram goes through, a tagged one is answered with an untagged ERROR BAD_REQUEST
-    (`answer`: what a server written from the version 2 contract does) or dropped (`answer`
-    False: a server that ignores what it cannot parse). Counts what it saw."""
+class Version2Shim(RewritingProxy):
+    """A relay in front of our server that knows only protocol version 2: an untagged datagram
+    goes through, a tagged one is answered with an untagged ERROR BAD_REQUEST (`answer`: what a
+    server written from the version 2 contract does) or dropped (`answer` False: a server that
+    ignores what it cannot parse). Counts what it saw."""
 
     def __init__(self, upstream, answer=True):
-        self.upstream, self.answer = upstream, answer
         self.tagged = self.untagged = 0
-        self.clients = set()
-        self.listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.listen.bind(("127.0.0.1", 0))
-        self.listen.setblocking(False)
-        self.address = self.listen.getsockname()[:2]
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.listen, selectors.EVENT_READ, None)
-        self.upstreams = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.bad_request = answer
+        super().__init__(upstream, self._through, answer=self._refuse)
 
-    def _run(self):
-        while not self._stop.is_set():
-            for key, _ in self.sel.select(0.05):
-                try:
-                    data, addr = key.fileobj.recvfrom(RECV_BUFSIZE)
-                except OSError:
-                    continue
-                try:
-                    if key.data is not None:          # the server's answer, to its client
-                        self.listen.sendto(data, key.data)
-                        continue
-                    self.clients.add(addr)
-                    if data.startswith(b"#"):
-                        self.tagged += 1
-                        if self.answer:
-                            self.listen.sendto(format_error("BAD_REQUEST", "malformed"), addr)
-                        continue
-                    self.untagged += 1
-                    up = self.upstreams.get(addr)
-                    if up is None:
-                        up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                        up.bind(("127.0.0.1", 0))
-                        up.setblocking(False)
-                        self.upstreams[addr] = up
-                        self.sel.register(up, selectors.EVENT_READ, addr)
-                    up.sendto(data, self.upstream)
-                except OSError:
-                    pass
+    def _refuse(self, data):
+        if data.startswith(b"#"):
+            self.tagged += 1
+            return format_error("BAD_REQUEST", "malformed") if self.bad_request else b""
+        self.untagged += 1
+        return None
 
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        for s in self.upstreams.values():
-            s.close()
-        self.listen.close()
-        self.sel.close()
+    def _through(self, data):
+        return data
 
 
 class TtyStream(io.StringIO):

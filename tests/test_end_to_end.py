@@ -176,9 +176,12 @@ class RewritingProxy:
     drop it): a bit flip chosen by the test, not by chance. One upstream socket per client
     address, like ImpairProxy; one thread; stopped by close()."""
 
-    def __init__(self, upstream, rewrite, rewrite_reply=None):
+    def __init__(self, upstream, rewrite, rewrite_reply=None, answer=None):
         self.upstream, self.rewrite = upstream, rewrite
         self.rewrite_reply = rewrite_reply or (lambda data: data)
+        # answer(data): what the proxy itself says back to the client instead of forwarding it
+        # (None: forward it, rewritten; b"": neither)
+        self.answer = answer or (lambda data: None)
         self.listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.listen.bind(("127.0.0.1", 0))
         self.listen.setblocking(False)
@@ -199,6 +202,11 @@ class RewritingProxy:
                     continue
                 try:
                     if key.data is None:   # from a client
+                        reply = self.answer(data)
+                        if reply is not None:
+                            if reply:
+                                self.listen.sendto(reply, addr)
+                            continue
                         up = self.upstreams.get(addr)
                         if up is None:
                             up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
