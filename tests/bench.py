@@ -63,6 +63,21 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   that path after a timeout. Our client exiting 0 with wrong bytes makes the exit status 1.
 - Skipped with one line when not root, when ip/nft/tc/ethtool are missing; the atftp column when
   atftp or in.tftpd are missing, the HTTP column without curl. Nothing is ever installed.
+
+Long paths L1-L4 (root only; --long-only runs only them; skipped by --no-paths)
+- The same two namespaces, with a long path's parts: the server's egress rate-limited (htb, ceil
+  bucket 256k) in front of a pfifo queue of 1,000 or 200 packets, and a round trip added to the
+  client's outgoing packets (requests and ACKs of every tool): by netem where the kernel has it,
+  else by a TUN device whose reader, this script run with --child-delay, hands every packet back
+  that much later (it takes CPU from the tools on a two-core machine: about 8,000 TCP ACKs a
+  second at 200 Mbit/s). TCP's congestion control is set in both namespaces per run (BBR, Reno).
+  A new path, and a new server, for every run.
+  L1: 200 Mbit/s, +50 ms, 64 MiB: ours, HTTP with BBR, HTTP with Reno. L2: the same at 1% loss.
+  L3: 200 files of 20 KiB, 200 Mbit/s, +20 ms: ours (--once over a list), curl 16 at once, curl
+  one at a time. L4: 100 Mbit/s, +20 ms, 200-packet queue: a long TCP download (curl of a
+  sparse 4 GiB file) runs for 3 s, its rate alone is taken over the next 2 s, then ours fetches
+  32 MiB beside it: what TCP kept of its rate, and our share of the two, with Reno and with BBR.
+  Ours runs with --json: the table shows the most lanes each file ran.
 Everything lives in one tempfile.mkdtemp() folder, removed at the end; children are killed on exit.
 """
 
@@ -72,6 +87,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -602,6 +618,21 @@ PATH_TARGETS = {"A": [("atftp", 0.8), ("http", 0.4)], "B": [("http", 0.85)],
                 "C": [("http", 0.25)], "D": [("http", 0.25)]}
 PATH_TOOLS = (("ours", "ours (auto)"), ("ours1", "ours --parts 1"),
               ("atftp", "atftp+tftp-hpa"), ("http", "HTTP (curl)"))
+# Long paths (L1-L4): (key, title, loss %, egress rate, queue in packets, added round trip in
+# ms, MiB or (files, KiB each)). Each with --cburst 256k: tc's default ceiling bucket is one frame.
+LONG_SCENARIOS = (
+    ("L1", "200 Mbit/s, +50 ms, 1,000-packet queue", 0.0, "200mbit", 1000, 50, 64),
+    ("L2", "200 Mbit/s, +50 ms, 1,000-packet queue, 1% loss each way", 1.0, "200mbit", 1000,
+     50, 64),
+    ("L3", "200 files of 20 KiB, 200 Mbit/s, +20 ms", 0.0, "200mbit", 1000, 20, (200, 20)),
+    ("L4", "100 Mbit/s, +20 ms, 200-packet queue, beside one long TCP download", 0.0,
+     "100mbit", 200, 20, 32),
+)
+LONG_TOOLS = {"L1": ("ours", "http-bbr", "http-reno"), "L2": ("ours", "http-bbr", "http-reno"),
+              "L3": ("ours", "curl16-bbr", "curl1-bbr"), "L4": ("tcp-reno", "tcp-bbr")}
+LONG_NAMES = {"ours": "ours (auto)", "http-bbr": "HTTP, TCP BBR", "http-reno": "HTTP, TCP Reno",
+              "curl16-bbr": "HTTP, 16 at once (BBR)", "curl1-bbr": "HTTP, one at a time (BBR)",
+              "tcp-reno": "ours beside TCP Reno", "tcp-bbr": "ours beside TCP BBR"}
 
 
 def run_cmd(args, timeout=30, input=None):
@@ -814,6 +845,96 @@ class NetPath:
         for ns in self.made:
             run_cmd(["ip", "netns", "del", ns], 30)
         self.made = []
+
+
+
+def child_delay(name, delay_us, mtu):
+    """The round trip of a long path, where the kernel has no netem: a TUN device whose every
+    packet is written back to it delay_us later, in order (the client namespace routes its
+    outgoing packets into it and forwards what comes back). Linux only (/dev/net/tun)."""
+    import collections
+    import fcntl
+    import select
+    import struct
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    tunsetiff, iff_tun, iff_no_pi = 0x400454ca, 0x0001, 0x1000
+    fcntl.ioctl(fd, tunsetiff, struct.pack("16sH22x", name.encode(), iff_tun | iff_no_pi))
+    print("ready", flush=True)
+    delay, held = delay_us / 1e6, collections.deque()
+    buf = max(mtu, 2048)
+    while True:
+        wait = max(held[0][0] - time.monotonic(), 0.0) if held else 1.0
+        ready, _, _ = select.select([fd], [], [], wait)
+        if ready:
+            now = time.monotonic()
+            for _ in range(512):
+                try:
+                    packet = os.read(fd, buf)
+                except BlockingIOError:
+                    break
+                if len(held) < 65536:   # (more waiting: dropped, as by a full queue)
+                    held.append((now + delay, packet))
+        now = time.monotonic()
+        while held and held[0][0] <= now:
+            try:
+                os.write(fd, held.popleft()[1])
+            except OSError:
+                pass
+
+
+class LongPath(NetPath):
+    """A NetPath with a long path's parts: a bottleneck queue of `queue` packets (pfifo under
+    the htb rate limit), an added round trip on the client's outgoing packets (requests and
+    ACKs of every tool alike: netem where the kernel has it, else child_delay's TUN device,
+    which costs CPU per packet in Python: about 8,000 TCP ACKs a second at 200 Mbit/s), and
+    TCP's congestion control in both namespaces."""
+
+    def __init__(self, tag, loss, rate, queue, rtt_ms, tcp_cc):
+        self.delay = None
+        self.netem = False     # the round trip by netem (where the kernel has it), not the TUN
+        NetPath.__init__(self, tag, 1500, loss, rate, "256k")
+        try:
+            for side in (0, 1):
+                ex, dev = self.prefix(side), self.devs[side]
+                self._must(ex + ["sysctl", "-qw", "net.ipv4.tcp_congestion_control=" + tcp_cc])
+                if side == 1 and rtt_ms:   # the client's egress: requests and ACKs
+                    rc, _ = run_cmd(ex + ["tc", "qdisc", "add", "dev", dev, "parent", "1:1",
+                                          "handle", "10:", "netem", "delay", "%gms" % rtt_ms,
+                                          "limit", "100000"])
+                    self.netem = rc == 0
+                    if self.netem:
+                        continue
+                if queue:
+                    self._must(ex + ["tc", "qdisc", "add", "dev", dev, "parent", "1:1",
+                                     "handle", "10:", "pfifo", "limit", str(queue)])
+            if rtt_ms and not self.netem:
+                self._delay(tag, rtt_ms)
+        except BaseException:
+            self.close()
+            raise
+
+    def _delay(self, tag, rtt_ms):
+        dev, ex, ns = "ubd%s" % tag, self.prefix(1), self.ns[1]
+        self.delay = subprocess.Popen(ex + [sys.executable, SCRIPT, "--child-delay", dev,
+                                            str(int(rtt_ms * 1000)), "1500"],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.delay.stdout.readline().strip() != b"ready":
+            raise BenchError("path setup failed: the delay line did not start (no TUN?)")
+        for key in ("ip_forward=1", "conf.all.rp_filter=0", "conf.%s.rp_filter=0" % dev,
+                    "conf.%s.accept_local=1" % dev, "conf.%s.rp_filter=0" % self.devs[1]):
+            self._must(ex + ["sysctl", "-qw", "net.ipv4." + key])
+        self._must(["ip", "-n", ns, "link", "set", dev, "mtu", "1500", "up"])
+        self._must(["ip", "-n", ns, "route", "add", PATH_SRV, "dev", dev, "table", "100"])
+        self._must(["ip", "-n", ns, "rule", "add", "iif", "lo", "to", PATH_SRV, "lookup", "100",
+                    "pref", "100"])
+
+    def close(self):
+        if self.delay is not None:
+            kill_group(self.delay)
+            self.delay.stdout.close()
+            self.delay = None
+        NetPath.close(self)
 
 
 # --- Parent: the benchmark ------------------------------------------------------------------
@@ -1100,12 +1221,14 @@ class Bench:
                 "load average %.2f at the start: other processes are using the CPUs, so the "
                 "numbers are lower (and noisier) than on an idle machine" % self.load_before)
         t_start = time.perf_counter()
-        if not a.paths_only:
+        if not a.paths_only and not a.long_only:
             self.loopback_scenarios()
         if a.no_paths:
-            self.warnings.append("path scenarios A-D skipped (--no-paths)")
+            self.warnings.append("path scenarios A-D and long paths L1-L4 skipped (--no-paths)")
         else:
-            self.path_scenarios()
+            if not a.long_only:
+                self.path_scenarios()
+            self.long_path_scenarios()
 
         if product_fingerprint() != fingerprint:
             self.warnings.append("the product's source files changed during the run: the rows "
@@ -1508,6 +1631,207 @@ class Bench:
                        srv_sys=stats.get("cpu_sys", 0.0))
         return run
 
+    # -- long paths (L1-L4) ----------------------------------------------------------------
+
+    def long_path_scenarios(self):
+        """L1-L4: long paths with a bottleneck queue, side by side with HTTP over TCP (BBR and
+        Reno), many small files, and a bottleneck shared with a TCP download."""
+        why = None if is_root() else "not root"
+        if why is None:
+            missing = [t for t in ("ip", "nft", "tc", "ethtool", "sysctl", "curl")
+                       if shutil.which(t) is None]
+            if missing:
+                why = "%s not found" % ", ".join(missing)
+            elif not os.path.exists("/dev/net/tun"):
+                why = "no /dev/net/tun for the added round trip"
+        if why:
+            print("\nlong paths L1-L4: skipped: %s" % why, flush=True)
+            return
+        for key, title, loss, rate, queue, rtt_ms, work in LONG_SCENARIOS:
+            if self.quick and key in ("L2", "L4"):
+                continue
+            try:
+                self.long_path_scenario(key, title, loss, rate, queue, rtt_ms, work)
+            except BenchError as exc:
+                if not str(exc).startswith("path setup failed"):
+                    raise
+                print("long paths: skipped: cannot build the path: %s" % exc, flush=True)
+                self.warnings.append("long paths skipped: %s" % exc)
+                return
+
+    def long_path_scenario(self, key, title, loss, rate, queue, rtt_ms, work):
+        folder = self.tmpdir("long%s-" % key)
+        files = os.path.join(folder, "files")
+        os.mkdir(files)
+        if isinstance(work, tuple):
+            count, kib = work
+            names = ["f%03d.bin" % i for i in range(count)]
+            size = count * kib * 1024
+        else:
+            names, size = ["f.bin"], (8 if self.quick else work) * MiB
+        for name in names:
+            with open(os.path.join(files, name), "wb") as f:
+                f.write(os.urandom(size // len(names)))
+        with open(os.path.join(folder, "names.txt"), "w") as f:
+            f.write("".join(n + "\n" for n in names))
+        if key == "L4":   # what TCP downloads meanwhile: longer than any run (sparse)
+            with open(os.path.join(files, "tcp.bin"), "wb") as f:
+                f.truncate(4 * GiB)
+        results = {tool: [] for tool in LONG_TOOLS[key]}
+        try:
+            for i in range(self.path_runs):
+                for tool in LONG_TOOLS[key]:
+                    run = self.long_run(key, tool, loss, rate, queue, rtt_ms, folder, names, i)
+                    results[tool].append(run)
+                    if self.args.verbose:
+                        print("  %s %-12s run %d: %s" % (
+                            key, tool, i + 1, run["fail"] or "%.3f s" % run["seconds"]),
+                            flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.print_long(key, title, size, len(names), results)
+
+    def long_run(self, key, tool, loss, rate, queue, rtt_ms, folder, names, i):
+        """One run of one tool on a long path of its own (built anew: no run inherits another's
+        queue, reassembly buffer or the server's memory of the path)."""
+        cc = "reno" if tool.endswith("reno") else "bbr"
+        path = LongPath("%d%s" % (os.getpid() % 100000, key[1]), loss, rate, queue, rtt_ms, cc)
+        self.netpaths.append(path)
+        self.long_delay = ("netem" if path.netem else "a TUN delay line in Python (no netem "
+                           "here; it takes CPU from the tools)")
+        files = os.path.join(folder, "files")
+        out = self.tmpdir("ldl-")
+        srv = http = bg = None
+        run = {"fail": None, "seconds": float("inf")}
+        try:
+            srv_ns, cli_ns = path.prefix(0), path.prefix(1)
+            if tool != "ours":
+                http = Spawned(srv_ns + [sys.executable, "-m", "http.server", str(HTTP_PORT),
+                                         "--bind", PATH_SRV, "--directory", files],
+                               os.path.join(self.logs, "long-http-%s.log" % key))
+                if not wait_listening(srv_ns, "t", HTTP_PORT):
+                    raise BenchError("http.server did not listen within 10 s")
+            if tool == "ours" or tool.startswith("tcp-"):
+                srv = Child("long-server", ["--child-server", files, "--child-host", PATH_SRV],
+                            self.logs, prefix=srv_ns)
+                port = srv.recv(30)["port"]
+                cmd = cli_ns + [sys.executable, os.path.join(ROOT, "client.py"), "--host",
+                                PATH_SRV, "--port", str(port), "--out", out, "--json", "-q"]
+                cmd += (["--once", "--input", os.path.join(folder, "names.txt")]
+                        if len(names) > 1 else names)
+            else:
+                urls = []
+                for name in names:
+                    urls += ["-o", os.path.join(out, name),
+                             "http://%s:%d/%s" % (PATH_SRV, HTTP_PORT, name)]
+                cmd = cli_ns + [shutil.which("curl"), "-s"] + (
+                    ["-Z", "--parallel-immediate", "--parallel-max", "16"]
+                    if tool.startswith("curl16") else []) + urls
+            if tool.startswith("tcp-"):   # a long TCP download first, past its start-up
+                tcp_out = os.path.join(out, "tcp.out")
+                bg = Spawned(cli_ns + [shutil.which("curl"), "-s", "-o", tcp_out,
+                                       "http://%s:%d/tcp.bin" % (PATH_SRV, HTTP_PORT)],
+                             os.path.join(self.logs, "long-tcp-%s.log" % key))
+
+                def got():
+                    return os.path.getsize(tcp_out) if os.path.exists(tcp_out) else 0
+
+                time.sleep(3.0)
+                s0, t0 = got(), time.monotonic()
+                time.sleep(2.0)
+                s1, t1 = got(), time.monotonic()
+            log = os.path.join(self.logs, "long-%s-%s-%d.log" % (key, tool, i + 1))
+            rc, seconds, _ = timed_command(cmd, self.path_timeout, log)
+            if bg is not None:
+                s2, t2 = got(), time.monotonic()
+                bg.kill()
+                bg = None
+                run["tcp_alone"] = (s1 - s0) / (t1 - t0)
+                run["tcp_beside"] = (s2 - s1) / (t2 - t1)
+            run["seconds"] = seconds
+            if rc != 0:
+                run["fail"] = "timeout" if rc is None else "exit %d" % rc
+            else:
+                for name in names:
+                    wrong = compare_files(os.path.join(files, name), os.path.join(out, name))
+                    if wrong:
+                        run["fail"] = "MISMATCH"
+                        what = "%s. %s run %d: exit 0 but %s %s" % (key, tool, i + 1, name,
+                                                                   wrong)
+                        self.warnings.append(what)
+                        if tool == "ours" or tool.startswith("tcp-"):
+                            self.mismatches.append(what)
+                        break
+            if tool == "ours" or tool.startswith("tcp-"):
+                lanes = []
+                with open(log, errors="replace") as f:
+                    for line in f:
+                        if line.startswith("{"):
+                            lanes.append(json.loads(line).get("parts", 0))
+                run["lanes"] = max(lanes or [0])
+        finally:
+            for proc in (bg, http):
+                if proc is not None:
+                    proc.kill()
+            if srv is not None:
+                srv.kill()
+            shutil.rmtree(out, ignore_errors=True)
+            path.close()
+            self.netpaths.remove(path)
+        return run
+
+    def print_long(self, key, title, size, count, results):
+        print("\n%s. %s: %s, %d run%s each, median; round trip by %s" % (
+            key, title, "%d files, %s" % (count, human(size)) if count > 1 else human(size),
+            self.path_runs, "" if self.path_runs == 1 else "s", self.long_delay), flush=True)
+
+        def med(tool, field="seconds"):
+            values = [r[field] for r in results[tool] if not r["fail"] and field in r]
+            return statistics.median(values) if values else None
+
+        shares = {}
+        for tool, runs in results.items():
+            fails = [r["fail"] for r in runs if r["fail"]]
+            seconds = med(tool)
+            line = "  %-28s " % LONG_NAMES[tool]
+            if seconds is None:
+                if fails and all(f == "timeout" for f in fails):
+                    print(line + "not done in %.0f s (under %.1f MB/s)" % (
+                        self.path_timeout, size / self.path_timeout / MB), flush=True)
+                else:
+                    print(line + "fails (%s)" % ", ".join(fails), flush=True)
+                continue
+            line += "%7.2f s %8.1f MB/s" % (seconds, size / seconds / MB)
+            if med(tool, "lanes") is not None:
+                lanes = "/".join(str(r.get("lanes", "-")) for r in runs)
+                line += "  lanes (most, per file) %s" % lanes
+            if tool.startswith("tcp-"):
+                alone, beside = med(tool, "tcp_alone"), med(tool, "tcp_beside")
+                mine = size / seconds
+                line += "  TCP alone %.1f, beside ours %.1f MB/s (kept %.0f%%); our share " \
+                        "%.2f" % (alone / MB, beside / MB,
+                                  100.0 * beside / alone if alone else 0.0, mine / (mine + beside))
+                shares[tool + "-share"] = mine / (mine + beside)
+                shares[tool + "-kept"] = beside / alone if alone else 0.0
+            if fails:
+                line += "  (%d failed: %s)" % (len(fails), ", ".join(fails))
+            print(line, flush=True)
+
+        def check(name, value, op, limit, detail=""):
+            self.path_checks.append(make_check("%s. %s" % (key, name), value, op, limit, detail))
+
+        if key in ("L1", "L2"):
+            ours, bbr = med("ours"), med("http-bbr")
+            check("ours vs HTTP with BBR", bbr / ours if ours and bbr else None, ">=",
+                  0.8 if key == "L1" else 0.7)
+        elif key == "L3":
+            ours, c16 = med("ours"), med("curl16-bbr")
+            check("curl 16 at once / ours, seconds", c16 / ours if ours and c16 else None,
+                  ">=", 1.0)
+        elif key == "L4":
+            check("Reno TCP keeps of its rate alone", shares.get("tcp-reno-kept"), ">=", 0.4)
+            check("our share beside BBR TCP", shares.get("tcp-bbr-share"), ">=", 0.25)
+
     def print_path(self, key, title, rate, size, results, skips, dropped, py_start):
         print()
         print("%s. %s%s: %s of random data, median of %d, at most %.0f s per download" % (
@@ -1726,7 +2050,10 @@ def build_parser():
     paths = p.add_mutually_exclusive_group()
     paths.add_argument("--paths-only", action="store_true",
                        help="run only the path scenarios A-D (network namespaces, root only)")
-    paths.add_argument("--no-paths", action="store_true", help="skip the path scenarios A-D")
+    paths.add_argument("--no-paths", action="store_true",
+                       help="skip the path scenarios A-D and the long paths L1-L4")
+    paths.add_argument("--long-only", action="store_true",
+                       help="run only the long paths L1-L4 (network namespaces, root only)")
     p.add_argument("--path-runs", type=int, default=0, metavar="N",
                    help="runs of each tool in each path scenario, median shown "
                         "(default 3, 1 with --quick)")
@@ -1747,6 +2074,8 @@ def build_parser():
                    help=argparse.SUPPRESS)
     p.add_argument("--child-floor-recv", nargs=3, metavar=("FILE", "BYTES", "PORT"),
                    help=argparse.SUPPRESS)
+    p.add_argument("--child-delay", nargs=3, metavar=("TUN", "MICROSECONDS", "MTU"),
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -1761,6 +2090,9 @@ def main(argv=None):
     if args.child_floor_recv:
         f = args.child_floor_recv
         return child_floor_recv(f[0], int(f[1]), int(f[2]))
+    if args.child_delay:
+        d = args.child_delay
+        return child_delay(d[0], int(d[1]), int(d[2]))
     global queue, signal, subprocess, tempfile
     import queue
     import signal
