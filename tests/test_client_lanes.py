@@ -72,6 +72,7 @@ class LanesTest(EndToEndCase):
         self.assertEqual(len(senders), 1, "one client socket for every lane")
         self.assertEqual(c.stats["sockets"], 1)
         self.assertGreaterEqual(c.last_fetch.most_lanes, 8, "the lanes really ran at once")
+        self.assertLessEqual(c.last_fetch.most_lanes, 16, "--parts 16: 16 at once, no more")
         self.assertIs(c.lanes, True)
 
     def test_a_version_2_server_that_says_bad_request_gets_one_socket_per_transfer(self):
