@@ -90,7 +90,7 @@ class Client:
         self.waiting = deque()       # downloads not yet open
         self.held = deque()          # [due or None, part, bytes]: ACKs held back, in order
         self.inflight = 0            # lanes with an ACK out whose DATA has not come back
-        self.last_size = 0           # the payload of the last DATA (any lane)
+        self.last_size = 0           # the largest payload lately (any lane)
         self._ports = OrderedDict()  # local port -> when it was last used (version 2)
         self.stats = {"transfers": 0, "stalls": 0, "restarts": 0, "sockets": 0, "late": 0}
         self.answered = False        # the server ever answered (SIZE or ERROR)
@@ -228,8 +228,11 @@ class Client:
             n = len(payload)
             left = t.end - t.pos
             self.control.delivered(n, part.acked_at, left > 0, now)
-            self.last_size = n
-            self._ack(part, now, min(left, n))
+            # What the next DATA brings: the server's size (the largest lately: a DATA cut at
+            # a read-ahead block's end is followed by a full one), or what is left.
+            size = self.last_size
+            self.last_size = size = n if n > size else size - (size >> 6)
+            self._ack(part, now, min(left, size))
             part.job.target.write(t.pos - n, payload)
             part.written, part.written_crc = t.pos, t.crc
             return t.state == FINISHED   # (cut: another lane has the rest)
@@ -244,7 +247,7 @@ class Client:
 
     def _ack(self, part, now, brings):
         """Send what the transfer has to send. An ACK that brings a DATA (of about `brings`
-        bytes: the last one's size, or what is left of the range) waits its turn, in order:
+        bytes: the largest lately, or what is left of the range) waits its turn, in order:
         while the lanes in flight fill the window (lanes.py), and until the pace allows it (the
         rate cap, or the controller's on a long path)."""
         out = part.t.datagrams_to_send()
