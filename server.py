@@ -268,7 +268,8 @@ def main(argv=None):
     print("listening on %s:%d" % ("[%s]" % host if ":" in host else host, port), flush=True)
     try:
         found = folder.scan()
-        log.info("serving %d files from %s", len(found), folder.root)
+        log.info("serving %d file%s from %s", len(found), "" if len(found) == 1 else "s",
+                 folder.root)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

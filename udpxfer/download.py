@@ -294,7 +294,8 @@ class Download:
         if not part.confirm:
             self.plan.put_back(part.written, self.end_of(t))
         self.cap = len(self.parts)
-        self.detail("%s: server busy; going on with %d transfers" % (self.label, self.cap))
+        self.detail("%s: server busy; going on with %d transfer%s" % (
+            self.label, self.cap, "" if self.cap == 1 else "s"))
         return True
 
     def restart(self, why, now):
