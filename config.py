@@ -210,12 +210,13 @@ class ServerSettings(NamedTuple):
 
 class ClientSettings(NamedTuple):
     # Lanes (PROTOCOL.md "Lanes"): transfers over the client's one socket, each carrying one
-    # datagram per round trip. parts (--parts N): N at once, fixed; 0: automatic
+    # datagram per round trip. parts (--parts N): N at once, fixed and unpaced; 0: automatic
     # (udpxfer/lanes.py: enough for the path's bandwidth-delay product, as BBR sizes its
-    # window). Automatic starts with lanes_start and doubles each round trip while the rate
-    # grows; never fewer than lanes_min (on loopback 4 lanes keep both cores busy, and a
+    # window, in bytes counted in lanes of the server's datagram size). Automatic starts with
+    # lanes_start; never fewer than lanes_min (on loopback 4 lanes keep both cores busy, and a
     # lossy path needs other lanes' ACKs to reveal a loss), never more than lanes_max (200
-    # Mbit/s and 50 ms take about 420 lanes of 6 KB datagrams at cwnd_gain 2).
+    # Mbit/s and 50 ms take about 80 lanes of 11,832 bytes at cwnd_gain 1.5, and hundreds
+    # where losses make the datagrams small).
     parts: int = 0
     lanes_start: int = 4
     lanes_min: int = 4
@@ -224,19 +225,25 @@ class ClientSettings(NamedTuple):
     # trips) or ending: at most the window again, and this many more.
     lanes_extra: int = 8
     # The controller's model (udpxfer/lanes.py, after BBR): the bottleneck rate is the most
-    # delivered in one of the last bw_rounds round trips (none shorter than round_min); the
-    # path's round trip the least seen in min_rtt_seconds. Startup paces at startup_gain times
-    # the rate with a window of startup_cwnd_gain times the bandwidth-delay product (a new lane
-    # brings data only after two round trips, so its window runs ahead); it ends when the rate
-    # stops growing by 25% for full_rounds rounds (BBR's three, and the two a new lane takes),
-    # or when the least round trip of two updates in a row (a quarter round trip apart) is over
-    # queue_factor times the path's plus queue_margin (a queue); from careful_factor and
-    # careful_margin on (a queue forming) it paces at careful_gain only: what was sent in the
-    # last round trip is still on its way, and a 1,000-packet queue (1.2 bandwidth-delay
-    # products at 200 Mbit/s and 50 ms) overflowed at twice the rate. Then cwnd_gain. No pace
-    # below
-    # pacing_min_rtt (loopback, a LAN: there lanes alone keep the cores busy). A datagram is
-    # taken to carry lanes_datagram_guess bytes until one has been seen.
+    # delivered in one of the last bw_rounds round trips (none shorter than round_min; a round's
+    # bytes over the longer of the time they took to come and the time their ACKs took to go);
+    # the path's round trip the least seen in min_rtt_seconds. Startup paces at startup_gain
+    # times the rate with a window of startup_cwnd_gain times the bandwidth-delay product, at
+    # most doubling each round, and opens startup_lanes times the window's lanes (a new lane
+    # brings data only after two round trips); it ends when the rate stops growing by 25% for
+    # full_rounds rounds, or when the least round trip of two updates in a row (a quarter round
+    # trip apart, each with queue_samples samples) is over queue_factor times the path's plus
+    # queue_margin (a queue); from careful_factor and careful_margin on (a queue forming) it
+    # paces at careful_gain only: what was sent in the last round trip is still on its way, and
+    # a 1,000-packet queue (1.2 bandwidth-delay products at 200 Mbit/s and 50 ms) overflowed at
+    # twice the rate. Drain paces at drain_gain until the round trip is back to the path's
+    # (careful_factor), or for drain_rounds_max rounds (harder, the held ACKs outlived the
+    # server's timer). Then cwnd_gain, and a pace cycling 1.25, 0.75 and 1. No pace below
+    # pacing_min_rtt (loopback, a LAN: there the lanes double while the rate grows, up to
+    # lan_lanes_max, and stay at what last made it grow). A datagram is taken to carry
+    # lanes_datagram_guess bytes until one has been seen, then the mean of the whole ones (not
+    # a range's last) of a round that had at least size_samples (at once, a quarter of a round
+    # trip, when they grew).
     bw_rounds: int = 10
     round_min: float = 0.005
     min_rtt_seconds: float = 10.0
@@ -244,30 +251,24 @@ class ClientSettings(NamedTuple):
     startup_cwnd_gain: float = 2.0
     startup_lanes: float = 2.0
     full_rounds: int = 5
-    # A queue is told from the least of at least this many round trips (one lost datagram's
-    # late answer is not a queue; at 1% loss per packet a 45-fragment datagram is lost 36%
-    # of the time).
+    # (One lost datagram's late answer is not a queue: at 1% loss per packet a datagram of
+    # eight fragments, or its ACK, is lost 9% of the time.)
     queue_samples: int = 4
     careful_gain: float = 1.25
     careful_factor: float = 1.05
     careful_margin: float = 0.0005
-    cwnd_gain: float = 1.5
     queue_factor: float = 1.125
-    # Drain paces at drain_gain until the round trip is back to the path's (careful_factor), or
-    # for drain_rounds_max rounds.
+    queue_margin: float = 0.002
     drain_gain: float = 0.75
     drain_rounds_max: int = 8
-    queue_margin: float = 0.002
+    cwnd_gain: float = 1.5
     # A lane whose DATA has not come flight_limit_min after twice the path's round trip (and
     # 1.5 times the smoothed one) no longer counts as in flight: its ACK or the DATA was lost,
     # and the server's timer, not the window, will bring it.
     flight_limit_min: float = 0.002
     pacing_min_rtt: float = 0.002
-    # Below pacing_min_rtt, startup doubles the lanes while the rate grows, up to this many.
     lan_lanes_max: int = 64
     lanes_datagram_guess: int = 8192
-    # ... and then the mean of the whole ones (not a range's last) of a round, if it has at
-    # least size_samples (a quarter of a round trip with more, if they grew).
     size_samples: int = 4
     # Files at once: downloads open together (each holds its partial file and its lock);
     # a small file gets a lane of its own at once beside a big one.

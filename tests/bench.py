@@ -7,8 +7,8 @@ then the targets, each marked PASS, MISS or SKIP (not measurable here).
 How it measures
 - The server runs in a child process (server.Server on 127.0.0.1:0, default ServerSettings) and
   the client in another (udpxfer.fetch.Client(...).fetch(), default ClientSettings but for the
-  parts, which each row names: 1, 4, or "default": 0 = automatic, PartsTuner, the default of
-  client.py), so the two sides use the two cores as they do in real use. Children are this
+  parts, which each row names: 1, 4, or "default": 0 = automatic, the lane controller, the
+  default of client.py), so the two sides use the two cores as they do in real use. Children are this
   script run with --child-*; they talk JSON lines over stdout and are told to start over stdin,
   so interpreter start-up is never timed. The impairment proxy (tests/impair.py), when used,
   runs in a thread of this process.

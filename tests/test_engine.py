@@ -1,7 +1,8 @@
-"""The transfer engine's adaptive parts, on a virtual clock: the client's PartsTuner, the
-server's Path (path MTU, datagram size under loss), and the retransmission rules that keep a
-lossy path moving (a resend re-cut to the path's size; early resends are not silence). Also
-the server loop's order of work: queued datagrams before due timers (a real socket).
+"""The transfer engine's adaptive parts, on a virtual clock: the client's lane controller (on a
+fluid model of a bottleneck) and range planner, the server's Path (path MTU, datagram size under
+loss and on long paths), and the retransmission rules that keep a lossy path moving (a resend
+re-cut to the path's size; early resends are not silence). Also the server loop's order of
+work: queued datagrams before due timers (a real socket).
 
 Run: `python3 -m tests test_engine`.
 """

@@ -6,7 +6,9 @@ gap, cut to a lane's share of everything still to fetch (guided self-scheduling:
 what is left divided by the lanes), so that ranges are long while much is left and the lanes
 end together at the end of the file. No range is shorter than part_seconds at a lane's rate or
 tail_min_size (each range costs a request and a round trip or two, hidden when the next one
-starts before it ends), nor longer than max_part_size; and no gap is left shorter than that.
+starts before it ends), nor longer than max_part_size or range_seconds at a lane's rate (on a
+long path a lane moves one datagram a round trip, and a range cut early must not end long after
+the rest); and no gap is left shorter than the shortest range.
 How many lanes there are is not its business: the download loop says (lanes.py decides).
 
 Relies on: ranges, wire (HUGE: "to the end"), config (the client's settings). Must not know:
