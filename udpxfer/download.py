@@ -34,7 +34,7 @@ class Part:
     claim written bytes, even if Ctrl-C falls in between), with the running CRC there."""
 
     __slots__ = ("t", "job", "sock", "lane", "written", "written_crc", "held", "acked_at",
-                 "acked_pos", "confirm", "flying", "flew_at")
+                 "acked_pos", "confirm", "flying", "flew_at", "alive", "sized", "check_at")
 
     def __init__(self, t, job, sock=None, lane=None):
         self.t, self.job, self.sock, self.lane = t, job, sock, lane
@@ -45,6 +45,9 @@ class Part:
         self.acked_pos = None   # ... the position it acknowledged
         self.flying = False     # its ACK went and what it brings has not come back
         self.flew_at = 0.0      # ... since then
+        self.alive = True       # not closed yet
+        self.sized = False      # its SIZE was checked against the file's
+        self.check_at = 0.0     # its timers are due then at the soonest
         self.confirm = t.length == 0 and t.name is not None   # the second request of a file
 
     @property
@@ -89,6 +92,8 @@ class Download:
         self.busy = 0               # of which the server had no slot for (ERROR BUSY)
         self.unneeded = 0           # DATA received that brought no new byte (retransmissions)
         self.most_lanes = 0         # the most transfers that ran at once for it
+        self.lanes = 0              # ... running now (not counting a confirmation)
+        self._left = (None, 0)      # (when, left_running then): one sum per schedule
         self.started = self.last_progress = self.ended_at = None
         self.saved_at = 0.0         # when the record was last saved
         self.waited = 0.0           # seconds spent with the server silent (not transfer time)
@@ -152,7 +157,12 @@ class Download:
         if not self.parts and self.target.size is None:
             return 0, self.plan.first_length(lanes, dgram)
         if self.target.size is not None and self.plan.gaps:
-            return self.plan.next_range(lanes, dgram, lane_rate, self.left_running())
+            at, left = self._left
+            if at != now:   # (the ranges started since, at the same `now`, are added below)
+                left = self.left_running()
+            start, n = self.plan.next_range(lanes, dgram, lane_rate, left)
+            self._left = (now, left + n)
+            return start, n
         return 0, 0
 
     def end_of(self, t):

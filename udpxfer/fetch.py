@@ -333,6 +333,7 @@ class Client:
         self.refused_at = now
         for part in self.parts:
             part.t.nudge(now, self.s.refused_retry)
+            part.check_at = 0.0
 
     # -- lanes or not
 
@@ -376,8 +377,8 @@ class Client:
         control = self.control
         limit = now - control.flight_limit()
         for part in list(self.parts):
-            if part.job.done or part not in part.job.parts:
-                continue   # its download restarted or failed meanwhile
+            if not part.alive:
+                continue   # its download ended, restarted or failed meanwhile
             if part.flying and part.flew_at < limit:
                 part.flying = False   # lost, one way or the other: the window is for others
                 self.inflight -= 1
@@ -393,17 +394,22 @@ class Client:
         return now + min(max(tick, 0.002), self.s.housekeeping)
 
     def _look_at(self, part, now):
+        """A transfer's SIZE (once), its timers (when due: hundreds of lanes run), its end."""
         job, t = part.job, part.t
         try:
-            if t.size is not None and job.target.size is None:
-                job.adopt(t, self._check_space)
-                self._take_rtt(t)   # now, so that the other lanes start with a good timeout
-            t.handle_timer(now)
-            self._ack(part, now, 0)
+            if t.size is not None and not part.sized:
+                part.sized = True
+                if job.target.size is None:
+                    job.adopt(t, self._check_space)
+                    self._take_rtt(t)   # now, so that the other lanes start with a good timeout
+                elif job.conflicts(t):
+                    return self._restart(job, job.restart("the file changed on the server", now))
+            if now >= part.check_at:
+                t.handle_timer(now)
+                self._ack(part, now, 0)
+                part.check_at = t.get_timer() or now
             if t.state == FINISHED:
                 self._ended(part, now)
-            elif t.size is not None and job.conflicts(t):
-                self._restart(job, job.restart("the file changed on the server", now))
         except NoServer:
             raise   # not about this file: the run ends, and says it once
         except Failure as exc:
@@ -561,7 +567,9 @@ class Client:
             self.by_lane[lane] = part
         self.parts.append(part)
         job.parts.append(part)
-        job.most_lanes = max(job.most_lanes, sum(1 for p in job.parts if not p.confirm))
+        if not part.confirm:
+            job.lanes += 1
+            job.most_lanes = max(job.most_lanes, job.lanes)
         self.stats["transfers"] += 1
         for datagram in t.datagrams_to_send():
             self._send(part, datagram)
@@ -580,6 +588,10 @@ class Client:
         if part.flying:
             part.flying = False
             self.inflight -= 1
+        if part.alive:
+            part.alive = False
+            if not part.confirm:
+                part.job.lanes -= 1
         if part in self.parts:
             self.parts.remove(part)
         if part.lane is not None:
