@@ -182,7 +182,7 @@ class PieceTest(unittest.TestCase):
                     first = p.first_length(lanes, 8192)
                     self.assertEqual(p.next_range(lanes, 8192, 0.0, 0), (0, first))
                     # (no lane's rate measured yet: at most first_range)
-                    expect = min(max(-(-size // lanes), 2 * 8192, 128 * 1024), 256 * 1024)
+                    expect = min(max(-(-size // lanes), 2 * 8192, 128 * 1024), 64 * 1024)
                     self.assertEqual(first, expect)
 
 

@@ -299,7 +299,7 @@ class RangePlannerTest(unittest.TestCase):
         # 50 ms, 80 lanes of 24 KB datagrams: a lane moves 480 KB/s, a range at most 240 KB;
         # before any rate is measured (startup), first_range.
         self.assertEqual(self.plan().next_range(8, 24000, 480e3, 0), (0, int(0.5 * 480e3)))
-        self.assertEqual(self.plan().next_range(8, 24000, 0.0, 0), (0, 256 << 10))
+        self.assertEqual(self.plan().next_range(8, 24000, 0.0, 0), (0, 64 << 10))
         self.assertEqual(self.plan().next_range(8, 24000, 400e6, 0), (0, 32 << 20))  # loopback
 
     def test_no_range_shorter_than_the_floor_nor_a_shorter_gap_left_behind(self):
@@ -325,12 +325,12 @@ class RangePlannerTest(unittest.TestCase):
 
     def test_the_first_range_before_the_size_is_known(self):
         p = RangePlanner(config.ClientSettings())
-        self.assertEqual(p.first_length(32, 65000), 256 << 10)
+        self.assertEqual(p.first_length(32, 65000), 64 << 10)
         self.assertEqual(p.first_length(1, 65000), HUGE)
-        p.size_hint = 4 << 20                             # from the listing: a lane's share
-        self.assertEqual(p.first_length(32, 8192), 128 << 10)
+        p.size_hint = 1 << 20                             # from the listing: a lane's share
+        self.assertEqual(p.first_length(32, 1000), 32 << 10)
         p.size_hint = 32 << 20                            # ... at most first_range
-        self.assertEqual(p.first_length(32, 8192), 256 << 10)
+        self.assertEqual(p.first_length(32, 8192), 64 << 10)
         p.size_hint = 64 << 10                            # a small file: whole
         self.assertEqual(p.first_length(32, 66000), 2 * 66000)
         self.assertIsNone(RangePlanner(config.ClientSettings(), listing=True).first_length(8, 1))
