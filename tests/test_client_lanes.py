@@ -15,6 +15,7 @@ import client
 from tests import support
 from tests.support import wait_for
 from tests.test_end_to_end import EndToEndCase, RewritingProxy
+from udpxfer.errors import Failure
 from udpxfer.fetch import Client
 from udpxfer.wire import format_error
 
@@ -129,6 +130,29 @@ class LanesTest(EndToEndCase):
         # timeouts, backed off up to 2 s: seconds).
         self.assertTrue(wait_for(lambda: not st.server.dispatcher.active, 0.5),
                         "the server's transfers all ended")
+
+    def test_a_request_the_server_refuses_is_said_so_and_not_a_changed_file(self):
+        # A server that cannot take our request (one that read numbers into 64 bits refused
+        # "to the end" as 10**40) answers BAD_REQUEST before any SIZE: that is the answer, said
+        # in its words, not "the file changed on the server" twenty times.
+        self.tmp.make_file("f.bin", 1000)
+        st = self.start_server()
+
+        def answer(datagram):
+            tag, msg = support.split_tag(datagram)
+            if msg.startswith(b"DOWNLOAD "):
+                return tag + b"ERROR BAD_REQUEST number too big"
+            return None
+
+        proxy = RewritingProxy(st.address, lambda data: data, answer=answer)
+        self.addCleanup(proxy.close)
+        started = time.monotonic()
+        with self.assertRaises(Failure) as caught:
+            support.download(proxy.address, "f.bin", self.tmp.downloads, parts=1,
+                             settings=support.fast_client_settings(give_up=10.0))
+        self.assertIn("the server says BAD_REQUEST (number too big)", str(caught.exception))
+        self.assertNotIn("changed", str(caught.exception))
+        self.assertLess(time.monotonic() - started, 5.0)
 
     def test_many_files_run_at_once_each_saved_whole(self):
         names = ["small%02d.bin" % i for i in range(30)] + ["big.bin"]

@@ -255,9 +255,14 @@ class Download:
                 return None
         if code == "BAD_REQUEST" and t.size is None and not part.confirm:
             # Our request was valid for the file we know, so either it was damaged on the way
-            # or the file shrank under it: the second time in a row, start over.
+            # or the file shrank under it: the second time in a row, start over. Before any
+            # size is known it is the request itself the server refuses (a server that cannot
+            # read our numbers, say): the third time in a row, that is the answer.
             self.bad_requests += 1
-            if self.bad_requests >= 2:
+            if self.target.size is None and self.bad_requests >= 3:
+                why = t.error_text or "the request was refused"
+                raise Failure("the server says BAD_REQUEST (%s)" % why, retry=False)
+            if self.target.size is not None and self.bad_requests >= 2:
                 return self.restart("the file changed on the server", now)
         # NOT_FOUND twice in a row is final; so is INTERNAL (the server cannot read the file),
         # said in its words. Any other error, known or not (a bit flip can damage the code), is

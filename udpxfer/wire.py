@@ -29,6 +29,10 @@ MAX_LANE = 4294967295     # lane numbers are 1 .. 2**32 - 1 (PROTOCOL.md "Lanes"
 # real file, so it is read as HUGE instead of converting an attacker's 60 kB of digits to an int.
 MAX_DIGITS = 40
 HUGE = 10 ** MAX_DIGITS
+# What we send for "to the end": a length that brings offset + length to 2**63 - 1, so that a
+# server that reads numbers into 64-bit integers can take it (one written so refused 10**40 with
+# BAD_REQUEST); the protocol itself sets no limit.
+WIDEST = 2 ** 63 - 1
 
 ERROR_CODES = ("NOT_FOUND", "BAD_REQUEST", "BUSY", "CHANGED", "INTERNAL")
 
@@ -211,6 +215,9 @@ def format_request(request, tag=b""):
 
 
 def format_download(name, offset, chunk_size, tag=b""):
+    """A request; a chunk_size past WIDEST (HUGE: "to the end") goes as what reaches WIDEST."""
+    if offset + chunk_size > WIDEST:
+        chunk_size = max(WIDEST - offset, 0)
     return tag + ("DOWNLOAD %s %d %d" % (name, offset, chunk_size)).encode("utf-8")
 
 
