@@ -21,7 +21,6 @@ from config import ServerSettings
 from udpxfer.display import format_addr
 from udpxfer.limits import IpCounts, Pace, TokenBucket, client_of
 from udpxfer.netpath import DEFAULT_MTU, Path, SendOrder
-from udpxfer.rtt import RttEstimator
 from udpxfer.server_transfer import BufferPool, ServerTransfer, SharedFiles, Unreadable
 from udpxfer.servelog import ServeLog
 from udpxfer.wire import (HUGE, NO_LANE, Ack, ListRequest, ProtocolError, format_error,
@@ -342,8 +341,7 @@ class ServerDispatcher:
         if not validated:
             self._admit_pending(ip)
         path = self._path(addr[0])
-        rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
-                           path.rtt.srtt, path.rtt.rttvar)
+        rtt = path.transfer_rtt()
         end = min(entry.size, start + length)
         t = ServerTransfer(addr, lane, req, entry, start, end, now, self.s, rtt, self._out,
                            size_in, self.ceiling, self._new_token(addr, lane, req), path,

@@ -278,12 +278,8 @@ class Client:
             part.acked_at, part.acked_pos = now, part.t.pos
         part.flying, part.flew_at = True, now
         self.inflight += 1
-        sock = self.sock if part.sock is None else part.sock
         for datagram in out:   # (an ACK repeated for a repeated DATA tells the server its
-            try:               # resend was needless)
-                sock.send(datagram)
-            except OSError as exc:
-                self._refused(exc, time.monotonic())   # else the timers see to it
+            self._send(part, datagram)   # resend was needless)
 
     def _due(self, n, now):
         due = now

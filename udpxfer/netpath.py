@@ -110,6 +110,13 @@ class Path:
         self._orphans = deque()                     # [second, fragments orphaned in it]
         self._orphan_count = 0                      # their sum
 
+    def transfer_rtt(self):
+        """A retransmission timer for a new transfer to this IP: the round trips measured so
+        far, none of the backoff of another transfer's timeouts."""
+        rtt = self.rtt
+        return RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max, rtt.srtt,
+                            rtt.rttvar)
+
     def sample(self, r, flights=0):
         """A round trip; `flights` is the number of DATAs in flight when the timed one was sent
         (0: not a DATA)."""

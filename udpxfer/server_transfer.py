@@ -17,7 +17,6 @@ import errno
 import zlib
 
 from udpxfer.netpath import Path, SendOrder
-from udpxfer.rtt import RttEstimator
 from udpxfer.wire import (ListRequest, crc_start, format_data_header, format_eof, format_error,
                           format_size, lane_tag, new_token)
 
@@ -425,14 +424,12 @@ class ServerTransfer:
         except (Changed, Unreadable, OSError) as exc:
             return self._fail(*read_failure(exc))
         self.activated = now
-        path = self.path.rtt
-        if self._tries > 1 and path.srtt is not None:
+        if self._tries > 1 and self.path.rtt.srtt is not None:
             # SIZE went more than once (its timer backed off, and Karn's rule keeps that ACK
             # from timing anything): the data starts from the path's round trip, as the other
             # lanes measure it, not from a timer doubled for a lost SIZE or ACK (a first lane
             # at 5% loss waited 1.5 s for its second DATA).
-            self.rtt = RttEstimator(self.s.rto_initial, self.s.rto_min, self.s.rto_max,
-                                    path.srtt, path.rttvar)
+            self.rtt = self.path.transfer_rtt()
         self._sample(now)
         self._send_next(now)
 
