@@ -282,18 +282,18 @@ class ClientSettings(NamedTuple):
     housekeeping: float = 0.05
     # A range is a lane's share of what is left of the file (guided self-scheduling, so that
     # lanes end together), no longer than max_part_size or range_seconds at a lane's rate
-    # (first_range before any rate is known), and no shorter than part_seconds at a lane's
-    # rate or tail_min_size: a range costs a request, a round trip or two (hidden when the
-    # next one starts before it ends) and some 0.1 ms of CPU on each side, while the last
-    # ranges must be short for the lanes to end together (at 50 ms a lane moves one datagram
-    # per round trip: a floor of 32 datagrams left one lane alone for the last 1.3 s of 4.4,
-    # and at 1% loss ranges of 256 KB cut in the first round trips, when the datagrams were
-    # twice as big, ran 4 s after the rest: the first range, asked for before anything is
-    # known, was the last to end, 89 datagrams of 2,952 bytes). Before the size is known, the
-    # first range is first_range long (or cut from the listing's size). At the end of the files, a range
-    # with more than split_datagrams datagrams left is cut in two, its second half on a lane
-    # of its own (fetch.py; the server resends to the cut lane until it gives up, so only
-    # where something went wrong).
+    # (first_range before any rate is known), and no shorter than part_seconds at a lane's rate
+    # or tail_min_size: a range costs a request, a round trip or two (hidden when the next one
+    # starts before it ends) and some 0.1 ms of CPU on each side, while the last ranges must be
+    # short for the lanes to end together (at 50 ms a lane moves one datagram per round trip: a
+    # floor of 32 datagrams left one lane alone for the last 1.3 s of 4.4, and at 1% loss ranges
+    # of 256 KB cut in the first round trips, when the datagrams were twice as big, ran 4 s
+    # after the rest: the first range, asked for before anything is known, was the last to end,
+    # 89 datagrams of 2,952 bytes). Before the size is known, the first range is first_range
+    # long (or cut from the listing's size). At the end of the files, a range with more than
+    # split_datagrams datagrams left is cut in two, its second half on a lane of its own
+    # (fetch.py; the server resends to the cut lane until it gives up, so only where something
+    # went wrong).
     split_datagrams: int = 64
     first_range: int = 64 * 1024
     max_part_size: int = 64 * MiB

@@ -8,10 +8,10 @@ How it measures
 - The server runs in a child process (server.Server on 127.0.0.1:0, default ServerSettings) and
   the client in another (udpxfer.fetch.Client(...).fetch(), default ClientSettings but for the
   parts, which each row names: 1, 4, or "default": 0 = automatic, the lane controller, the
-  default of client.py), so the two sides use the two cores as they do in real use. Children are this
-  script run with --child-*; they talk JSON lines over stdout and are told to start over stdin,
-  so interpreter start-up is never timed. The impairment proxy (tests/impair.py), when used,
-  runs in a thread of this process.
+  default of client.py), so the two sides use the two cores as they do in real use. Children
+  are this script run with --child-*; they talk JSON lines over stdout and are told to start
+  over stdin, so interpreter start-up is never timed. The impairment proxy (tests/impair.py),
+  when used, runs in a thread of this process.
 - seconds: the client's wall time around fetch(), from its request until the file has its real
   name (the final fsync and rename included). MB/s uses 1 MB = 10^6 bytes.
 - sent / retx: datagrams the server's dispatcher handed to the socket, and the sum of its
@@ -54,10 +54,10 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   namespace; atftp against tftp-hpa (in.tftpd -B 65464); HTTP over TCP (python3 -m http.server
   and curl). Every run gets a path of its own, built anew: on one path for all, the orphans of
   one run's lost fragments (30 s in the client's reassembly buffer; atftp's 45-fragment blocks
-  fill it at 1% loss) would slow the next tool's run. Each time is the wall time of the client command run with `ip netns exec`:
-  process start-up included (for ours that of Python, printed as a note). Client CPU comes from
-  getrusage(RUSAGE_CHILDREN); for ours also server and client CPU per datagram the server sent
-  (the server's time in the kernel in brackets: with B's rate limit it holds the qdisc's work).
+  fill it at 1% loss) would slow the next tool's run. Each time is the wall time of the client
+  command run with `ip netns exec`: process start-up included (for ours that of Python,
+  printed as a note). Client CPU comes from getrusage(RUSAGE_CHILDREN); for ours also server
+  and client CPU per datagram the server sent (the server's time in the kernel in brackets: with B's rate limit it holds the qdisc's work).
 - Each download is compared with its source byte for byte; a timeout (--path-timeout, default
   60 s), an error exit or a mismatch is shown as "fails (...)" and that tool is not run again in
   that path after a timeout. Our client exiting 0 with wrong bytes makes the exit status 1.

@@ -17,8 +17,9 @@ Startup doubles the window every round (pacing at startup_gain times the rate, t
 window's lanes open) until the rate stops growing or the round trip shows a queue; drain then
 paces below the rate until the round trip is the path's again; and in steady state the pacing
 gain cycles 1.25, 0.75, 1 x 6 (probe for more, then drain what the probe queued). Random loss
-alone changes nothing: it lowers neither the rate delivered per round nor the least round trip. A queue that keeps growing (another flow filling the bottleneck) or
-losses in bursts do: the rate the client gets falls, and the lanes and the pace follow it down.
+alone changes nothing: it lowers neither the rate delivered per round nor the least round trip.
+A queue that keeps growing (another flow filling the bottleneck) or losses in bursts do: the
+rate the client gets falls, and the lanes and the pace follow it down.
 
 Where the round trip is under pacing_min_rtt (loopback, a LAN) nothing is paced: there the
 round trip is mostly the two processes' own work, and the lanes alone keep both cores busy;
