@@ -57,7 +57,8 @@ Path scenarios A-D (root only; --paths-only runs only them, --no-paths skips the
   fill it at 1% loss) would slow the next tool's run. Each time is the wall time of the client
   command run with `ip netns exec`: process start-up included (for ours that of Python,
   printed as a note). Client CPU comes from getrusage(RUSAGE_CHILDREN); for ours also server
-  and client CPU per datagram the server sent (the server's time in the kernel in brackets: with B's rate limit it holds the qdisc's work).
+  and client CPU per datagram the server sent (the server's time in the kernel in brackets:
+  with B's rate limit it holds the qdisc's work).
 - Each download is compared with its source byte for byte; a timeout (--path-timeout, default
   60 s), an error exit or a mismatch is shown as "fails (...)" and that tool is not run again in
   that path after a timeout. Our client exiting 0 with wrong bytes makes the exit status 1.
