@@ -108,8 +108,11 @@ class ServerSettings(NamedTuple):
     # needless one (RFC 8985 6.2 adapts its reordering window the same way, and keeps it for 16
     # loss recoveries). Counting clean DATAs instead narrowed it every 60 ms on loopback, where
     # nothing is lost, and the next burst of out-of-order answers found it narrow again.
+    # Widened, the window is at most one round trip, or reorder_wide_min if longer, beyond the
+    # 9/8 (SendOrder.loss_threshold); it widens once a round trip at most.
     reorder_mult_max: int = 16
     reorder_persist: int = 16
+    reorder_wide_min: float = 0.005
 
     # Retransmission timer, RFC 6298, with two deliberate departures: a 2 ms floor instead of
     # 1 s, and a smaller first RTO. With one datagram in flight a spurious retransmission costs

@@ -725,12 +725,12 @@ class ReorderWindowTest(unittest.TestCase):
     def test_narrowed_again_only_after_reorder_persist_early_resends_none_needless(self):
         s = config.ServerSettings()
         p = SendOrder(s, Path(s, 65507))
-        p.widen()
+        p.widen(0.0)
         self.assertEqual(p.reorder_mult, 2)
         for _ in range(s.reorder_persist - 1):
             p.early_resent()
         self.assertEqual(p.reorder_mult, 2)
-        p.widen()                                 # needless again: wider, count starts over
+        p.widen(0.0)                                 # needless again: wider, count starts over
         self.assertEqual(p.reorder_mult, 4)
         for _ in range(s.reorder_persist - 1):
             p.early_resent()
@@ -740,8 +740,29 @@ class ReorderWindowTest(unittest.TestCase):
         p.early_resent()                          # at 1 it stays 1
         self.assertEqual(p.reorder_mult, 1)
         for _ in range(10):
-            p.widen()
+            p.widen(0.0)
         self.assertEqual(p.reorder_mult, s.reorder_mult_max)
+
+    def test_it_widens_once_a_round_trip_at_most(self):
+        # One burst of out-of-order answers proves several early resends needless within a
+        # round trip: the window doubles once for them. Each proof still restarts the count
+        # towards narrowing.
+        s = config.ServerSettings()
+        path = Path(s, 65507)
+        path.rtt.sample(0.05)
+        p = SendOrder(s, path)
+        for i in range(12):
+            p.widen(1.0 + i * 0.002)
+        self.assertEqual(p.reorder_mult, 2)
+        for _ in range(s.reorder_persist - 1):
+            p.early_resent()
+        p.widen(1.049)                            # still within the round trip: as it was
+        self.assertEqual(p.reorder_mult, 2)
+        for _ in range(s.reorder_persist - 1):
+            p.early_resent()
+        self.assertEqual(p.reorder_mult, 2)       # (the count started over)
+        p.widen(1.051)                            # a round trip later: wider
+        self.assertEqual(p.reorder_mult, 4)
 
     def test_an_early_resend_counts_towards_narrowing(self):
         srv = Server({"f": blob(200000), "g": blob(4 << 20)}, mtu=65536, rto_initial=0.5,

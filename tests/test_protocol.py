@@ -1636,10 +1636,10 @@ class DispatcherEarlyRetransmission(DispatcherCase):
     such evidence, counted as a retransmission (Karn's rule applies). A and B share an IP; C
     does not. Every round trip here is 10 ms."""
 
-    def begin(self, b_sent):
+    def begin(self, b_sent, **settings):
         """A's DATA 1 sent at 0.02, B's first DATA at b_sent; C's first DATA at 0.01. ->
-        (srv, A's DATA 1 as sent, B's first DATA)."""
-        srv = Server({"a.bin": MemoryEntry(FILE)}, **SMALL)
+        (srv, A's DATA 1 as sent, B's first DATA). `settings`: more server settings."""
+        srv = Server({"a.bin": MemoryEntry(FILE)}, **dict(SMALL, **settings))
         srv.recv(b"DOWNLOAD a.bin 0 5000", C, 0.0)
         srv.ack(0, C, 0.01)
         srv.recv(b"DOWNLOAD a.bin 0 5000", A, 0.0)
@@ -1757,12 +1757,14 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertEqual([a for _, a in srv.timer(t.deadline)], [A])
         self.assertEqual(t.early_retransmissions, 1)
 
-    def evidence(self, mult, rto=None):
+    def evidence(self, mult, rto=None, **settings):
         """begin(b_sent=0.025) with the IP's reordering window widened `mult`-fold (and A's
         RTO set to `rto`), then B's later DATA acknowledged at 0.035: the evidence against A's
         DATA 1, sent at 0.02. -> (srv, a1, A's transfer, the IP's send order, A's deadline and
-        its timeout before the evidence)."""
-        srv, a1, b0 = self.begin(b_sent=0.025)
+        its timeout before the evidence). The window's cap (reorder_wide_min) is lifted unless
+        `settings` say otherwise: these tests are about what a wide window does."""
+        settings.setdefault("reorder_wide_min", 100.0)
+        srv, a1, b0 = self.begin(b_sent=0.025, **settings)
         t, order = srv.transfer(A), srv.d.orders[A[0]]
         order.reorder_mult = mult
         if rto is not None:
@@ -1790,11 +1792,11 @@ class DispatcherEarlyRetransmission(DispatcherCase):
         self.assertAlmostEqual(t.rtt.rto, rto)               # not backed off
 
     def test_a_window_widened_after_the_evidence_holds_too(self):
-        srv, a1, b0 = self.begin(b_sent=0.02)
+        srv, a1, b0 = self.begin(b_sent=0.02, reorder_wide_min=100.0)
         t, order = srv.transfer(A), srv.d.orders[A[0]]
         srv.ack(end_of(b0), B, 0.03)
         self.assertAlmostEqual(t.deadline, 0.03125)          # 9/8 of 10 ms after A's send
-        order.widen()                # another transfer's early resend proved needless
+        order.widen(0.03)              # another transfer's early resend proved needless
         self.assertEqual(order.reorder_mult, 2)
         self.assertNotIn(A, [a for _, a in srv.timer(0.03125)])
         self.assertEqual(t.retransmissions, 0)
@@ -1833,6 +1835,22 @@ class DispatcherEarlyRetransmission(DispatcherCase):
             self.assertNotIn(A, [a for _, a in srv.timer(silence + late)])
             self.assertEqual((t.outcome, t.retransmissions), ("timeout", 0))
             self.assertNotIn((A, None), srv.d.active)
+
+    def test_a_widened_window_reaches_one_round_trip_beyond_the_threshold_at_most(self):
+        # Widened 16-fold, the window would be 180 ms on this 10 ms path, and every loss would
+        # wait for the timeout. It is 9/8 of the round trip plus one more round trip (RFC 8985
+        # holds its window within a round trip), or plus reorder_wide_min where that is longer
+        # (a busy process on a path of a millisecond). A is resent early when that has passed.
+        srv, a1, t, order, rto_at, rto = self.evidence(16, reorder_wide_min=0.005)
+        self.assertAlmostEqual(order.loss_threshold(), 9 / 8 * 0.01 + 0.01)
+        self.assertAlmostEqual(t.deadline, 0.02 + 9 / 8 * 0.01 + 0.01)
+        self.assertNotIn(A, [a for _, a in srv.timer(t.deadline - 1e-6)])
+        self.assertIn((a1, A), srv.timer(t.deadline))
+        self.assertEqual((t.retransmissions, t.early_retransmissions), (1, 1))
+        srv, a1, t, order, rto_at, rto = self.evidence(16, reorder_wide_min=0.015)
+        self.assertAlmostEqual(order.loss_threshold(), 9 / 8 * 0.01 + 0.015)
+        order.reorder_mult = 2      # narrower than the cap: the widening alone
+        self.assertAlmostEqual(order.loss_threshold(), 2 * 9 / 8 * 0.01)
 
     def test_another_ip_is_never_affected(self):
         # C's DATA is the oldest outstanding of all, and A and B's ACKs are fresh evidence on

@@ -447,7 +447,7 @@ class ServerTransfer:
             self._spurious_check = False
             self.path.spurious()
             if self._spurious_check_early:
-                self.order.widen()
+                self.order.widen(now)
             else:
                 # The timer fired too early: the ACK that came answered the first copy, so
                 # its time is a true round trip (the Eifel response, RFC 4015): learn it.
