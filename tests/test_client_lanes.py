@@ -17,7 +17,7 @@ from tests.support import wait_for
 from tests.test_end_to_end import EndToEndCase, RewritingProxy
 from udpxfer.errors import Failure
 from udpxfer.fetch import Client
-from udpxfer.wire import format_error
+from udpxfer.wire import Data, format_error, parse_server_datagram
 
 
 class Version2Shim(RewritingProxy):
@@ -130,6 +130,39 @@ class LanesTest(EndToEndCase):
         # timeouts, backed off up to 2 s: seconds).
         self.assertTrue(wait_for(lambda: not st.server.dispatcher.active, 0.5),
                         "the server's transfers all ended")
+
+    def test_acks_leave_in_the_order_their_datas_came(self):
+        # ACKs held back (here by --limit-rate; on a long path by the pace) leave in the order
+        # their DATAs came, the ACK of a range's last DATA too (it brings only EOF, so nothing
+        # holds it but its turn): the server takes an ACK out of its send order as evidence that
+        # the DATAs sent before it are lost (PROTOCOL.md "Early retransmission").
+        data = self.tmp.make_file("f.bin", 3 * 1024 * 1024, seed=5)
+        st = self.start_server()
+        came, went = [], []
+
+        def reply(datagram):
+            lane, msg = parse_server_datagram(datagram)
+            if isinstance(msg, Data):
+                came.append((lane, msg.offset + len(msg.payload)))
+            return datagram
+
+        def rewrite(datagram):
+            tag, msg = support.split_tag(datagram)
+            if msg.startswith(b"ACK ") and not msg.startswith(b"ACK EOF"):
+                went.append((int(tag[1:]), int(msg.split()[1])))
+            return datagram
+
+        proxy = RewritingProxy(st.address, rewrite, reply)
+        self.addCleanup(proxy.close)
+        support.download(proxy.address, "f.bin", self.tmp.downloads, parts=6,
+                         settings=support.fast_client_settings(first_range=96 * 1024,
+                                                               limit_rate=12 * 1024 * 1024))
+        self.assert_downloaded(self.tmp.downloads, "f.bin", data)
+        answers = set(came)
+        acks = list(dict.fromkeys(a for a in went if a in answers))   # first of each
+        order = {a: i for i, a in enumerate(dict.fromkeys(came))}
+        self.assertGreater(len(acks), 40)
+        self.assertEqual(acks, sorted(acks, key=order.__getitem__))
 
     def test_a_request_the_server_refuses_is_said_so_and_not_a_changed_file(self):
         # A server that cannot take our request (one that read numbers into 64 bits refused

@@ -265,6 +265,16 @@ class Client:
             self.held.append([None, part, brings])
             self._release(now)
             return
+        if brings == 0 and not part.flying and self.held:
+            # The ACK of a range's last DATA brings only its EOF: it waits for nothing but the
+            # ACKs held before it, and goes after them. ACKs leave in the order their DATAs
+            # came, so the server can take one acknowledged out of its send order as evidence
+            # of a loss (PROTOCOL.md "Early retransmission"); ahead of the others it proved
+            # their DATAs lost while they waited here, and the needless early resends widened
+            # the server's reordering window until losses waited for the timeout.
+            part.held = out
+            self.held.append([now, part, 0])
+            return
         for datagram in out:
             self._send(part, datagram)
 
@@ -296,12 +306,20 @@ class Client:
         held = self.held
         window = self.control.window
         soon = now + 0.001
-        while held and self.inflight < window:
+        while held:
             entry = held[0]
             part = entry[1]
             if part.held is None:         # closed meanwhile: its ACK went then
                 held.popleft()
                 continue
+            if not entry[2]:              # it brings an EOF: its turn is enough
+                held.popleft()
+                out, part.held = part.held, None
+                for datagram in out:
+                    self._send(part, datagram)
+                continue
+            if self.inflight >= window:
+                return
             if entry[0] is None:
                 entry[0] = self._due(entry[2], now)
             if entry[0] > soon:
