@@ -15,9 +15,14 @@ import client
 from tests import support
 from tests.support import wait_for
 from tests.test_end_to_end import EndToEndCase, RewritingProxy
+from udpxfer.client_transfer import ClientTransfer
+from udpxfer.download import Download, Part
 from udpxfer.errors import Failure
 from udpxfer.fetch import Client
-from udpxfer.wire import Data, format_error, parse_server_datagram
+from udpxfer.partial import MemoryTarget
+from udpxfer.wire import Data, Size, format_error, parse_server_datagram
+
+TOKEN = b"0123456789abcdef"
 
 
 class Version2Shim(RewritingProxy):
@@ -163,6 +168,39 @@ class LanesTest(EndToEndCase):
         order = {a: i for i, a in enumerate(dict.fromkeys(came))}
         self.assertGreater(len(acks), 40)
         self.assertEqual(acks, sorted(acks, key=order.__getitem__))
+
+    def test_a_repeated_request_that_waited_is_counted_once_its_ack_brings_a_data(self):
+        # Lane 2's request goes again while lane 1's ACK is held (here by --limit-rate): it
+        # waits its turn, as something that brings nothing. Then lane 2's SIZE comes and its
+        # ACK joins the wait: from then on it waits for the window and the pace, and goes as
+        # one that brings a DATA (in flight, timed). Sent with the repeated request, uncounted,
+        # it went past the window and the pace, and its DATA, answering the first copy, timed
+        # the second: a round trip of 0.0 s on a 50 ms path.
+        c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=256 * 1024),
+                   client.Printer(quiet=True, stream=io.StringIO()))
+        self.addCleanup(c.close)
+        sent = []
+        c._send = lambda part, datagram: sent.append((part.lane, datagram))
+        job = Download("f.bin", MemoryTarget(), c.s)
+        parts = []
+        for lane in (1, 2):
+            t = ClientTransfer("f.bin", 0, 100000, 0.0, c.s, request_rto=0.015, lane=lane)
+            t.datagrams_to_send()
+            parts.append(Part(t, job, lane=lane))
+        one, two = parts
+        one.t.receive(Size(10 ** 6, "v", TOKEN), 0.01)
+        c._ack(one, 0.01, 60000)            # due at 0.24 (60000 bytes at 256 KiB/s)
+        two.t.handle_timer(0.02)            # its request again, while one's ACK waits
+        c._ack(two, 0.02, 0)
+        two.t.receive(Size(10 ** 6, "v", TOKEN), 0.03)
+        c._ack(two, 0.03, 60000)
+        self.assertEqual((len(c.held), sent), (2, []))
+        c._release(0.3)
+        self.assertEqual([lane for lane, _ in sent], [1])
+        self.assertEqual((two.flying, c.inflight), (False, 1), "two waits for the pace")
+        c._release(0.5)                     # (due at 0.47)
+        self.assertEqual([lane for lane, _ in sent], [1, 2, 2])
+        self.assertEqual((two.flying, two.acked_at, c.inflight), (True, 0.5, 2))
 
     def test_a_request_the_server_refuses_is_said_so_and_not_a_changed_file(self):
         # A server that cannot take our request (one that read numbers into 64 bits refused

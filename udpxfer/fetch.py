@@ -255,14 +255,19 @@ class Client:
             return
         if part.held is not None:        # its ACK waits already: this goes with it
             part.held += out
+            entry = part.hold
+            if brings > 0 and not part.flying and not entry[2]:
+                # It waited as one that brings nothing (a repeated request), and now brings a
+                # DATA: it waits for the window and the pace as well, and goes as _fly sends.
+                entry[0], entry[2] = None, brings
             return
         if brings > 0 and not part.flying:   # (a repeat for a SIZE that came twice goes at once)
             if (not self.held and self.inflight < self.control.window and self.cap is None
                     and self.pace.rate is None):
                 self._fly(part, out, now)        # nothing to wait for (loopback, a LAN)
                 return
-            part.held = out
-            self.held.append([None, part, brings])
+            part.held, part.hold = out, [None, part, brings]
+            self.held.append(part.hold)
             self._release(now)
             return
         if brings == 0 and not part.flying and self.held:
@@ -272,8 +277,8 @@ class Client:
             # of a loss (PROTOCOL.md "Early retransmission"); ahead of the others it proved
             # their DATAs lost while they waited here, and the needless early resends widened
             # the server's reordering window until losses waited for the timeout.
-            part.held = out
-            self.held.append([now, part, 0])
+            part.held, part.hold = out, [now, part, 0]
+            self.held.append(part.hold)
             return
         for datagram in out:
             self._send(part, datagram)
@@ -314,7 +319,7 @@ class Client:
                 continue
             if not entry[2]:              # it brings an EOF: its turn is enough
                 held.popleft()
-                out, part.held = part.held, None
+                out, part.held, part.hold = part.held, None, None
                 for datagram in out:
                     self._send(part, datagram)
                 continue
@@ -325,7 +330,7 @@ class Client:
             if entry[0] > soon:
                 return
             held.popleft()
-            out, part.held = part.held, None
+            out, part.held, part.hold = part.held, None, None
             self._fly(part, out, now)
 
     def _send(self, part, datagram):
@@ -596,7 +601,7 @@ class Client:
         """A transfer leaves: its held ACK still goes (Ctrl-C, a failure, a restart), its lane
         or socket is let go."""
         if part.held is not None:
-            out, part.held = part.held, None
+            out, part.held, part.hold = part.held, None, None
             for datagram in dict.fromkeys(out):
                 self._send(part, datagram)
         if part.flying:
