@@ -66,7 +66,8 @@ class LaneController:
         self._round_bytes = 0
         self._sent_at = 0.0          # the latest ACK that brought a payload was sent then ...
         self._round_sent_at = None   # ... and at the end of the last round
-        self._round_rtt = None       # the least sample of this round
+        self._round_rtt = None       # the least sample of this round ...
+        self._round_rtt2 = None      # ... and the next (see _end_round)
         self._tick_rtt = None        # ... and since the last update
         self._tick_n = self._round_n = 0   # samples since the last update, in this round
         self._queued_ticks = 0       # updates in a row whose least sample showed a queue
@@ -99,8 +100,13 @@ class LaneController:
 
     def rtt_sample(self, r):
         self.srtt = r if self.srtt is None else self.srtt + (r - self.srtt) / 8
-        if self._round_rtt is None or r < self._round_rtt:
+        least = self._round_rtt
+        if least is None:
             self._round_rtt = r
+        elif r < least:
+            self._round_rtt, self._round_rtt2 = r, least
+        elif self._round_rtt2 is None or r < self._round_rtt2:
+            self._round_rtt2 = r
         if self._tick_rtt is None or r < self._tick_rtt:
             self._tick_rtt = r
         self._tick_n += 1
@@ -177,14 +183,20 @@ class LaneController:
         if count >= s.size_samples:
             shrinking = full / count < 0.9 * self.dgram and self.rounds > 2
             self.dgram = full / count
-        rtt = self._round_rtt
+        # The round's round trip: its second least sample, not the least. One sample that
+        # timed the wrong ACK (0.0 s on a 50 ms path, once in a run of 1% loss) would be the
+        # path's round trip for min_rtt_seconds: a bandwidth-delay product a fifth of the
+        # path's, a window that shrank with the rate it let through, 4 lanes for 10 s.
+        rtt = self._round_rtt2
+        if rtt is None and self.min_rtt is None:
+            rtt = self._round_rtt    # (the first round may have one)
         enough = self._round_n >= s.queue_samples
         self._round_n = 0
         if rtt is not None and (self.min_rtt is None or rtt <= self.min_rtt
                                 or now - self._min_rtt_at > s.min_rtt_seconds):
             self.min_rtt, self._min_rtt_at = rtt, now
         self._round_at, self._round_bytes = now, self.bytes
-        self._round_rtt = None
+        self._round_rtt = self._round_rtt2 = None
         self.rounds += 1
         if got and (not limited or got / seconds > self.bw):
             self._rates.append(got / seconds)
