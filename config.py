@@ -87,15 +87,17 @@ class ServerSettings(NamedTuple):
     wan_max_fragments: int = 8
     wan_burst_loss: float = 0.15
     # More fragments spend that buffer faster per byte (three: two orphans per loss, a third
-    # more bytes per datagram than two), and once it is full only unfragmented datagrams pass
-    # (58 MB/s here). So k fragments only while the orphans the server caused in the last
-    # reassembly_backoff (Path.orphans in udpxfer/netpath.py), plus those k - 1 would leave
-    # for the rest of the client's downloads, stay within this budget; then fewer, down to two,
-    # which move twice the bytes of three before the buffer is full. Linux over veth here: 2.2
-    # to 2.4 KB per orphan, 4 MB full at about 1,800; 1,400 leave a fifth for the next
-    # download and other traffic. At 1% loss a 32 MiB download orphans about 500 with three
-    # fragments and 750 with four (more when it starts with big datagrams).
-    orphan_budget: int = 1400
+    # more bytes per datagram than two), and once it is full only unfragmented datagrams pass.
+    # So k fragments only while the orphans the server caused in the last reassembly_backoff
+    # (Path.orphans in udpxfer/netpath.py), plus those k - 1 would leave for the rest of the
+    # client's downloads, stay within this budget; then fewer, and none fragmented once the
+    # orphans counted pass it. Linux over veth here (/proc/net/sockstat, FRAG): 2.9 KB per
+    # orphan, 4 MB full at about 1,400 (after two downloads of 64 MiB at 1% loss, 200 Mbit/s
+    # and 50 ms, 30 s apart, when the budget was 1,400 and the floor two fragments: the third
+    # lost every fragmented datagram and took 21 s instead of 4). 800 leave two fifths for
+    # the next download, other traffic and the estimate's error. At 1% loss a 32 MiB download
+    # orphans about 500 with three fragments and 750 with four.
+    orphan_budget: int = 800
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order), and

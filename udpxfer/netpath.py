@@ -255,8 +255,9 @@ class Path:
             # every fragmented datagram is dropped: with big datagrams even 0.1% loss fills it
             # within a second. So on a lossy path: datagrams of at most lossy_max_fragments
             # (fewer where losses are heavy) while the orphans they leave fit in the budget
-            # (config.orphan_budget), else fewer down to two, and none fragmented for a while
-            # once most of them are lost (_no_fragments).
+            # (config.orphan_budget), else fewer: two while the orphans counted are within it,
+            # then none fragmented (one fewer than two leaves no orphan: it always "fits"); and
+            # none for a while once most of them are lost (_no_fragments).
             if now < self._unfragmented_until:
                 most = 1
             else:
@@ -268,7 +269,7 @@ class Path:
                 if p > self.s.heavy_loss:
                     most = min(most, self.s.heavy_loss_fragments)
                 now_k, to_come = self.fragments(self.size), self.bytes_to_come()
-                while most > 2 and not self._orphans_fit(ladder, most - 1, p, now, to_come,
+                while most > 1 and not self._orphans_fit(ladder, most - 1, p, now, to_come,
                                                          now_k < most):
                     most -= 1
             self.size = self._largest(ladder, most)
