@@ -98,6 +98,8 @@ class ServerSettings(NamedTuple):
     # the next download, other traffic and the estimate's error. At 1% loss a 32 MiB download
     # orphans about 500 with three fragments and 750 with four.
     orphan_budget: int = 800
+    # (What the IP's downloads still need, for that, is counted again at most this often.)
+    to_come_every: float = 0.02
     # Early retransmission (PROTOCOL.md, RFC 9002 6.1.2): a DATA overtaken by an acknowledged
     # later one is lost once reorder_factor round trips have passed since it was sent, and at
     # least reorder_min (QUIC's timer granularity: a busy client may answer out of order), and
