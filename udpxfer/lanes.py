@@ -79,6 +79,7 @@ class LaneController:
         self._grew = False           # the last round beat it
         self._cycle = 0
         self._drain_rounds = 0
+        self._least_window = 0       # the window falls no lower in this round (_lanes)
         self.dgram = s.lanes_datagram_guess   # payload bytes per datagram, as seen
 
     # -- the hot path
@@ -237,6 +238,7 @@ class LaneController:
             pacing_gain, cwnd_gain = PROBE_GAINS[self._cycle], s.cwnd_gain
         bdp = self.bw * (self.min_rtt or 0.0)
         cwnd = cwnd_gain * bdp + self.dgram
+        self._least_window = int(s.window_shrink * self.window)
         lan = self.min_rtt is not None and self.min_rtt < s.pacing_min_rtt
         if lan:
             # Loopback, a LAN: the round trip is mostly the two ends' own work, and the
@@ -268,8 +270,14 @@ class LaneController:
         self.pacing_rate = pacing_gain * self.bw if paced else None
 
     def _lanes(self):
-        """The window in lanes: the bytes in flight over the datagram size."""
+        """The window in lanes: the bytes in flight over the datagram size. Where the ACKs are
+        paced, no less than window_shrink of the last round's: the pace brings the rate down
+        at once, and lanes in flight cannot be taken back, only held. (When the server's
+        datagrams doubled, the window halved within a round trip: hundreds of ACKs held for
+        a round trip, past the server's timeout, and as many needless resends.)"""
         window = max(int(self.cwnd / max(self.dgram, 1.0) + 0.5), self.s.lanes_min)
+        if self.pacing_rate is not None and window < self._least_window:
+            window = self._least_window
         self.window = min(window, self.max_window)
 
     def flight_limit(self):
