@@ -470,7 +470,7 @@ class PathSizeTest(unittest.TestCase):
         self.assertEqual(old.fragments(old.size), 4)     # nothing to come
         for p in paths:
             self.downloading(p, 20 << 20, name="g.bin")
-            p._orphan(500, 1.0)
+            p._orphan(p.s.orphan_budget - 300, 1.0)   # room for two fragments, not three
             p._choose_size(2.0)
         self.assertEqual(fresh.fragments(fresh.size), 3)
         self.assertEqual(old.fragments(old.size), 3)
