@@ -202,6 +202,32 @@ class LanesTest(EndToEndCase):
         self.assertEqual([lane for lane, _ in sent], [1, 2, 2])
         self.assertEqual((two.flying, two.acked_at, c.inflight), (True, 0.5, 2))
 
+    def test_an_ack_held_for_hold_max_goes_whatever_the_pace_says(self):
+        # The pace would hold lane 1's ACK until 0.92 s (60000 bytes at 64 KiB/s), lane 2's
+        # after it; past hold_max (0.5 s here) each goes, in flight, and the rest keep
+        # waiting their turn.
+        c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=64 * 1024,
+                                                               hold_max=0.5),
+                   client.Printer(quiet=True, stream=io.StringIO()))
+        self.addCleanup(c.close)
+        sent = []
+        c._send = lambda part, datagram: sent.append(part.lane)
+        job = Download("f.bin", MemoryTarget(), c.s)
+        parts = []
+        for lane in (1, 2, 3):
+            t = ClientTransfer("f.bin", 0, 100000, 0.0, c.s, lane=lane)
+            t.datagrams_to_send()
+            parts.append(Part(t, job, lane=lane))
+            t.receive(Size(10 ** 6, "v", TOKEN), 0.01 * lane)
+            c._ack(parts[-1], 0.01 * lane, 60000)
+        c._release(0.4)
+        self.assertEqual(sent, [])
+        c._release(0.52)
+        self.assertEqual(sent, [1, 2])
+        self.assertEqual((parts[0].flying, parts[1].flying, c.inflight), (True, True, 2))
+        self.assertEqual(c.stats["overdue"], 2)
+        self.assertEqual(len(c.held), 1)
+
     def test_a_request_the_server_refuses_is_said_so_and_not_a_changed_file(self):
         # A server that cannot take our request (one that read numbers into 64 bits refused
         # "to the end" as 10**40) answers BAD_REQUEST before any SIZE: that is the answer, said

@@ -42,7 +42,7 @@ class Part:
         self.written = t.start
         self.written_crc = t.crc
         self.held = None        # ACKs held back (pacing, --limit-rate), sent when due ...
-        self.hold = None        # ... and their entry in the loop's queue: [due, part, brings]
+        self.hold = None        # ... and their entry in the loop's queue (fetch.py)
         self.acked_at = None    # when the ACK of a new DATA went (RTT samples), if only once
         self.acked_pos = None   # ... the position it acknowledged
         self.flying = False     # its ACK went and what it brings has not come back
