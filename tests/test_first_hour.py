@@ -23,6 +23,7 @@ from unittest import mock
 import client
 import server
 from tests import support
+from tests.support import wait_for
 from tests.impair import Impairment
 from tests.test_client_lanes import TtyStream
 from tests.test_end_to_end import EndToEndCase
@@ -39,6 +40,17 @@ def free_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def udp_port_free(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def readme_block(after):
@@ -72,8 +84,9 @@ class QuickStartTest(unittest.TestCase):
         with open(os.path.join(ROOT, "config.py"), encoding="utf-8") as f:
             conf = f.read()
         self.assertIn("\nPORT = 12345\n", conf)
+        port = free_udp_port()
         with open(os.path.join(copy, "config.py"), "w", encoding="utf-8") as f:
-            f.write(conf.replace("\nPORT = 12345\n", "\nPORT = %d\n" % free_udp_port()))
+            f.write(conf.replace("\nPORT = 12345\n", "\nPORT = %d\n" % port))
         names = client.read_names(os.path.join(copy, "input.txt"))
         self.assertGreaterEqual(len(names), 3)
         command = command.replace("python3", shlex.quote(sys.executable))
@@ -91,6 +104,9 @@ class QuickStartTest(unittest.TestCase):
                     with open(os.path.join(copy, "files", name), "rb") as a, \
                             open(os.path.join(copy, "downloads", name), "rb") as b:
                         self.assertEqual(a.read(), b.read(), name)
+            # `kill $!` returns once the signal is sent: the server may hold the port a moment
+            # longer (on a busy machine the next attempt found it taken).
+            self.assertTrue(wait_for(lambda: udp_port_free(port), 5.0), "the server lives on")
 
 
 class RateCapTest(EndToEndCase):
