@@ -291,8 +291,8 @@ class ClientSettings(NamedTuple):
     # Housekeeping (timers, lanes, records, progress) runs a quarter of a round trip apart,
     # at most this far apart.
     housekeeping: float = 0.05
-    # An ACK held back (the pace, the window, --limit-rate) goes after this long whatever they
-    # say (fetch.py _release).
+    # An ACK held back by the pace or the window goes after this long whatever they say
+    # (fetch.py _release; not under --limit-rate).
     hold_max: float = 1.5
     # A range is a lane's share of what is left of the file (guided self-scheduling, so that
     # lanes end together), no longer than max_part_size or range_seconds at a lane's rate

@@ -203,30 +203,37 @@ class LanesTest(EndToEndCase):
         self.assertEqual((two.flying, two.acked_at, c.inflight), (True, 0.5, 2))
 
     def test_an_ack_held_for_hold_max_goes_whatever_the_pace_says(self):
-        # The pace would hold lane 1's ACK until 0.92 s (60000 bytes at 64 KiB/s), lane 2's
-        # after it; past hold_max (0.5 s here) each goes, in flight, and the rest keep
-        # waiting their turn.
-        c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=64 * 1024,
-                                                               hold_max=0.5),
-                   client.Printer(quiet=True, stream=io.StringIO()))
-        self.addCleanup(c.close)
-        sent = []
-        c._send = lambda part, datagram: sent.append(part.lane)
-        job = Download("f.bin", MemoryTarget(), c.s)
-        parts = []
-        for lane in (1, 2, 3):
-            t = ClientTransfer("f.bin", 0, 100000, 0.0, c.s, lane=lane)
-            t.datagrams_to_send()
-            parts.append(Part(t, job, lane=lane))
-            t.receive(Size(10 ** 6, "v", TOKEN), 0.01 * lane)
-            c._ack(parts[-1], 0.01 * lane, 60000)
-        c._release(0.4)
-        self.assertEqual(sent, [])
-        c._release(0.52)
-        self.assertEqual(sent, [1, 2])
-        self.assertEqual((parts[0].flying, parts[1].flying, c.inflight), (True, True, 2))
-        self.assertEqual(c.stats["overdue"], 2)
-        self.assertEqual(len(c.held), 1)
+        # The controller's pace (64 KiB/s here) would hold lane 1's ACK until 0.92 s, lane
+        # 2's after it; past hold_max (0.5 s here) each goes, in flight, and the rest keep
+        # waiting their turn. Under --limit-rate nothing goes before the cap allows it.
+        for cap in (None, 64 * 1024):
+            with self.subTest(cap=cap):
+                c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=cap,
+                                                                       hold_max=0.5),
+                           client.Printer(quiet=True, stream=io.StringIO()))
+                self.addCleanup(c.close)
+                if cap is None:
+                    c.pace.set(64 * 1024)
+                sent = []
+                c._send = lambda part, datagram: sent.append(part.lane)
+                job = Download("f.bin", MemoryTarget(), c.s)
+                parts = []
+                for lane in (1, 2, 3):
+                    t = ClientTransfer("f.bin", 0, 100000, 0.0, c.s, lane=lane)
+                    t.datagrams_to_send()
+                    parts.append(Part(t, job, lane=lane))
+                    t.receive(Size(10 ** 6, "v", TOKEN), 0.01 * lane)
+                    c._ack(parts[-1], 0.01 * lane, 60000)
+                c._release(0.4)
+                self.assertEqual(sent, [])
+                c._release(0.52)
+                if cap is not None:
+                    self.assertEqual((sent, c.stats["overdue"]), ([], 0))
+                    continue
+                self.assertEqual(sent, [1, 2])
+                self.assertEqual((parts[0].flying, parts[1].flying, c.inflight), (True, True, 2))
+                self.assertEqual(c.stats["overdue"], 2)
+                self.assertEqual(len(c.held), 1)
 
     def test_a_request_the_server_refuses_is_said_so_and_not_a_changed_file(self):
         # A server that cannot take our request (one that read numbers into 64 bits refused
