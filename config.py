@@ -258,9 +258,6 @@ class ClientSettings(NamedTuple):
     startup_gain: float = 2.5
     startup_cwnd_gain: float = 2.0
     startup_lanes: float = 2.0
-    # Where the ACKs are paced and the server's datagrams grow, the window in lanes falls to
-    # this share of the last round's at the least, each round (lanes.py _lanes).
-    window_shrink: float = 0.75
     full_rounds: int = 5
     # (One lost datagram's late answer is not a queue: at 1% loss per packet a datagram of
     # eight fragments, or its ACK, is lost 9% of the time.)

@@ -251,16 +251,10 @@ class LaneControllerTest(unittest.TestCase):
         lanes, cwnd = control.window, control.cwnd
         self.assertAlmostEqual(control.dgram, 12000, delta=1)
         self.assertAlmostEqual(lanes * 12000 / cwnd, 1.0, delta=0.05)
-        # The server's datagrams grow fourfold: fewer lanes, a quarter fewer a round at most
-        # (lanes in flight cannot be taken back, only their ACKs held; the pace holds the
-        # bytes to the rate meanwhile), until the bytes in flight are as before.
+        # The server's datagrams grow fourfold: fewer lanes within a quarter round trip (the
+        # lanes waiting to send their ACK would bring the bigger ones).
         path.dgram = 48000
         path.run(control, 0.03)
-        # (0.03 s may end a round: twice)
-        self.assertGreaterEqual(control.window, int(control.s.window_shrink ** 2 * lanes) - 1)
-        self.assertLess(control.window, lanes)
-        self.assertLess(control.pacing_rate, 1.3 * path.rate)
-        path.run(control, 0.5)
         self.assertLessEqual(control.window, lanes // 3)
         # ... and shrink eightfold: more lanes, but at most twice as many each round (smaller
         # datagrams may be back to their size within a round trip; lanes cannot be taken back).

@@ -79,8 +79,6 @@ class LaneController:
         self._grew = False           # the last round beat it
         self._cycle = 0
         self._drain_rounds = 0
-        self._lane_bytes = None      # the datagram size the window is counted in (_lanes) ...
-        self._round_lane_bytes = None   # ... and what it was at the end of the last round
         self.dgram = s.lanes_datagram_guess   # payload bytes per datagram, as seen
 
     # -- the hot path
@@ -239,7 +237,6 @@ class LaneController:
             pacing_gain, cwnd_gain = PROBE_GAINS[self._cycle], s.cwnd_gain
         bdp = self.bw * (self.min_rtt or 0.0)
         cwnd = cwnd_gain * bdp + self.dgram
-        self._round_lane_bytes = self._lane_bytes
         lan = self.min_rtt is not None and self.min_rtt < s.pacing_min_rtt
         if lan:
             # Loopback, a LAN: the round trip is mostly the two ends' own work, and the
@@ -271,19 +268,8 @@ class LaneController:
         self.pacing_rate = pacing_gain * self.bw if paced else None
 
     def _lanes(self):
-        """The window in lanes: the bytes in flight over the datagram size. Where the ACKs are
-        paced and the server's datagrams grew, the size it is counted in grows by a third a
-        round at most (fewer lanes by a quarter): lanes in flight cannot be taken back, only
-        their ACKs held, and the pace keeps the bytes to the rate meanwhile. (When the
-        datagrams doubled, the window halved within a round trip: hundreds of ACKs held for a
-        round trip, past the server's timeout, and as many needless resends.) A rate that
-        falls brings the window down at once."""
-        size = max(self.dgram, 1.0)
-        last = self._round_lane_bytes
-        if self.pacing_rate is not None and last is not None and size > last:
-            size = min(size, last / self.s.window_shrink)
-        self._lane_bytes = size
-        window = max(int(self.cwnd / size + 0.5), self.s.lanes_min)
+        """The window in lanes: the bytes in flight over the datagram size."""
+        window = max(int(self.cwnd / max(self.dgram, 1.0) + 0.5), self.s.lanes_min)
         self.window = min(window, self.max_window)
 
     def flight_limit(self):
