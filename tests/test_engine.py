@@ -582,6 +582,26 @@ class PathSizeTest(unittest.TestCase):
         p.spurious()                         # ... but if that was not a loss: undone
         self.assertEqual(p.fragment_cap, 8)
 
+    def test_a_burst_of_timeouts_is_not_a_burst_of_losses_on_a_long_path(self):
+        # A client that holds its lanes' ACKs (in the order their DATAs came) makes timeouts
+        # with no later DATA acknowledged: that does not halve the fragments. The same losses
+        # shown by evidence (later DATAs acknowledged) do. Both count in the loss rate.
+        for timed_out in (True, False):
+            with self.subTest(timed_out=timed_out):
+                s = config.ServerSettings()
+                p = Path(s, 65507, mtu=1500)
+                p.sample(0.05)
+                now = 1.0
+                for i in range(500):
+                    now += 0.001
+                    p.outcome(p.size, False, now)
+                before = p.loss_rate()
+                for i in range(40):
+                    now += 0.0005
+                    p.outcome(p.size, i % 2 == 0, now, timed_out and i % 2 == 0)
+                self.assertGreater(p.loss_rate(), before)
+                self.assertEqual(p.fragment_cap, 8 if timed_out else 4)
+
     def test_a_long_path_grows_its_fragments_back_after_clean_round_trips(self):
         s = config.ServerSettings(start_fragments=2, wan_max_fragments=8)
         p = Path(s, 65507, mtu=1500)

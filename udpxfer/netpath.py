@@ -155,16 +155,24 @@ class Path:
         """IP packets that carry a datagram of `size` bytes on this path."""
         return fragments(size, self.per_fragment, self.whole)
 
-    def outcome(self, size, lost, now=0.0):
-        """A DATA of `size` bytes was acknowledged at its first try, or declared lost."""
+    def outcome(self, size, lost, now=0.0, timed_out=False):
+        """A DATA of `size` bytes was acknowledged at its first try, or declared lost (by its
+        timer if `timed_out`, else by evidence: a later one acknowledged)."""
         k = self.fragments(size)
         cap = self.fragment_cap
         if k > 1:
             if lost:   # its other fragments wait in the receiver's reassembly buffer
                 self._orphan(orphans_per_loss(k), now)
             # Recent fragmented datagrams lost, for _choose_size: when most are, the receiver's
-            # reassembly buffer is full of the fragments of lost ones (see _choose_size).
-            self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
+            # reassembly buffer is full of the fragments of lost ones (see _choose_size). On a
+            # long path only losses shown by evidence count: a client that runs lanes holds
+            # their ACKs in the order their DATAs came, so a burst of timeouts with no later
+            # DATA acknowledged is a client holding ACKs (the drain after its startup: 140
+            # needless timeouts within 50 ms), not a queue that overflowed, which loses some
+            # datagrams and lets later ones through. (Counted, they cut the datagrams to one
+            # fragment, and the client opened a thousand lanes for them.)
+            if not (lost and timed_out and cap is not None):
+                self._frag_lost += ((1.0 if lost else 0.0) - self._frag_lost) / 64
         if cap is not None:
             # Halved when losses come in bursts (a queue that overflowed: over wan_burst_loss
             # of the recent fragmented datagrams), once a round trip, down to one fragment;

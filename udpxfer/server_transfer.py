@@ -591,7 +591,7 @@ class ServerTransfer:
         try:
             if self.state == WAIT_DATA:
                 if first_resend:   # one loss per datagram, however often it must be resent
-                    self.path.outcome(self._datagram_len(), True, now)
+                    self.path.outcome(self._datagram_len(), True, now, not early)
                 if early:
                     self.early_retransmissions += 1
                     self.order.early_resent()
