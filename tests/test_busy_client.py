@@ -83,11 +83,15 @@ class BusyClientTest(unittest.TestCase):
         return st
 
     def test_busy_for_extra_parts_carries_on_with_the_parts_it_has(self):
+        # (Datagrams of 4 KiB and ranges of 1 MiB: each lane holds its slot for tens of
+        # milliseconds, so the extra lanes ask while both are taken. With 64 KiB datagrams
+        # and 256 KiB ranges a lane lasted a millisecond, and on a loaded machine the extra
+        # lanes sometimes found a slot free every time: no BUSY.)
         data = self.tmp.make_file("f.bin", 3 * MiB, seed=31)
-        st = self.serve(max_transfers=2)
+        st = self.serve(max_transfers=2, datagram_size=4096)
         log = io.StringIO()
         c = bound_client(st.address, self.tmp.downloads, "127.0.0.1",
-                         support.fast_client_settings(first_range=256 * 1024, give_up=5.0),
+                         support.fast_client_settings(first_range=MiB, give_up=5.0),
                          stream=log)
         t0 = time.monotonic()
         fetch(c, self.tmp.downloads, "f.bin", 6, len(data))
@@ -96,6 +100,11 @@ class BusyClientTest(unittest.TestCase):
         self.assertGreater(st.server.dispatcher.stats["busy"], 0)
         self.assertIn("server busy; going on with", log.getvalue())
         self.assertNotIn("not answering", log.getvalue())
+        # No range is cut at the end once the server said BUSY: the cut lane would keep its
+        # slot until the server gave up on it, and the second half would be refused again
+        # and again (14 BUSY and 2 s, where 3 or 4 come now).
+        self.assertNotIn(") cut", log.getvalue())
+        self.assertLessEqual(st.server.dispatcher.stats["busy"], 8)
 
     def test_busy_for_everything_says_server_busy(self):
         self.tmp.make_file("f.bin", 100 * 1024, seed=32)

@@ -190,7 +190,11 @@ class Download:
     def split(self, least):
         """The end of a file, lanes to spare: the running range with the most left (more than
         twice `least`) is cut in two, and its second half becomes a gap (next_request takes
-        it). Returns whether one was."""
+        it). Returns whether one was. Never once the server said BUSY to this file: the cut
+        lane's transfer keeps its slot on the server until the server gives up on it, and the
+        second half found no slot, again and again (2 s for 3 MiB with two slots)."""
+        if self.cap is not None:
+            return False
         best, most = None, 2 * least
         for p in self.parts:
             t = p.t
