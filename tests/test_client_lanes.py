@@ -208,8 +208,8 @@ class LanesTest(EndToEndCase):
         # waiting their turn. Under --limit-rate nothing goes before the cap allows it.
         for cap in (None, 64 * 1024):
             with self.subTest(cap=cap):
-                c = Client("127.0.0.1", 9, support.fast_client_settings(limit_rate=cap,
-                                                                       hold_max=0.5),
+                settings = support.fast_client_settings(limit_rate=cap, hold_max=0.5)
+                c = Client("127.0.0.1", 9, settings,
                            client.Printer(quiet=True, stream=io.StringIO()))
                 self.addCleanup(c.close)
                 if cap is None:

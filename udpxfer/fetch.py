@@ -310,11 +310,11 @@ class Client:
         says (a quantum of a millisecond early at most; its slot in the pace is taken once, when
         it comes to the head). Without --limit-rate, one held for hold_max goes whatever they
         say: the server gives a request whose SIZE is not acknowledged up after 3 s, and a
-        client silent for 5 s, and long before that its timer resends what was not lost. (A
-        rate cap is a promise to the user: it keeps its holds short by the lanes it allows.) (Twice in some fifty downloads
-        at 1% loss, 200 Mbit/s and +50 ms, the pace fell with the rate that ACKs held ever
-        longer let through, down to 0.02 MB/s: a transfer the server had given up answered
-        BAD_REQUEST, and the download failed after 60 s.)"""
+        client silent for 5 s, and long before that its timer resends what was not lost.
+        (Twice in some fifty downloads at 1% loss, 200 Mbit/s and +50 ms, the pace fell with
+        the rate that ACKs held ever longer let through, down to 0.02 MB/s: a transfer the
+        server had given up answered BAD_REQUEST, and the download failed after 60 s.) A rate
+        cap is a promise to the user: it keeps its holds short by the lanes it allows."""
         held = self.held
         window = self.control.window
         soon = now + 0.001
