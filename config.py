@@ -90,14 +90,15 @@ class ServerSettings(NamedTuple):
     # more bytes per datagram than two), and once it is full only unfragmented datagrams pass.
     # So k fragments only while the orphans the server caused in the last reassembly_backoff
     # (Path.orphans in udpxfer/netpath.py), plus those k - 1 would leave for the rest of the
-    # client's downloads, stay within this budget; then fewer, and none fragmented once the
-    # orphans counted pass it. Linux over veth here (/proc/net/sockstat, FRAG, in the client's
-    # namespace): 2.4 to 2.5 KB per orphan counted, 4 MB full at about 1,600 (after two
-    # downloads of 64 MiB at 1% loss, 200 Mbit/s and 50 ms, 30 s apart, when the budget was
-    # 1,400 and the floor two fragments, the buffer was full and the third download lost every
-    # fragmented datagram: 21 s instead of 4). 1,100 (2.6 to 2.9 MB measured) leave a
-    # quarter for other traffic and the estimate's error. At 1% loss a 32 MiB download
-    # orphans about 500 with three fragments and 750 with four.
+    # client's downloads, stay within this budget; then fewer (two at the least on a LAN; on a
+    # long path none fragmented once the orphans counted pass it). Linux over veth here
+    # (/proc/net/sockstat, FRAG, in the client's namespace): 2.4 to 2.5 KB per orphan
+    # counted, 4 MB full at about 1,600 (after two downloads of 64 MiB at 1% loss, 200 Mbit/s
+    # and 50 ms, 30 s apart, when the budget was 1,400 and the floor two fragments, the buffer
+    # was full and the third download lost every fragmented datagram: 21 s instead of 4).
+    # 1,100 (2.6 to 2.9 MB measured) leave a quarter for other traffic and the estimate's
+    # error. At 1% loss a 32 MiB download orphans about 500 with three fragments and 750 with
+    # four.
     orphan_budget: int = 1100
     # (What the IP's downloads still need, for that, is counted again at most this often.)
     to_come_every: float = 0.02
