@@ -33,16 +33,14 @@ class Part:
     moves when a payload is accepted, a moment before the payload is on disk; records must only
     claim written bytes, even if Ctrl-C falls in between), with the running CRC there."""
 
-    __slots__ = ("t", "job", "sock", "lane", "written", "written_crc", "held", "hold",
-                 "acked_at", "acked_pos", "confirm", "flying", "flew_at", "alive", "sized",
-                 "check_at")
+    __slots__ = ("t", "job", "sock", "lane", "written", "written_crc", "held", "acked_at",
+                 "acked_pos", "confirm", "flying", "flew_at", "alive", "sized", "check_at")
 
     def __init__(self, t, job, sock=None, lane=None):
         self.t, self.job, self.sock, self.lane = t, job, sock, lane
         self.written = t.start
         self.written_crc = t.crc
-        self.held = None        # ACKs held back (pacing, --limit-rate), sent when due ...
-        self.hold = None        # ... and their entry in the loop's queue (fetch.py)
+        self.held = None        # its entry in the loop's queue of held ACKs (fetch.py _hold)
         self.acked_at = None    # when the ACK of a new DATA went (RTT samples), if only once
         self.acked_pos = None   # ... the position it acknowledged
         self.flying = False     # its ACK went and what it brings has not come back

@@ -88,7 +88,9 @@ class Client:
         self.parts = []              # every transfer running
         self.jobs = []               # downloads open
         self.waiting = deque()       # downloads not yet open
-        self.held = deque()          # [due or None, part, bytes, since]: ACKs held, in order
+        # ACKs held back, in order: entries [due or None, part, bytes, since, datagrams] (see
+        # _hold; a part's `held` is its entry)
+        self.held = deque()
         self.inflight = 0            # lanes with an ACK out whose DATA has not come back
         self.last_size = 0           # the largest payload lately (any lane)
         self._ports = OrderedDict()  # local port -> when it was last used (version 2)
@@ -254,9 +256,9 @@ class Client:
         out = part.t.datagrams_to_send()
         if not out:
             return
-        if part.held is not None:        # its ACK waits already: this goes with it
-            part.held += out
-            entry = part.hold
+        entry = part.held
+        if entry is not None:            # its ACK waits already: this goes with it
+            entry[4] += out
             if brings > 0 and not part.flying and not entry[2]:
                 # It waited as one that brings nothing (a repeated request), and now brings a
                 # DATA: it waits for the window and the pace as well, and goes as _fly sends.
@@ -267,8 +269,7 @@ class Client:
                     and self.pace.rate is None):
                 self._fly(part, out, now)        # nothing to wait for (loopback, a LAN)
                 return
-            part.held, part.hold = out, [None, part, brings, now]
-            self.held.append(part.hold)
+            self._hold(part, None, brings, out, now)
             self._release(now)
             return
         if brings == 0 and not part.flying and self.held:
@@ -278,11 +279,22 @@ class Client:
             # of a loss (PROTOCOL.md "Early retransmission"); ahead of the others it proved
             # their DATAs lost while they waited here, and the needless early resends widened
             # the server's reordering window until losses waited for the timeout.
-            part.held, part.hold = out, [now, part, 0, now]
-            self.held.append(part.hold)
+            self._hold(part, now, 0, out, now)
             return
         for datagram in out:
             self._send(part, datagram)
+
+    def _hold(self, part, due, brings, out, now):
+        """`out` waits in the queue of held ACKs: [due (None: reckoned at the head), part,
+        bytes it brings (0: only an EOF), since, datagrams]."""
+        part.held = entry = [due, part, brings, now, out]
+        self.held.append(entry)
+
+    @staticmethod
+    def _unhold(part):
+        """What a part had waiting, now let go of (its entry is skipped in the queue)."""
+        out, part.held = part.held[4], None
+        return out
 
     def _fly(self, part, out, now):
         """Send the ACK that brings the lane's next DATA: the lane is in flight from now."""
@@ -322,13 +334,12 @@ class Client:
         while held:
             entry = held[0]
             part = entry[1]
-            if part.held is None:         # closed meanwhile: its ACK went then
+            if part.held is not entry:    # closed meanwhile: its ACK went then
                 held.popleft()
                 continue
             if not entry[2]:              # it brings an EOF: its turn is enough
                 held.popleft()
-                out, part.held, part.hold = part.held, None, None
-                for datagram in out:
+                for datagram in self._unhold(part):
                     self._send(part, datagram)
                 continue
             if entry[3] > overdue:
@@ -341,8 +352,7 @@ class Client:
             else:
                 self.stats["overdue"] += 1
             held.popleft()
-            out, part.held, part.hold = part.held, None, None
-            self._fly(part, out, now)
+            self._fly(part, self._unhold(part), now)
 
     def _send(self, part, datagram):
         sock = self.sock if part is None or part.sock is None else part.sock
@@ -612,8 +622,7 @@ class Client:
         """A transfer leaves: its held ACK still goes (Ctrl-C, a failure, a restart), its lane
         or socket is let go."""
         if part.held is not None:
-            out, part.held, part.hold = part.held, None, None
-            for datagram in dict.fromkeys(out):
+            for datagram in dict.fromkeys(self._unhold(part)):
                 self._send(part, datagram)
         if part.flying:
             part.flying = False
